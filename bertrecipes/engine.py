@@ -1,0 +1,394 @@
+"""The pre-training engine: build everything from the config, then one readable training loop.
+
+``train(cfg)`` is what ``python -m bertrecipes.pretrain`` calls. The optimizer step reads top to
+bottom in :func:`train`: micro-batches (forward, scaled backward), then at the accumulation
+boundary unscale, global-norm check (an fp16 overflow skips the step), clip, LR update, step,
+zero. Logging and checkpointing are "if due" lines around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from bertrecipes.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from bertrecipes.config import resolve_batch_sizes, world_size_from_env
+from bertrecipes.errors import ConfigError, UserError
+from bertrecipes.metrics import MetricsFile, Throughput, finite_or_none, measure_peak_tflops
+from bertrecipes.model import BertConfig, BertForPreTraining, pretraining_loss, training_flops_per_sample
+from bertrecipes.optim import build_param_groups
+from bertrecipes.precision import LossScaler, autocast_context, autocast_dtype
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+@dataclass
+class TrainState:
+    """Counters saved in checkpoints. ``global_step`` counts accumulation boundaries (optimizer
+    steps attempted); ``schedule_step`` counts the steps the LR schedule has advanced (fp16
+    overflow skips do not advance it)."""
+
+    global_step: int = 0
+    schedule_step: int = 0
+    skipped_steps: int = 0
+    epoch: int = 0
+    last_global_data_samples: int = 0
+
+
+# --------------------------------------------------------------------------- set-up helpers
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available on this machine (use device=auto or cpu)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create ``path`` and prove it is writable, or fail naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output_dir {path} is not writable: {e.strerror or e}") from e
+    return path
+
+
+def build_dataset(cfg: DictConfig):
+    """The pre-training dataset named by ``cfg.data.name``."""
+    from bertrecipes.data import build_demo_dataset
+
+    data = cfg.data
+    if data.name == "demo":
+        return build_demo_dataset(
+            data.cache_dir,
+            num_documents=data.num_documents,
+            corpus_seed=data.corpus_seed,
+            vocab_size=data.vocab_size,
+            lower_case=data.lower_case,
+            max_seq_length=cfg.max_seq_length,
+            max_predictions_per_seq=cfg.max_predictions_per_seq,
+            masked_lm_prob=data.masked_lm_prob,
+            short_seq_prob=data.short_seq_prob,
+            dupe_factor=data.dupe_factor,
+            whole_word_mask=data.whole_word_mask,
+            seed=data.instance_seed,
+        )
+    raise ConfigError(f"unknown data source {data.name!r}; available: demo")
+
+
+def build_model_config(model_cfg: DictConfig, tokenizer_vocab_size: int, max_seq_length: int) -> BertConfig:
+    fields = OmegaConf.to_container(model_cfg, resolve=True)
+    vocab_size = fields.pop("vocab_size") or tokenizer_vocab_size
+    if vocab_size < tokenizer_vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer_vocab_size} tokens); use null (= tokenizer size) or a padded size >= it"
+        )
+    if max_seq_length > fields["max_position_embeddings"]:
+        raise ConfigError(
+            f"max_seq_length={max_seq_length} exceeds model.max_position_embeddings="
+            f"{fields['max_position_embeddings']}"
+        )
+    try:
+        return BertConfig(vocab_size=vocab_size, **fields)
+    except ValueError as e:
+        raise ConfigError(f"model config: {e}") from e
+
+
+def load_model_weights(model: torch.nn.Module, checkpoint: dict, source: str) -> None:
+    """Load a checkpoint's model weights, naming the file and the mismatch on failure."""
+    state = checkpoint["model"]
+    ours = model.state_dict()
+    for name in ("bert.embeddings.word_embeddings.weight",):
+        if name in state and state[name].shape != ours[name].shape:
+            raise CheckpointError(
+                f"{source}: vocabulary size {state[name].shape[0]} in the checkpoint, but the model "
+                f"is configured for {ours[name].shape[0]} (set model.vocab_size or use the matching "
+                f"tokenizer)"
+            )
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+
+
+def lr_of(schedule, step: int) -> float:
+    return float(schedule(step))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        log.warning("signal %s: will save a checkpoint and stop at the end of this step", signum)
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Pre-train as ``cfg`` says; returns a summary (final step, last logged metrics, paths)."""
+    output_dir = prepare_output_dir(output_dir or cfg.output_dir)
+    checkpoint_dir = output_dir / CHECKPOINT_SUBDIR
+    device = pick_device(cfg.device)
+    world_size = world_size_from_env()
+    if world_size != 1:
+        raise ConfigError(f"multi-process training is not supported yet (WORLD_SIZE={world_size})")
+    batch = resolve_batch_sizes(cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu,
+                                cfg.gradient_accumulation_steps, world_size)
+    if cfg.max_steps <= 0:
+        raise ConfigError(f"max_steps must be positive, got {cfg.max_steps}")
+    total_steps = cfg.total_training_steps or cfg.max_steps
+    precision = cfg.precision.dtype
+    autocast_dtype(precision)  # validates the name
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision=bf16 but this GPU does not support bfloat16; use precision=fp16")
+
+    resume_from = None
+    if cfg.resume:
+        try:
+            resume_from = load_checkpoint(checkpoint_dir)
+        except CheckpointError as e:
+            raise CheckpointError(f"resume=true but {e}") from e
+    init_from = None
+    if cfg.init_from and resume_from is None:
+        init_from = load_checkpoint(cfg.init_from)
+
+    seed_everything(cfg.seed)
+    dataset = build_dataset(cfg)
+    model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
+    model = BertForPreTraining(model_config).to(device)
+    optimizer = instantiate(cfg.optimizer, params=build_param_groups(model, cfg.optimizer.weight_decay),
+                            _convert_="all")
+    schedule = instantiate(cfg.scheduler, base_lr=cfg.optimizer.lr, total_steps=total_steps)
+    scaler = LossScaler.from_config(cfg.precision)
+    state = TrainState()
+
+    if init_from is not None:
+        load_model_weights(model, init_from, init_from["path"])
+        if not cfg.rewarmup:  # continue the schedule where the previous phase left it
+            state.schedule_step = init_from["train_state"]["global_step"]
+        log.info("initialised model weights from %s (fresh optimizer, schedule step %d)",
+                 init_from["path"], state.schedule_step)
+    if resume_from is not None:
+        load_model_weights(model, resume_from, resume_from["path"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        scaler.load_state_dict(resume_from["scaler"])
+        state = TrainState(**resume_from["train_state"])
+        restore_rng_state(resume_from["rng"])
+        log.info("resumed from %s at step %d", resume_from["path"], state.global_step)
+
+    from bertrecipes.data import PretrainingLoader
+
+    loader = PretrainingLoader(
+        dataset, batch.train_micro_batch_size_per_gpu, seed=cfg.seed, rank=0, world_size=world_size,
+        start_sample=state.last_global_data_samples, num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory and device.type == "cuda",
+    )
+    batches = iter(loader)
+    resolved_config = OmegaConf.to_yaml(cfg, resolve=True)
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    logger = instantiate(cfg.logger, config=config_dict, output_dir=str(output_dir),
+                         default_name=cfg.job_name)
+    metrics_file = MetricsFile(output_dir / "metrics.jsonl",
+                               truncate_after_step=state.global_step if resume_from else None)
+    if resume_from is None:
+        (output_dir / "config.yaml").write_text(resolved_config)
+
+    flops_per_sample = training_flops_per_sample(model_config, cfg.max_seq_length, cfg.max_predictions_per_seq)
+    peak_tflops = cfg.peak_tflops or measure_peak_tflops(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    accum = batch.gradient_accumulation_steps
+    log.info(
+        "model: %.1fM parameters; batch %d = micro %d x accumulation %d x world %d; %d steps on %s, %s",
+        sum(p.numel() for p in params) / 1e6, batch.train_batch_size, batch.train_micro_batch_size_per_gpu,
+        accum, world_size, cfg.max_steps, device, precision,
+    )
+
+    def checkpoint(tag: str) -> Path:
+        return save_checkpoint(
+            checkpoint_dir, tag,
+            state={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": {"schedule_step": state.schedule_step}, "scaler": scaler.state_dict(),
+                   "train_state": asdict(state), "model_config": model_config.to_dict()},
+            client_state={"vocab_file": str(dataset.vocab_file)},
+            config_yaml=resolved_config, keep_last=cfg.keep_last_checkpoints,
+        )
+
+    model.train()
+    throughput = Throughput(device)
+    real_tokens = 0
+    throughput.reset(state.last_global_data_samples, real_tokens)
+    progress = tqdm(total=cfg.max_steps, initial=state.global_step, disable=not cfg.progress_bar,
+                    desc=cfg.job_name, unit="step", dynamic_ncols=True)
+    last_record: dict[str, Any] = {}
+    last_saved_step = state.global_step if resume_from else -1
+    try:
+        with StopRequest() as stop:
+            while state.global_step < cfg.max_steps and not stop.requested:
+                # ---- one optimizer step: accumulate `accum` micro-batches
+                loss_sum = torch.zeros(3, device=device)
+                for _ in range(accum):
+                    micro = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                    with autocast_context(precision, device):
+                        mlm_logits, nsp_logits = model(
+                            micro["input_ids"], micro["token_type_ids"], micro["attention_mask"],
+                            micro["masked_lm_positions"],
+                        )
+                    loss, mlm_loss, nsp_loss = pretraining_loss(
+                        mlm_logits, nsp_logits, micro["masked_lm_labels"], micro["next_sentence_labels"]
+                    )
+                    (loss * (scaler.scale / accum)).backward()
+                    loss_sum += torch.stack([loss, mlm_loss, nsp_loss]).detach()
+                    real_tokens += int(micro["length"].sum())
+                state.last_global_data_samples += batch.train_batch_size
+                state.epoch = loader.epoch
+                state.global_step += 1
+
+                # ---- unscale, overflow check, clip
+                grads = [p.grad for p in params if p.grad is not None]
+                if scaler.scale != 1.0:
+                    torch._foreach_mul_(grads, 1.0 / scaler.scale)
+                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                overflow = not bool(torch.isfinite(grad_norm))  # the step's one host sync
+                scaler.update(overflow)
+                if overflow:
+                    state.skipped_steps += 1
+                    log.warning("step %d: gradient overflow, step skipped; loss scale now %g",
+                                state.global_step, scaler.scale)
+                else:
+                    if cfg.max_grad_norm > 0:
+                        clip = torch.clamp(cfg.max_grad_norm / (grad_norm + 1e-6), max=1.0)
+                        torch._foreach_mul_(grads, clip)
+                    lr = lr_of(schedule, state.schedule_step)
+                    set_lr(optimizer, lr)
+                    optimizer.step()
+                    state.schedule_step += 1
+                optimizer.zero_grad(set_to_none=True)
+                progress.update(1)
+
+                # ---- logging and checkpoints, when due
+                is_last = state.global_step >= cfg.max_steps
+                if state.global_step % cfg.steps_per_print == 0 or is_last or overflow:
+                    losses = (loss_sum / accum).tolist()
+                    samples_per_sec, tokens_per_sec = throughput.rates(state.last_global_data_samples,
+                                                                       real_tokens)
+                    record = {
+                        "step": state.global_step,
+                        "samples": state.last_global_data_samples,
+                        "epoch": state.epoch,
+                        "loss": finite_or_none(losses[0]),
+                        "mlm_loss": finite_or_none(losses[1]),
+                        "nsp_loss": finite_or_none(losses[2]),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "grad_norm": finite_or_none(float(grad_norm)),
+                        "samples_per_sec": samples_per_sec,
+                        "tokens_per_sec": tokens_per_sec,
+                        "skipped_steps": state.skipped_steps,
+                    }
+                    if precision == "fp16":
+                        record["loss_scale"] = scaler.scale
+                    coeffs = getattr(optimizer, "last_coeffs", None)
+                    if coeffs is not None and coeffs.numel():
+                        record.update(lamb_coeff_min=float(coeffs.min()), lamb_coeff_max=float(coeffs.max()),
+                                      lamb_coeff_mean=float(coeffs.mean()))
+                    if device.type == "cuda":
+                        record["tflops"] = samples_per_sec * flops_per_sample / 1e12
+                        if peak_tflops:
+                            record["mfu"] = record["tflops"] / peak_tflops
+                        record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    metrics_file.write(record)
+                    logger.log(record, step=state.global_step)
+                    progress.set_postfix(loss=f"{losses[0]:.4f}", samples_s=f"{samples_per_sec:.1f}")
+                    last_record = record
+                    throughput.reset(state.last_global_data_samples, real_tokens)
+                if cfg.checkpoint_steps and state.global_step % cfg.checkpoint_steps == 0:
+                    checkpoint(f"global_step{state.global_step}")
+                    last_saved_step = state.global_step
+            if last_saved_step != state.global_step:
+                checkpoint(f"global_step{state.global_step}")
+            if stop.requested:
+                log.warning("stopped at step %d on request; resume with resume=true output_dir=%s",
+                            state.global_step, output_dir)
+    finally:
+        progress.close()
+        metrics_file.close()
+        logger.finish()
+    return {
+        "global_step": state.global_step,
+        "output_dir": str(output_dir),
+        "checkpoint_dir": str(checkpoint_dir),
+        "last_metrics": last_record,
+        "train_state": asdict(state),
+    }
+
+
+def run_and_report(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """``train`` with user errors printed as one line (no traceback) and exit status 2."""
+    try:
+        return train(cfg, output_dir)
+    except UserError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+
+
+__all__ = ["TrainState", "train", "run_and_report"]

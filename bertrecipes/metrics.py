@@ -1,0 +1,153 @@
+"""Metrics: ``metrics.jsonl`` (always), an optional dashboard logger (wandb), throughput and MFU.
+
+Dashboard loggers share a tiny interface, ``log(metrics, step)`` and ``finish()``, and are built
+from the ``logger`` config group with ``hydra.utils.instantiate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class MetricsFile:
+    """Appends one JSON object per logged step to ``<output_dir>/metrics.jsonl``.
+
+    Each line is flushed so a crash loses nothing already logged. A resumed run appends to the
+    same file after dropping the lines past its checkpoint's step, so the file reads as one run.
+    """
+
+    def __init__(self, path: str | Path, truncate_after_step: int | None = None):
+        self.path = Path(path)
+        if truncate_after_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class NullLogger:
+    """No dashboard: metrics go to metrics.jsonl and the console only."""
+
+    def __init__(self, **_: Any):
+        pass
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger:
+    """Weights & Biases run; offline by itself when no API key is configured."""
+
+    def __init__(
+        self,
+        project: str = "bertrecipes",
+        entity: str | None = None,
+        name: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        mode: str | None = None,
+        config: dict | None = None,
+        output_dir: str | None = None,
+        default_name: str | None = None,
+    ):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(
+                "logger=wandb needs the wandb package: pip install 'bertrecipes[wandb]' "
+                "(or choose logger=none)"
+            ) from e
+        if mode is None:
+            mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_has_api_key() else "offline")
+        if mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"logger.mode must be online, offline or disabled, got {mode!r}")
+        if mode == "offline":
+            log.info("wandb: no API key found (or WANDB_MODE=offline): logging offline; "
+                     "upload later with `wandb sync`")
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=project, entity=entity, name=name or default_name, group=group,
+            tags=list(tags or []), mode=mode, config=config, dir=output_dir,
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def _wandb_has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+class Throughput:
+    """Samples/s and tokens/s between two logging points (wall clock, synchronised on CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._t0 = time.perf_counter()
+        self._samples0 = 0
+        self._tokens0 = 0
+
+    def reset(self, samples: int, tokens: int) -> None:
+        self._sync()
+        self._t0 = time.perf_counter()
+        self._samples0, self._tokens0 = samples, tokens
+
+    def rates(self, samples: int, tokens: int) -> tuple[float, float]:
+        self._sync()
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        return (samples - self._samples0) / elapsed, (tokens - self._tokens0) / elapsed
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192,
+                        iters: int = 10) -> float | None:
+    """Large-matmul TFLOP/s on ``device`` (the denominator of MFU). None on CPU."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no inf/nan: report them as null."""
+    return x if math.isfinite(x) else None

@@ -1,0 +1,23 @@
+"""The BERT model: one parameter layout (Hugging Face names) for every kernel and checkpoint."""
+
+from bertrecipes.model.bert import (
+    BertConfig,
+    BertForPreTraining,
+    BertLayer,
+    BertModel,
+    count_parameters,
+    gather_positions,
+    pretraining_loss,
+    training_flops_per_sample,
+)
+
+__all__ = [
+    "BertConfig",
+    "BertForPreTraining",
+    "BertLayer",
+    "BertModel",
+    "count_parameters",
+    "gather_positions",
+    "pretraining_loss",
+    "training_flops_per_sample",
+]

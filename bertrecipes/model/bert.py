@@ -1,0 +1,346 @@
+"""BERT for pre-training (MLM + NSP) and its building blocks, in plain PyTorch.
+
+Parameter names follow Hugging Face's ``BertForPreTraining`` (``bert.embeddings.*``,
+``bert.encoder.layer.N.attention.self.query.weight``, ``cls.predictions.*``,
+``cls.seq_relationship.*``), so one state dict layout serves every kernel and every
+checkpoint converter.
+
+Two layer orders are supported:
+
+* post-LN (original BERT): ``x = LN_a(x + attn(x))``; ``x = LN_o(x + ffn(x))``;
+* pre-LN (``pre_layer_norm=True``, DeepSpeed's large-batch variant):
+  ``x = x + attn(LN_a(x))``; ``x = x + ffn(LN_o(x))``; and a final LayerNorm
+  (``bert.encoder.FinalLayerNorm``) after the last layer.
+
+``LN_a`` is ``attention.output.LayerNorm`` and ``LN_o`` is ``output.LayerNorm`` in both orders:
+each LayerNorm belongs to its sub-block, wherever the order puts it.
+
+The MLM head runs only at the masked positions (gathered before the vocabulary projection),
+which is where most of the head's FLOPs would otherwise go.
+
+Quick check::
+
+    python -c "from bertrecipes.model import BertConfig, BertForPreTraining; \
+print(BertForPreTraining(BertConfig(vocab_size=100)))"
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class BertConfig:
+    """Architecture hyper-parameters, with the names of Google's ``bert_config.json``."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pre_layer_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.hidden_act != "gelu":
+            raise ValueError(f"hidden_act must be 'gelu' (exact erf GELU), got {self.hidden_act!r}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        if seq_len > self.position_embeddings.num_embeddings:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds max_position_embeddings "
+                f"{self.position_embeddings.num_embeddings}"
+            )
+        positions = torch.arange(seq_len, device=input_ids.device)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+             + self.token_type_embeddings(token_type_ids))
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, seq_len, hidden = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # key_padding_mask: bool [B, S], True where a key is a real token.
+        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
+        )
+        return context.transpose(1, 2).reshape(batch, seq_len, hidden)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))  # exact (erf) GELU, as Google's BERT
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+
+class BertLayer(nn.Module):
+    """One transformer layer; ``pre_layer_norm`` picks the LayerNorm placement."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.pre_layer_norm = config.pre_layer_norm
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        attn_out, ffn_out = self.attention.output, self.output
+        if self.pre_layer_norm:
+            h = self.attention.self(attn_out.LayerNorm(x), key_padding_mask)
+            x = x + attn_out.dropout(attn_out.dense(h))
+            h = self.intermediate(ffn_out.LayerNorm(x))
+            return x + ffn_out.dropout(ffn_out.dense(h))
+        h = self.attention.self(x, key_padding_mask)
+        x = attn_out.LayerNorm(x + attn_out.dropout(attn_out.dense(h)))
+        h = self.intermediate(x)
+        return ffn_out.LayerNorm(x + ffn_out.dropout(ffn_out.dense(h)))
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        if config.pre_layer_norm:
+            self.FinalLayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, key_padding_mask)
+        final_norm = getattr(self, "FinalLayerNorm", None)
+        return final_norm(x) if final_norm is not None else x
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(sequence_output[:, 0]))
+
+
+class BertModel(nn.Module):
+    """Embeddings + encoder + pooler; returns (sequence_output [B,S,H], pooled_output [B,H])."""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        key_padding_mask = None if attention_mask is None else attention_mask.bool()
+        x = self.embeddings(input_ids, token_type_ids)
+        x = self.encoder(x, key_padding_mask)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return x, pooled
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    """MLM head; ``decoder.weight`` is tied to the word embeddings by the owning model."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(x), self.decoder.weight, self.bias)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+def gather_positions(sequence_output: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows of ``sequence_output`` [B,S,H] at ``positions`` [B,P] -> [B,P,H]."""
+    index = positions.long().unsqueeze(-1).expand(-1, -1, sequence_output.shape[-1])
+    return torch.gather(sequence_output, 1, index)
+
+
+class BertForPreTraining(nn.Module):
+    """BERT with the MLM and NSP heads.
+
+    ``forward`` returns ``(mlm_logits, nsp_logits)``. With ``masked_lm_positions`` [B,P] the MLM
+    logits are [B,P,V], computed only at those positions; without, [B,S,V] at every position
+    (what Hugging Face's ``prediction_logits`` holds).
+    """
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.tie_weights()
+        self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        masked_lm_positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sequence_output, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        if masked_lm_positions is not None:
+            sequence_output = gather_positions(sequence_output, masked_lm_positions)
+        mlm_logits = self.cls.predictions(sequence_output)
+        nsp_logits = self.cls.seq_relationship(pooled)
+        return mlm_logits, nsp_logits
+
+
+def pretraining_loss(
+    mlm_logits: torch.Tensor,
+    nsp_logits: torch.Tensor,
+    masked_lm_labels: torch.Tensor,
+    next_sentence_labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, mlm, nsp) losses. Labels of -100 (padding predictions) are ignored.
+
+    The losses are computed in fp32 whatever the logits' dtype, so fp16/bf16 runs report the
+    same quantity as fp32 runs.
+    """
+    mlm = F.cross_entropy(mlm_logits.float().flatten(0, -2), masked_lm_labels.flatten(), ignore_index=-100)
+    nsp = F.cross_entropy(nsp_logits.float(), next_sentence_labels.view(-1))
+    return mlm + nsp, mlm, nsp
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def training_flops_per_sample(config: BertConfig, seq_len: int, num_predictions: int) -> float:
+    """Model FLOPs of one training sample (forward + backward = 3 x forward), counting matmuls only.
+
+    Per layer and token, the forward pass does 2*(4*H^2 + 2*H*I) for the QKV/output/FFN
+    projections and 2*2*S*H for the attention scores and context; the MLM head does
+    2*(H^2 + H*V) per predicted token, the pooler and NSP head 2*(H^2 + 2*H) per sample.
+    """
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    per_token_layer = 2 * (4 * h * h + 2 * h * i) + 4 * seq_len * h
+    encoder = config.num_hidden_layers * seq_len * per_token_layer
+    heads = num_predictions * 2 * (h * h + h * v) + 2 * (h * h + 2 * h)
+    return 3.0 * (encoder + heads)
+
+
+__all__ = [
+    "BertConfig",
+    "BertModel",
+    "BertForPreTraining",
+    "BertLayer",
+    "gather_positions",
+    "pretraining_loss",
+    "count_parameters",
+    "training_flops_per_sample",
+]

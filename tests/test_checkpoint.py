@@ -1,0 +1,83 @@
+"""Checkpoint files: atomic writes, `latest`, keep-last-N, and clear errors on bad files."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from bertrecipes import checkpoint as ckpt
+from bertrecipes.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+
+
+def state(value: float) -> dict:
+    return {"model": {"w": torch.full((3,), value)}, "train_state": {"global_step": int(value)}}
+
+
+def test_save_then_load_latest_and_by_tag(tmp_path):
+    save_checkpoint(tmp_path, "global_step1", state(1), client_state={"note": "a"})
+    save_checkpoint(tmp_path, "global_step2", state(2))
+    assert (tmp_path / "latest").read_text().strip() == "global_step2"
+    assert load_checkpoint(tmp_path)["model"]["w"][0] == 2
+    first = load_checkpoint(tmp_path, tag="global_step1")
+    assert first["model"]["w"][0] == 1 and first["client_state"] == {"note": "a"}
+    assert load_checkpoint(tmp_path / "global_step1")["model"]["w"][0] == 1
+    assert load_checkpoint(tmp_path / "global_step1" / "state.pt")["model"]["w"][0] == 1
+
+
+def test_rng_states_are_captured():
+    random.seed(3)
+    torch.manual_seed(3)
+    saved = ckpt.capture_rng_state()
+    expected = (random.random(), torch.rand(1))
+    ckpt.restore_rng_state(saved)
+    assert (random.random(), torch.rand(1)) == expected
+
+
+def test_keep_last_n(tmp_path):
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, f"global_step{step}", state(step), keep_last=2)
+    assert list_checkpoints(tmp_path) == ["global_step4", "global_step5"]
+
+
+def test_crash_while_saving_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, "global_step1", state(1))
+
+    def exploding_save(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", exploding_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, "global_step2", state(2))
+    with pytest.raises(OSError, match="disk full"):  # re-saving an existing tag
+        save_checkpoint(tmp_path, "global_step1", state(9))
+    monkeypatch.undo()
+    assert (tmp_path / "latest").read_text().strip() == "global_step1"
+    assert load_checkpoint(tmp_path)["model"]["w"][0] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step1", "latest"]
+
+
+def test_truncated_checkpoint_is_a_clear_error_naming_the_file(tmp_path):
+    path = save_checkpoint(tmp_path, "global_step1", state(1)) / "state.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="state.pt.*unreadable"):
+        load_checkpoint(tmp_path)
+
+
+def test_missing_checkpoint_errors_name_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match=str(tmp_path / "nope")):
+        load_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match=f"no checkpoint in {tmp_path}"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(tmp_path, "global_step1", state(1))
+    with pytest.raises(CheckpointError, match="global_step7.*available tags.*global_step1"):
+        load_checkpoint(tmp_path, tag="global_step7")
+
+
+def test_not_a_checkpoint(tmp_path):
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a bertrecipes checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")

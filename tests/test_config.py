@@ -1,0 +1,104 @@
+"""Config composition, the typed schema (typos are errors), the recipe numbers, batch arithmetic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from bertrecipes.config import BatchSizes, resolve_batch_sizes
+from bertrecipes.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_is_the_cpu_demo(make_cfg):
+    cfg = make_cfg()
+    assert cfg.model.num_hidden_layers == 2 and cfg.model.hidden_size == 128
+    assert cfg.model.num_attention_heads == 2 and cfg.model.intermediate_size == 512
+    assert cfg.data.name == "demo" and cfg.precision.dtype == "fp32" and cfg.kernel.name == "torch"
+    assert cfg.optimizer._target_ == "bertrecipes.optim.Lamb"
+
+
+def test_seq128_phase_is_deepspeeds_recipe(make_cfg):
+    cfg = make_cfg("+phase=seq128")
+    assert cfg.model.num_hidden_layers == 24 and cfg.model.hidden_size == 1024
+    assert (cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu) == (65536, 64)
+    assert cfg.optimizer.lr == pytest.approx(11e-3)
+    assert cfg.scheduler.lr_offset == pytest.approx(1e-3)
+    assert cfg.scheduler.warmup_proportion == pytest.approx(0.02)
+    assert (cfg.scheduler.decay_rate, cfg.scheduler.decay_step) == (0.90, 250)
+    assert cfg.total_training_steps == 7500 and cfg.max_predictions_per_seq == 20
+    assert (cfg.optimizer.max_coeff, cfg.optimizer.min_coeff) == (0.3, 0.01)
+    assert cfg.optimizer.bias_correction is False and cfg.precision.dtype == "fp16"
+    assert cfg.precision.loss_scale == 0 and cfg.max_grad_norm == 1.0
+
+
+def test_seq512_phase_is_deepspeeds_recipe(make_cfg):
+    cfg = make_cfg("+phase=seq512", "init_from=/some/ckpt")
+    assert (cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu) == (32768, 8)
+    assert cfg.optimizer.lr == pytest.approx(2e-3) and cfg.scheduler.lr_offset == 0.0
+    assert cfg.scheduler.decay_step == 150 and cfg.max_predictions_per_seq == 80
+    assert cfg.max_seq_length == 512 and cfg.rewarmup is True
+
+
+def test_command_line_group_choice_beats_phase(make_cfg):
+    cfg = make_cfg("+phase=seq128", "model=bert_tiny", "precision=bf16")
+    assert cfg.model.num_hidden_layers == 2 and cfg.precision.dtype == "bf16"
+    assert cfg.train_batch_size == 65536
+
+
+@pytest.mark.parametrize("override", ["optimizer.lrr=1e-3", "max_stepz=3", "model.hiden_size=64"])
+def test_misspelled_override_is_an_error_naming_it(make_cfg, override):
+    with pytest.raises(ConfigCompositionException) as info:
+        make_cfg(override)
+    assert override.split("=")[0].split(".")[-1] in str(info.value)
+
+
+def test_wrong_type_is_an_error(make_cfg):
+    with pytest.raises(Exception, match="max_steps"):
+        make_cfg("max_steps=many")
+
+
+def test_misspelled_override_on_the_command_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "bertrecipes.pretrain", "optimizer.lrr=1e-3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "lrr" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ((65536, 64, None, 16), BatchSizes(65536, 64, 64, 16)),
+        ((None, 8, 4, 2), BatchSizes(64, 8, 4, 2)),
+        ((32, None, 4, 1), BatchSizes(32, 8, 4, 1)),
+        ((32, 32, 1, 1), BatchSizes(32, 32, 1, 1)),
+    ],
+)
+def test_batch_arithmetic_completes_the_third(given, expected):
+    assert resolve_batch_sizes(*given) == expected
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ((100, 64, None, 1), "not divisible"),
+        ((64, None, 3, 1), "not divisible"),
+        ((64, 8, 4, 1), "inconsistent"),
+        ((64, None, None, 1), "at least two"),
+        ((64, 0, None, 1), "positive"),
+    ],
+)
+def test_batch_arithmetic_errors_print_all_numbers(given, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        resolve_batch_sizes(*given)
+    text = str(info.value)
+    for name in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "world_size"):
+        assert name in text

@@ -1,0 +1,91 @@
+"""DeepSpeed's loss-scaling rules, written out by hand, against LossScaler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bertrecipes.precision import LossScaler, autocast_context, autocast_dtype
+
+
+def fp16_cfg(**kw):
+    base = dict(dtype="fp16", loss_scale=0.0, initial_scale_power=16, loss_scale_window=1000,
+                hysteresis=2, min_loss_scale=1.0)
+    base.update(kw)
+    return OmegaConf.create(base)
+
+
+def test_dynamic_scale_starts_at_two_to_the_initial_power():
+    assert LossScaler.from_config(fp16_cfg(initial_scale_power=12)).scale == 4096.0
+
+
+def test_doubles_after_a_window_without_overflow():
+    s = LossScaler.from_config(fp16_cfg(initial_scale_power=4, loss_scale_window=3))
+    scales = []
+    for _ in range(7):
+        s.update(overflow=False)
+        scales.append(s.scale)
+    # doubling at the 3rd and 6th clean step
+    assert scales == [16, 16, 32, 32, 32, 64, 64]
+
+
+def test_hysteresis_delays_backoff_and_window_counts_from_last_overflow():
+    s = LossScaler.from_config(fp16_cfg(initial_scale_power=10, loss_scale_window=2, hysteresis=2))
+    trace = []
+    for overflow in [True, True, True, False, False, True, False, False]:
+        s.update(overflow)
+        trace.append(s.scale)
+    # 1st overflow: hysteresis 2 -> 1, scale kept; 2nd and 3rd: halve. Two clean steps: double and
+    # restore hysteresis, so the next overflow is tolerated again; two more clean steps: double.
+    assert trace == [1024, 512, 256, 256, 512, 512, 512, 1024]
+    assert s.overflows == 4
+
+
+def test_scale_never_below_min():
+    s = LossScaler.from_config(fp16_cfg(initial_scale_power=2, hysteresis=1, min_loss_scale=2))
+    for _ in range(5):
+        s.update(overflow=True)
+    assert s.scale == 2.0
+
+
+def test_static_scale_never_changes():
+    s = LossScaler.from_config(fp16_cfg(loss_scale=128.0))
+    for overflow in [True, False, True] + [False] * 2000:
+        s.update(overflow)
+    assert s.scale == 128.0 and not s.dynamic and s.overflows == 2
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_no_scaling_outside_fp16(dtype):
+    s = LossScaler.from_config(fp16_cfg(dtype=dtype))
+    assert s.scale == 1.0 and not s.enabled
+
+
+def test_state_dict_round_trip_continues_identically():
+    a = LossScaler.from_config(fp16_cfg(initial_scale_power=8, loss_scale_window=3))
+    for overflow in [True, False, False]:
+        a.update(overflow)
+    b = LossScaler.from_config(fp16_cfg(initial_scale_power=8, loss_scale_window=3))
+    b.load_state_dict(a.state_dict())
+    for overflow in [False, True, True, False, False, False]:
+        a.update(overflow)
+        b.update(overflow)
+        assert a.state_dict() == b.state_dict()
+
+
+def test_bad_precision_values_are_named():
+    with pytest.raises(ValueError, match="fp8"):
+        autocast_dtype("fp8")
+    with pytest.raises(ValueError, match="loss_scale"):
+        LossScaler.from_config(fp16_cfg(loss_scale=-1.0))
+    with pytest.raises(ValueError, match="hysteresis"):
+        LossScaler.from_config(fp16_cfg(hysteresis=0))
+
+
+def test_bf16_autocast_runs_matmuls_in_bf16_on_cpu():
+    x = torch.randn(4, 4)
+    with autocast_context("bf16", torch.device("cpu")):
+        assert (x @ x).dtype == torch.bfloat16
+    with autocast_context("fp32", torch.device("cpu")):
+        assert (x @ x).dtype == torch.float32
