@@ -205,6 +205,11 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
 
     resume_from = None
     if cfg.resume:
+        if not checkpoint_dir.is_dir():
+            raise CheckpointError(
+                f"resume=true but no checkpoint in {checkpoint_dir}: the directory does not exist "
+                f"(set output_dir to the directory of the run to continue)"
+            )
         try:
             resume_from = load_checkpoint(checkpoint_dir)
         except CheckpointError as e:
@@ -247,8 +252,8 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     batches = iter(loader)
     resolved_config = OmegaConf.to_yaml(cfg, resolve=True)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
-    logger = instantiate(cfg.logger, config=config_dict, output_dir=str(output_dir),
-                         default_name=cfg.job_name)
+    logger = instantiate(cfg.logger, run_config=config_dict, output_dir=str(output_dir),
+                         default_name=cfg.job_name, _recursive_=False, _convert_="all")
     metrics_file = MetricsFile(output_dir / "metrics.jsonl",
                                truncate_after_step=state.global_step if resume_from else None)
     if resume_from is None:

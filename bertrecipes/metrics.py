@@ -66,7 +66,7 @@ class WandbLogger:
         group: str | None = None,
         tags: list[str] | None = None,
         mode: str | None = None,
-        config: dict | None = None,
+        run_config: dict | None = None,
         output_dir: str | None = None,
         default_name: str | None = None,
     ):
@@ -87,7 +87,7 @@ class WandbLogger:
         self._wandb = wandb
         self.run = wandb.init(
             project=project, entity=entity, name=name or default_name, group=group,
-            tags=list(tags or []), mode=mode, config=config, dir=output_dir,
+            tags=list(tags or []), mode=mode, config=run_config, dir=output_dir,
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

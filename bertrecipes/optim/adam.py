@@ -1,0 +1,120 @@
+"""Adam / AdamW written with multi-tensor ``torch._foreach_*`` ops (the role of DeepSpeed's FusedAdam).
+
+Per parameter tensor ``p`` with gradient ``g`` at its step ``t`` (a per-parameter counter starting at 1)::
+
+    adam_w_mode=False (L2):        g = g + weight_decay*p
+    adam_w_mode=True (decoupled):  p = p - lr*weight_decay*p          (as torch.optim.AdamW, before the step)
+    m = b1*m + (1 - b1)*g
+    v = b2*v + (1 - b2)*g^2
+    bias_correction=True:   p = p - lr * m_hat / (sqrt(v_hat) + eps)
+                            with m_hat = m/(1 - b1^t), v_hat = v/(1 - b2^t)
+    bias_correction=False:  p = p - lr * m / (sqrt(v) + eps)
+
+With ``bias_correction=True, adam_w_mode=True`` this is exactly ``torch.optim.AdamW``. Step counters are
+Python ints, so the bias corrections are host floats and the step never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from bertrecipes.optim.lamb import (
+    ParamsT,
+    _Bucket,
+    _collect_buckets,
+    _steps_to_int,
+    _update_moments,
+    _validate_common,
+)
+
+
+class Adam(Optimizer):
+    """Multi-tensor Adam with decoupled (AdamW) or L2 weight decay; see the module docstring.
+
+    Args:
+        params: parameters or param-group dicts. Every group may override any of the keyword options below.
+        lr: learning rate (>= 0).
+        betas: coefficients of the running averages of the gradient and its square, each in [0, 1).
+        eps: added to ``sqrt(v_hat)`` (or ``sqrt(v)`` without bias correction) for numerical stability (> 0).
+        weight_decay: weight decay coefficient (>= 0).
+        bias_correction: divide the moments by ``1 - beta^t``.
+        adam_w_mode: decoupled weight decay (AdamW) if True, L2 penalty added to the gradient if False.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        bias_correction: bool = True,
+        adam_w_mode: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            adam_w_mode=adam_w_mode,
+        )
+        _validate_common(lr, betas, eps, weight_decay)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Validate overrides on top of defaults before registering, so a rejected group changes nothing.
+        merged = {**self.defaults, **param_group}
+        _validate_common(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        _steps_to_int(self)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        n_stepped = 0
+        for group in self.param_groups:
+            buckets, n_stepped = _collect_buckets(self, group, n_stepped, type(self).__name__)
+            for bucket in buckets:
+                self._step_bucket(group, bucket)
+        return loss
+
+    @staticmethod
+    def _step_bucket(group: dict[str, Any], bucket: _Bucket) -> None:
+        beta1, beta2 = group["betas"]
+        lr, weight_decay = group["lr"], group["weight_decay"]
+
+        grads = bucket.grads
+        if weight_decay != 0.0:
+            if group["adam_w_mode"]:
+                torch._foreach_mul_(bucket.params, 1.0 - lr * weight_decay)
+            else:
+                # Out of place: p.grad belongs to the caller (gradient clipping/logging may read it later).
+                grads = torch._foreach_add(grads, bucket.params, alpha=weight_decay)
+
+        _update_moments(bucket, beta1, beta2, grads)
+
+        denom = torch._foreach_sqrt(bucket.exp_avg_sqs)
+        if group["bias_correction"]:
+            t = bucket.step
+            bias_correction1 = 1.0 - beta1**t
+            bias_correction2 = 1.0 - beta2**t
+            # sqrt(v_hat) = sqrt(v) / sqrt(1 - b2^t); eps is added after the correction, as in AdamW.
+            torch._foreach_div_(denom, math.sqrt(bias_correction2))
+            step_size = lr / bias_correction1
+        else:
+            step_size = lr
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(bucket.params, bucket.exp_avgs, denom, value=-step_size)

@@ -1,0 +1,224 @@
+"""End-to-end pre-training on the embedded demo data (tiny shapes, CPU): exact resume, fp16
+overflow handling, phase initialisation, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bertrecipes.checkpoint import CheckpointError, load_checkpoint
+from bertrecipes.engine import train
+from bertrecipes.errors import ConfigError, UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A run small enough for a few seconds on 2 CPU cores, with dropout on (so RNG state matters for
+# exact resume) and gradient accumulation (2 micro-batches per step).
+TINY = [
+    "data.num_documents=120",
+    "data.vocab_size=400",
+    "data.dupe_factor=2",
+    "max_seq_length=64",
+    "max_predictions_per_seq=10",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "train_batch_size=8",
+    "train_micro_batch_size_per_gpu=4",
+    "steps_per_print=1",
+    "scheduler.warmup_proportion=0.2",
+    "scheduler.decay_step=2",
+    "scheduler.decay_rate=0.9",
+]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_exact_resume_logs_identical_losses(make_cfg, tmp_path):
+    # The schedule's horizon is fixed; the first half of the split run just stops early.
+    straight = tmp_path / "straight"
+    train(make_cfg(*TINY, "total_training_steps=6", "max_steps=6", output_dir=straight))
+
+    split = tmp_path / "split"
+    train(make_cfg(*TINY, "total_training_steps=6", "max_steps=3", output_dir=split))
+    train(make_cfg(*TINY, "total_training_steps=6", "max_steps=6", "resume=true", output_dir=split))
+
+    a, b = read_metrics(straight), read_metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "mlm_loss", "nsp_loss", "lr", "grad_norm", "samples", "lamb_coeff_mean"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    wa = load_checkpoint(straight / "checkpoints")["model"]
+    wb = load_checkpoint(split / "checkpoints")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_metrics_have_the_documented_fields_and_lr_follows_the_schedule(make_cfg, tmp_path):
+    summary = train(make_cfg(*TINY, "max_steps=4", "scheduler.lr_offset=1e-4", output_dir=tmp_path))
+    records = read_metrics(tmp_path)
+    for key in ("step", "samples", "loss", "mlm_loss", "nsp_loss", "lr", "grad_norm",
+                "samples_per_sec", "tokens_per_sec"):
+        assert key in records[0], key
+    assert [r["samples"] for r in records] == [8, 16, 24, 32]
+    # step k (1-based) uses schedule step k-1: bing_bert's warmup (x/warmup)^2 then decay.
+    base, total, warmup = 5e-3, 4, 0.2
+    expected = []
+    for s in range(4):
+        x = s / total
+        factor = (x / warmup) ** 2 if x < warmup else 0.9 ** ((s - warmup * total) / 2)
+        expected.append(base * factor + 1e-4)
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12)
+    assert summary["train_state"]["schedule_step"] == 4
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(make_cfg, tmp_path):
+    first = tmp_path / "first"
+    train(make_cfg(*TINY, "max_steps=1", output_dir=first))
+    before = load_checkpoint(first / "checkpoints")
+
+    # A loss scale of 2^40 overflows fp16 gradients for real (no mock): the step must be skipped.
+    second = tmp_path / "second"
+    train(make_cfg(*TINY, "max_steps=1", "precision=fp16", "precision.initial_scale_power=40",
+                   "precision.hysteresis=1", f"init_from={first / 'checkpoints'}", output_dir=second))
+    after = load_checkpoint(second / "checkpoints")
+    for name, tensor in before["model"].items():
+        assert torch.equal(tensor, after["model"][name]), name
+    assert after["optimizer"]["state"] == {}
+    assert after["train_state"]["schedule_step"] == 0 and after["train_state"]["skipped_steps"] == 1
+    assert after["scaler"]["scale"] == 2.0**39
+    record = read_metrics(second)[-1]
+    assert record["loss_scale"] == 2.0**39 and record["grad_norm"] is None
+
+
+def test_fp16_and_bf16_train_on_cpu(make_cfg, tmp_path):
+    for dtype in ("fp16", "bf16"):
+        summary = train(make_cfg(*TINY, "max_steps=2", f"precision={dtype}", output_dir=tmp_path / dtype))
+        assert summary["global_step"] == 2
+        assert summary["last_metrics"]["loss"] is not None
+
+
+def test_init_from_loads_weights_only_with_fresh_optimizer_and_schedule(make_cfg, tmp_path):
+    phase1 = tmp_path / "p1"
+    train(make_cfg(*TINY, "max_steps=3", output_dir=phase1))
+    phase2 = tmp_path / "p2"
+    train(make_cfg(*TINY, "max_steps=1", "optimizer.lr=0.0",
+                   f"init_from={phase1 / 'checkpoints'}", output_dir=phase2))
+    a = load_checkpoint(phase1 / "checkpoints")
+    b = load_checkpoint(phase2 / "checkpoints")
+    # lr 0: the weights are exactly phase 1's, the optimizer state is one step old, counters restart.
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    first_param_state = next(iter(b["optimizer"]["state"].values()))
+    assert int(first_param_state["step"]) == 1
+    assert b["train_state"]["global_step"] == 1 and b["train_state"]["last_global_data_samples"] == 8
+
+
+def test_rewarmup_false_continues_the_schedule(make_cfg, tmp_path):
+    phase1 = tmp_path / "p1"
+    train(make_cfg(*TINY, "max_steps=3", output_dir=phase1))
+    phase2 = tmp_path / "p2"
+    summary = train(make_cfg(*TINY, "max_steps=1", "rewarmup=false", f"init_from={phase1 / 'checkpoints'}",
+                             output_dir=phase2))
+    assert summary["train_state"]["schedule_step"] == 4
+
+
+def test_resume_without_checkpoint_is_a_clear_error(make_cfg, tmp_path):
+    with pytest.raises(CheckpointError, match=f"resume=true but no checkpoint in {tmp_path / 'checkpoints'}"):
+        train(make_cfg(*TINY, "max_steps=1", "resume=true", output_dir=tmp_path))
+
+
+def test_truncated_checkpoint_on_resume_names_the_file_and_keeps_it(make_cfg, tmp_path):
+    train(make_cfg(*TINY, "max_steps=1", output_dir=tmp_path))
+    state = tmp_path / "checkpoints" / "global_step1" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{state}.*unreadable"):
+        train(make_cfg(*TINY, "max_steps=2", "resume=true", output_dir=tmp_path))
+    assert state.stat().st_size == 1000  # nothing overwrote or removed it
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; permissions cannot be tested")
+def test_unwritable_output_dir_is_a_clear_error(make_cfg, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    with pytest.raises(UserError, match=f"output_dir {locked / 'run'} is not writable"):
+        train(make_cfg(*TINY, "max_steps=1", output_dir=locked / "run"))
+
+
+def test_output_dir_that_is_a_file_is_a_clear_error(make_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError, match=f"output_dir {blocker / 'run'} is not writable"):
+        train(make_cfg(*TINY, "max_steps=1", output_dir=blocker / "run"))
+
+
+def test_previous_checkpoint_survives_a_failed_later_save(make_cfg, tmp_path, monkeypatch):
+    train(make_cfg(*TINY, "max_steps=2", output_dir=tmp_path))
+    good = (tmp_path / "checkpoints" / "global_step2" / "state.pt").read_bytes()
+    from bertrecipes import checkpoint as ckpt
+
+    def failing_save(obj, f, *a, **k):
+        f.write(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train(make_cfg(*TINY, "max_steps=3", "resume=true", output_dir=tmp_path))
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoints" / "global_step2" / "state.pt").read_bytes() == good
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "global_step2"
+
+
+def test_bad_batch_sizes_fail_before_any_work(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="train_batch_size=10.*train_micro_batch_size_per_gpu=4"):
+        train(make_cfg(*TINY, "train_batch_size=10", output_dir=tmp_path))
+
+
+def test_wandb_logger_runs_offline_without_api_key(make_cfg, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(make_cfg(*TINY, "max_steps=2", "logger=wandb", "logger.project=bertrecipes-test",
+                   output_dir=tmp_path))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
+
+
+def test_cli_run_writes_metrics_and_reports_user_errors(tmp_path, data_cache):
+    env = {**os.environ, "BERTRECIPES_CACHE": str(data_cache)}
+    out = tmp_path / "cli"
+    ok = subprocess.run(
+        [sys.executable, "-m", "bertrecipes.pretrain", *TINY, "max_steps=2", f"output_dir={out}",
+         "progress_bar=false"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert len(read_metrics(out)) == 2 and (out / ".hydra" / "config.yaml").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "bertrecipes.pretrain", *TINY, f"output_dir={tmp_path / 'none'}",
+         "resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 2
+    output = bad.stdout + bad.stderr
+    assert "no checkpoint in" in output and "Traceback" not in output
+
+
+def test_multirun_gives_each_job_its_own_directory(tmp_path, data_cache):
+    env = {**os.environ, "BERTRECIPES_CACHE": str(data_cache)}
+    out = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "bertrecipes.pretrain", "-m", *TINY, "max_steps=2", f"output_dir={out}",
+         "progress_bar=false", "optimizer.lr=1e-3,2e-3"], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    # Step 2 is past the warmup: lr = base * 0.9^((1 - 0.4) / 2) for each job's own base.
+    lrs = sorted(read_metrics(out / str(n))[-1]["lr"] for n in (0, 1))
+    factor = 0.9 ** ((1 - 0.2 * 2) / 2)
+    assert lrs == pytest.approx([1e-3 * factor, 2e-3 * factor], rel=1e-12)
