@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -147,6 +148,18 @@ def load_model_weights(model: torch.nn.Module, checkpoint: dict, source: str) ->
         )
 
 
+def build_from_config(group: str, node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate`` a leaf object, turning a constructor's ValueError into a ConfigError that names
+    the config group (Hydra would otherwise bury it in an InstantiationException)."""
+    try:
+        return instantiate(node, **kwargs, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(f"{group}: {cause}") from e
+        raise
+
+
 def lr_of(schedule, step: int) -> float:
     return float(schedule(step))
 
@@ -222,9 +235,10 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     dataset = build_dataset(cfg)
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
     model = BertForPreTraining(model_config).to(device)
-    optimizer = instantiate(cfg.optimizer, params=build_param_groups(model, cfg.optimizer.weight_decay),
-                            _convert_="all")
-    schedule = instantiate(cfg.scheduler, base_lr=cfg.optimizer.lr, total_steps=total_steps)
+    optimizer = build_from_config("optimizer", cfg.optimizer,
+                                  params=build_param_groups(model, cfg.optimizer.weight_decay))
+    schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,
+                                 total_steps=total_steps)
     scaler = LossScaler.from_config(cfg.precision)
     state = TrainState()
 
@@ -259,7 +273,8 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     if resume_from is None:
         (output_dir / "config.yaml").write_text(resolved_config)
 
-    flops_per_sample = training_flops_per_sample(model_config, cfg.max_seq_length, cfg.max_predictions_per_seq)
+    flops_per_sample = training_flops_per_sample(model_config, cfg.max_seq_length,
+                                                 cfg.max_predictions_per_seq)
     peak_tflops = cfg.peak_tflops or measure_peak_tflops(device)
     params = [p for p in model.parameters() if p.requires_grad]
     accum = batch.gradient_accumulation_steps
@@ -275,7 +290,10 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
             state={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": {"schedule_step": state.schedule_step}, "scaler": scaler.state_dict(),
                    "train_state": asdict(state), "model_config": model_config.to_dict()},
-            client_state={"vocab_file": str(dataset.vocab_file)},
+            # DeepSpeed bing_bert's names for the data position, for users' own tooling.
+            client_state={"epoch": state.epoch, "last_global_step": state.global_step,
+                          "last_global_data_samples": state.last_global_data_samples,
+                          "vocab_file": str(dataset.vocab_file)},
             config_yaml=resolved_config, keep_last=cfg.keep_last_checkpoints,
         )
 

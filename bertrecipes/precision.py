@@ -60,7 +60,9 @@ class LossScaler:
         if cfg.dtype != "fp16":
             return cls(scale=1.0, dynamic=False)
         if cfg.loss_scale < 0:
-            raise ValueError(f"precision.loss_scale must be 0 (dynamic) or > 0 (static), got {cfg.loss_scale}")
+            raise ValueError(
+                f"precision.loss_scale must be 0 (dynamic) or > 0 (static), got {cfg.loss_scale}"
+            )
         if cfg.loss_scale > 0:
             return cls(scale=float(cfg.loss_scale), dynamic=False)
         for name in ("loss_scale_window", "hysteresis"):

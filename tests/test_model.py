@@ -87,8 +87,9 @@ def _reference_pre_ln(model: BertForPreTraining, ids, types, mask):
         return x @ p[name + ".weight"].T + p[name + ".bias"]
 
     seq = ids.shape[1]
-    x = (p["bert.embeddings.word_embeddings.weight"][ids] + p["bert.embeddings.position_embeddings.weight"][:seq]
-         + p["bert.embeddings.token_type_embeddings.weight"][types])
+    emb = "bert.embeddings."
+    x = (p[emb + "word_embeddings.weight"][ids] + p[emb + "position_embeddings.weight"][:seq]
+         + p[emb + "token_type_embeddings.weight"][types])
     x = ln(x, "bert.embeddings.LayerNorm")
     nh, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     bias = torch.where(mask.bool()[:, None, None, :], 0.0, -math.inf).double()

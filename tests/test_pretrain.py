@@ -67,7 +67,7 @@ def test_metrics_have_the_documented_fields_and_lr_follows_the_schedule(make_cfg
         assert key in records[0], key
     assert [r["samples"] for r in records] == [8, 16, 24, 32]
     # step k (1-based) uses schedule step k-1: bing_bert's warmup (x/warmup)^2 then decay.
-    base, total, warmup = 5e-3, 4, 0.2
+    base, total, warmup = 1e-2, 4, 0.2
     expected = []
     for s in range(4):
         x = s / total

@@ -1,0 +1,390 @@
+"""Cached pre-training data on disk, a torch Dataset over it, and a resumable distributed loader.
+
+* `build_demo_dataset` generates the synthetic demo corpus, trains (or reuses) a WordPiece vocab,
+  tokenizes, creates instances and caches `instances.npz` + `manifest.json` under
+  `cache_dir/<hash of settings>/`; a later call with the same settings loads the cache.
+* `PretrainingDataset` serves one instance (or a batch of them) as torch tensors.
+* `PretrainingLoader` yields micro-batches forever in a deterministic order that depends only on
+  (seed, epoch), splits each global micro-step across ranks, and resumes exactly from a global sample
+  count such as a checkpoint's `last_global_data_samples`.
+
+Usage::
+
+    ds = build_demo_dataset("~/.cache/bertrecipes", num_documents=2000, corpus_seed=0, vocab_size=4000,
+                            lower_case=True, max_seq_length=128, max_predictions_per_seq=20,
+                            masked_lm_prob=0.15, short_seq_prob=0.1, dupe_factor=5,
+                            whole_word_mask=False, seed=12345)
+    for batch in PretrainingLoader(ds, micro_batch_size=32, seed=0):
+        ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from bertrecipes.data.demo_corpus import generate_demo_corpus
+from bertrecipes.data.instances import InstanceArrays, create_instances
+from bertrecipes.data.tokenizer import (
+    continuation_mask,
+    load_tokenizer,
+    read_vocab,
+    special_token_ids,
+    train_wordpiece,
+)
+
+__all__ = ["PretrainingDataset", "PretrainingLoader", "build_demo_dataset"]
+
+logger = logging.getLogger("bertrecipes.data")
+
+# Bump when the corpus generator, instance semantics or file layout change, so old caches are ignored.
+CACHE_FORMAT_VERSION = 1
+IGNORE_INDEX = -100  # label value that torch's cross_entropy skips
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _demo_vocab(cache_dir: Path, documents: list[list[str]], vocab_settings: dict[str, Any]) -> Path:
+    """Train the demo vocab once per (corpus, vocab_size, case) and share it across instance settings.
+
+    The `tokenizers` WordPiece trainer breaks count ties in hash order, so two trainings on the same
+    corpus can differ in a few pieces: reusing the cached file is what keeps the ids stable.
+    """
+    vocab_dir = cache_dir / f"vocab-{_settings_hash(vocab_settings)}"
+    vocab_file = vocab_dir / "vocab.txt"
+    if vocab_file.is_file() and vocab_file.stat().st_size > 0:
+        logger.info("reusing cached vocab %s", vocab_file)
+        return vocab_file
+    vocab_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    candidate = vocab_dir / f".vocab.txt.candidate-{os.getpid()}"
+    train_wordpiece(documents, vocab_settings["vocab_size"], vocab_settings["lower_case"], candidate)
+    # Publish with link(), which fails if the file exists: when several processes (ranks) train at
+    # once, the first one wins and every process uses that same file, never a mix of two vocabularies.
+    try:
+        os.link(candidate, vocab_file)
+        logger.info("trained WordPiece vocab (%d tokens) in %.2fs -> %s",
+                    len(read_vocab(vocab_file)), time.perf_counter() - start, vocab_file)
+    except FileExistsError:
+        logger.info("another process published %s first; using it", vocab_file)
+    except OSError:  # file systems without hard links: last writer wins
+        os.replace(candidate, vocab_file)
+    candidate.unlink(missing_ok=True)
+    _write_json_atomic(vocab_dir / "settings.json", vocab_settings)
+    return vocab_file
+
+
+def build_demo_dataset(
+    cache_dir: str | Path,
+    *,
+    num_documents: int,
+    corpus_seed: int,
+    vocab_size: int,
+    lower_case: bool,
+    max_seq_length: int,
+    max_predictions_per_seq: int,
+    masked_lm_prob: float,
+    short_seq_prob: float,
+    dupe_factor: int,
+    whole_word_mask: bool,
+    seed: int,
+) -> PretrainingDataset:
+    """Build (or load from `cache_dir`) pre-training instances from the synthetic demo corpus.
+
+    Safe to call from several processes at once (they agree on one vocab file and write identical
+    instances), but cheaper to build on one rank and load on the others after a barrier.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    settings: dict[str, Any] = {
+        "format_version": CACHE_FORMAT_VERSION, "corpus": "demo", "num_documents": num_documents,
+        "corpus_seed": corpus_seed, "vocab_size": vocab_size, "lower_case": lower_case,
+        "max_seq_length": max_seq_length, "max_predictions_per_seq": max_predictions_per_seq,
+        "masked_lm_prob": masked_lm_prob, "short_seq_prob": short_seq_prob, "dupe_factor": dupe_factor,
+        "whole_word_mask": whole_word_mask, "seed": seed,
+    }
+    vocab_settings = {k: settings[k] for k in ("format_version", "corpus", "num_documents", "corpus_seed",
+                                                "vocab_size", "lower_case")}
+    out_dir = cache_dir / _settings_hash(settings)
+    manifest_file, instances_file = out_dir / "manifest.json", out_dir / "instances.npz"
+
+    cached = _load_cached(out_dir, settings)
+    if cached is not None:
+        return cached
+
+    start = time.perf_counter()
+    documents = generate_demo_corpus(num_documents, corpus_seed)
+    logger.info("generated demo corpus: %d documents, %d sentences in %.2fs", len(documents),
+                sum(len(d) for d in documents), time.perf_counter() - start)
+    vocab_file = _demo_vocab(cache_dir, documents, vocab_settings)
+    tokenizer = load_tokenizer(vocab_file, lower_case=lower_case)
+
+    t = time.perf_counter()
+    flat = [sentence for doc in documents for sentence in doc]
+    encodings = tokenizer.encode_batch(flat, add_special_tokens=False)
+    ids = iter(e.ids for e in encodings)
+    token_docs = [[next(ids) for _ in doc] for doc in documents]
+    logger.info("tokenized %d sentences (%d tokens) in %.2fs", len(flat),
+                sum(len(e.ids) for e in encodings), time.perf_counter() - t)
+
+    t = time.perf_counter()
+    real_vocab_size = tokenizer.get_vocab_size()
+    instances = create_instances(
+        token_docs, vocab_size=real_vocab_size, special=special_token_ids(tokenizer),
+        max_seq_length=max_seq_length, short_seq_prob=short_seq_prob, masked_lm_prob=masked_lm_prob,
+        max_predictions_per_seq=max_predictions_per_seq, dupe_factor=dupe_factor,
+        whole_word_mask=whole_word_mask,
+        is_continuation=continuation_mask(tokenizer) if whole_word_mask else None, seed=seed,
+    )
+    logger.info("created %d instances in %.2fs", len(instances), time.perf_counter() - t)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    instances.save_npz(instances_file)
+    manifest = {
+        "settings": settings,
+        "num_instances": len(instances),
+        "max_seq_length": max_seq_length,
+        "max_predictions_per_seq": max_predictions_per_seq,
+        "vocab_size": real_vocab_size,
+        "vocab_file": os.path.relpath(vocab_file, out_dir),
+        "vocab_sha256": _sha256_file(vocab_file),
+        "build_seconds": round(time.perf_counter() - start, 3),
+    }
+    # The manifest goes last: its presence means the instances beside it are complete.
+    _write_json_atomic(manifest_file, manifest)
+    logger.info("built demo dataset in %.2fs -> %s", time.perf_counter() - start, out_dir)
+    return PretrainingDataset(instances, vocab_file, manifest)
+
+
+def _load_cached(out_dir: Path, settings: dict[str, Any]) -> PretrainingDataset | None:
+    manifest_file, instances_file = out_dir / "manifest.json", out_dir / "instances.npz"
+    if not (manifest_file.is_file() and instances_file.is_file()):
+        return None
+    start = time.perf_counter()
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        vocab_file = (out_dir / manifest["vocab_file"]).resolve()
+        if manifest.get("settings") != settings:
+            logger.warning("cache manifest %s has other settings; rebuilding", manifest_file)
+            return None
+        if not vocab_file.is_file() or _sha256_file(vocab_file) != manifest["vocab_sha256"]:
+            logger.warning("vocab %s missing or changed since %s was built; rebuilding", vocab_file, out_dir)
+            return None
+        instances = InstanceArrays.load_npz(instances_file)
+    except (OSError, ValueError, KeyError) as err:
+        logger.warning("unreadable cache in %s (%s); rebuilding", out_dir, err)
+        return None
+    if len(instances) != manifest["num_instances"]:
+        logger.warning("cache %s holds %d instances, manifest says %d; rebuilding", out_dir, len(instances),
+                       manifest["num_instances"])
+        return None
+    logger.info("reusing cached dataset %s (%d instances) loaded in %.2fs", out_dir, len(instances),
+                time.perf_counter() - start)
+    return PretrainingDataset(instances, vocab_file, manifest)
+
+
+class PretrainingDataset(torch.utils.data.Dataset):
+    """Pre-training instances as torch tensors.
+
+    `dataset[i]` (or `dataset.get_batch(indices)` with a leading batch dimension) returns
+    input_ids, token_type_ids, attention_mask: long[S]; masked_lm_positions, masked_lm_labels: long[P]
+    (labels are the original ids, -100 on padding); next_sentence_labels, length: long scalars.
+    """
+
+    def __init__(self, instances: InstanceArrays, vocab_file: str | Path, manifest: dict[str, Any]) -> None:
+        self.instances = instances
+        self.vocab_file = Path(vocab_file)
+        self.manifest = manifest
+        # Line count, not distinct tokens: ids are line numbers, so this is what an embedding needs.
+        self.vocab_size = max(read_vocab(self.vocab_file).values()) + 1
+        self.max_seq_length = instances.max_seq_length
+        self.max_predictions_per_seq = instances.max_predictions_per_seq
+        for key, value in (("vocab_size", self.vocab_size), ("max_seq_length", self.max_seq_length),
+                           ("max_predictions_per_seq", self.max_predictions_per_seq)):
+            if key in manifest and manifest[key] != value:
+                raise ValueError(f"manifest says {key}={manifest[key]} but the data has {key}={value} "
+                                 f"(vocab {self.vocab_file})")
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} instances")
+        return self.get_batch(np.asarray(index))
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gather instances with one fancy-index per array (much faster than stacking __getitem__)."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.numpy()
+        idx = np.asarray(indices, dtype=np.int64)
+        a = self.instances
+        lengths = a.lengths[idx].astype(np.int64)
+        positions = np.arange(self.max_seq_length)
+        attention = positions < lengths[..., None]
+        pred_slots = np.arange(self.max_predictions_per_seq)
+        labels = np.where(pred_slots < a.num_predictions[idx][..., None], a.masked_lm_ids[idx], IGNORE_INDEX)
+        return {
+            "input_ids": torch.from_numpy(a.input_ids[idx].astype(np.int64)),
+            "token_type_ids": torch.from_numpy(a.segment_ids[idx].astype(np.int64)),
+            "attention_mask": torch.from_numpy(attention.astype(np.int64)),
+            "masked_lm_positions": torch.from_numpy(a.masked_lm_positions[idx].astype(np.int64)),
+            "masked_lm_labels": torch.from_numpy(labels.astype(np.int64)),
+            # np.asarray: a 0-d index gives numpy scalars, which torch.from_numpy rejects.
+            "next_sentence_labels": torch.from_numpy(np.asarray(a.next_sentence_labels[idx], dtype=np.int64)),
+            "length": torch.from_numpy(np.asarray(lengths)),
+        }
+
+    def check_compatible(self, max_seq_length: int, max_predictions_per_seq: int, vocab_size: int) -> None:
+        """Raise ValueError if the data was built for other shapes than the caller (model/config) expects."""
+        mismatches = [
+            f"{name}: data has {ours}, caller expects {theirs}"
+            for name, ours, theirs in (
+                ("max_seq_length", self.max_seq_length, max_seq_length),
+                ("max_predictions_per_seq", self.max_predictions_per_seq, max_predictions_per_seq),
+                ("vocab_size", self.vocab_size, vocab_size),
+            )
+            if ours != theirs
+        ]
+        if mismatches:
+            raise ValueError(f"pre-training data ({self.vocab_file}) does not match: "
+                             + "; ".join(mismatches))
+
+
+def _rank_index_stream(num_instances: int, micro_batch_size: int, world_size: int, rank: int, seed: int,
+                       start_sample: int) -> Iterator[torch.Tensor]:
+    """Index batches of one rank, forever, starting at global sample `start_sample`.
+
+    Epoch e is `torch.randperm(N)` from a private generator seeded with `seed + e`, cut to a multiple
+    of the global micro-batch; global micro-step j covers [j*G, (j+1)*G) with G = micro*world, and rank
+    r takes the r-th `micro`-sized chunk of it.
+    """
+    global_batch = micro_batch_size * world_size
+    samples_per_epoch = (num_instances // global_batch) * global_batch
+    epoch, offset = divmod(start_sample, samples_per_epoch)
+    while True:
+        permutation = torch.randperm(num_instances, generator=torch.Generator().manual_seed(seed + epoch))
+        for step_start in range(offset, samples_per_epoch, global_batch):
+            begin = step_start + rank * micro_batch_size
+            yield permutation[begin:begin + micro_batch_size]
+        epoch, offset = epoch + 1, 0
+
+
+class _RankBatchSampler(Sampler[list[int]]):
+    """The same index stream as the loader, for a DataLoader that fetches batches in worker processes."""
+
+    def __init__(self, num_instances: int, micro_batch_size: int, world_size: int, rank: int, seed: int,
+                 start_sample: int) -> None:
+        self.args = (num_instances, micro_batch_size, world_size, rank, seed, start_sample)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for indices in _rank_index_stream(*self.args):
+            yield indices.tolist()
+
+
+class _BatchFetcher(torch.utils.data.Dataset):
+    """Maps a list of indices to a whole batch, so DataLoader workers gather with one fancy-index."""
+
+    def __init__(self, dataset: PretrainingDataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.dataset.get_batch(indices)
+
+
+class PretrainingLoader:
+    """Endless, deterministic, resumable micro-batches for one data-parallel rank.
+
+    Iterating yields dicts of stacked tensors (keys as `PretrainingDataset`). Each epoch is a fresh
+    permutation from `torch.Generator().manual_seed(seed + epoch)`; torch's global RNG is never used.
+    Sample counts are global (all ranks): after k global micro-steps `samples_consumed == k*micro*world`.
+    Iterate one iterator at a time: each advances the shared `samples_consumed`.
+    """
+
+    def __init__(self, dataset: PretrainingDataset, micro_batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1, start_sample: int = 0, num_workers: int = 0,
+                 pin_memory: bool = False) -> None:
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}) for world_size={world_size}, got {rank}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        global_batch = micro_batch_size * world_size
+        if len(dataset) < global_batch:
+            raise ValueError(f"dataset has {len(dataset)} instances, fewer than one global micro-batch "
+                             f"(micro_batch_size {micro_batch_size} x world_size {world_size} "
+                             f"= {global_batch})")
+        if start_sample < 0 or start_sample % global_batch != 0:
+            raise ValueError(f"start_sample must be a non-negative multiple of micro_batch_size x world_size "
+                             f"= {global_batch} (a global sample count), got {start_sample}")
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.global_batch_size = global_batch
+        self.batches_per_epoch = len(dataset) // global_batch
+        self.samples_per_epoch = self.batches_per_epoch * global_batch
+        self._samples_consumed = start_sample
+
+    @property
+    def samples_consumed(self) -> int:
+        """Global samples (all ranks) in the batches yielded so far, counted from sample 0."""
+        return self._samples_consumed
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch."""
+        return self._samples_consumed // self.samples_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        stream_args = (len(self.dataset), self.micro_batch_size, self.world_size, self.rank, self.seed,
+                       self._samples_consumed)
+        if self.num_workers == 0:
+            pin = self.pin_memory and torch.cuda.is_available()
+            for indices in _rank_index_stream(*stream_args):
+                batch = self.dataset.get_batch(indices)
+                if pin:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                self._samples_consumed += self.global_batch_size
+                yield batch
+        else:
+            loader = DataLoader(
+                _BatchFetcher(self.dataset), batch_size=None, sampler=_RankBatchSampler(*stream_args),
+                num_workers=self.num_workers, pin_memory=self.pin_memory,
+                # Worker seeds would otherwise be drawn from torch's global RNG.
+                generator=torch.Generator().manual_seed(self.seed),
+            )
+            for batch in loader:
+                self._samples_consumed += self.global_batch_size
+                yield batch
