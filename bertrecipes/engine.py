@@ -29,9 +29,17 @@ from bertrecipes.checkpoint import (
     save_checkpoint,
 )
 from bertrecipes.config import resolve_batch_sizes, world_size_from_env
+from bertrecipes.data import PretrainingLoader
+from bertrecipes.data.build import build_pretraining_dataset
 from bertrecipes.errors import ConfigError, UserError
 from bertrecipes.metrics import MetricsFile, Throughput, finite_or_none, measure_peak_tflops
-from bertrecipes.model import BertConfig, BertForPreTraining, pretraining_loss, training_flops_per_sample
+from bertrecipes.model import (
+    BertConfig,
+    BertForPreTraining,
+    LayerFactory,
+    pretraining_loss,
+    training_flops_per_sample,
+)
 from bertrecipes.optim import build_param_groups
 from bertrecipes.precision import LossScaler, autocast_context, autocast_dtype
 
@@ -87,29 +95,6 @@ def prepare_output_dir(path: str | Path) -> Path:
     return path
 
 
-def build_dataset(cfg: DictConfig):
-    """The pre-training dataset named by ``cfg.data.name``."""
-    from bertrecipes.data import build_demo_dataset
-
-    data = cfg.data
-    if data.name == "demo":
-        return build_demo_dataset(
-            data.cache_dir,
-            num_documents=data.num_documents,
-            corpus_seed=data.corpus_seed,
-            vocab_size=data.vocab_size,
-            lower_case=data.lower_case,
-            max_seq_length=cfg.max_seq_length,
-            max_predictions_per_seq=cfg.max_predictions_per_seq,
-            masked_lm_prob=data.masked_lm_prob,
-            short_seq_prob=data.short_seq_prob,
-            dupe_factor=data.dupe_factor,
-            whole_word_mask=data.whole_word_mask,
-            seed=data.instance_seed,
-        )
-    raise ConfigError(f"unknown data source {data.name!r}; available: demo")
-
-
 def build_model_config(model_cfg: DictConfig, tokenizer_vocab_size: int, max_seq_length: int) -> BertConfig:
     fields = OmegaConf.to_container(model_cfg, resolve=True)
     vocab_size = fields.pop("vocab_size") or tokenizer_vocab_size
@@ -146,6 +131,20 @@ def load_model_weights(model: torch.nn.Module, checkpoint: dict, source: str) ->
         raise CheckpointError(
             f"{source} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
+
+
+def build_layer_factory(kernel_cfg: DictConfig) -> LayerFactory | None:
+    """The transformer-layer implementation ``kernel.name`` selects (None = plain PyTorch)."""
+    if kernel_cfg.name == "torch":
+        return None
+    if kernel_cfg.name == "triton":
+        try:
+            from kernels_triton import make_layer_factory
+        except ImportError as e:
+            raise ConfigError(f"kernel=triton needs triton and kernels_triton's layer: {e}") from e
+        flags = {k: v for k, v in OmegaConf.to_container(kernel_cfg, resolve=True).items() if k != "name"}
+        return make_layer_factory(**flags)
+    raise ConfigError(f"kernel.name must be torch or triton, got {kernel_cfg.name!r}")
 
 
 def build_from_config(group: str, node: DictConfig, **kwargs: Any) -> Any:
@@ -232,9 +231,9 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
         init_from = load_checkpoint(cfg.init_from)
 
     seed_everything(cfg.seed)
-    dataset = build_dataset(cfg)
+    dataset = build_pretraining_dataset(cfg)
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
-    model = BertForPreTraining(model_config).to(device)
+    model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel)).to(device)
     optimizer = build_from_config("optimizer", cfg.optimizer,
                                   params=build_param_groups(model, cfg.optimizer.weight_decay))
     schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,
@@ -255,8 +254,6 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
         state = TrainState(**resume_from["train_state"])
         restore_rng_state(resume_from["rng"])
         log.info("resumed from %s at step %d", resume_from["path"], state.global_step)
-
-    from bertrecipes.data import PretrainingLoader
 
     loader = PretrainingLoader(
         dataset, batch.train_micro_batch_size_per_gpu, seed=cfg.seed, rank=0, world_size=world_size,

@@ -26,6 +26,7 @@ print(BertForPreTraining(BertConfig(vocab_size=100)))"
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -170,10 +171,18 @@ class BertLayer(nn.Module):
         return ffn_out.LayerNorm(x + ffn_out.dropout(ffn_out.dense(h)))
 
 
+LayerFactory = Callable[[BertConfig], nn.Module]
+
+
 class BertEncoder(nn.Module):
-    def __init__(self, config: BertConfig):
+    """The stack of layers. ``layer_factory`` builds each layer (default: :class:`BertLayer`); another
+    implementation (a fused kernel) must keep BertLayer's parameter names and its forward signature
+    ``(hidden_states [B,S,H], key_padding_mask bool [B,S] or None) -> hidden_states``."""
+
+    def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None):
         super().__init__()
-        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        make_layer = layer_factory or BertLayer
+        self.layer = nn.ModuleList(make_layer(config) for _ in range(config.num_hidden_layers))
         if config.pre_layer_norm:
             self.FinalLayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -196,11 +205,12 @@ class BertPooler(nn.Module):
 class BertModel(nn.Module):
     """Embeddings + encoder + pooler; returns (sequence_output [B,S,H], pooled_output [B,H])."""
 
-    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True,
+                 layer_factory: LayerFactory | None = None):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
-        self.encoder = BertEncoder(config)
+        self.encoder = BertEncoder(config, layer_factory)
         self.pooler = BertPooler(config) if add_pooling_layer else None
 
     def forward(
@@ -262,10 +272,10 @@ class BertForPreTraining(nn.Module):
     (what Hugging Face's ``prediction_logits`` holds).
     """
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config)
+        self.bert = BertModel(config, layer_factory=layer_factory)
         self.cls = BertPreTrainingHeads(config)
         self.tie_weights()
         self.apply(self._init_weights)
@@ -339,6 +349,7 @@ __all__ = [
     "BertModel",
     "BertForPreTraining",
     "BertLayer",
+    "LayerFactory",
     "gather_positions",
     "pretraining_loss",
     "count_parameters",
