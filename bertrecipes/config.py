@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from bertrecipes.data.config import register_data_configs
+from bertrecipes.distributed import DistributedConfig
 from bertrecipes.errors import ConfigError
 
 # --------------------------------------------------------------------------- model
@@ -188,6 +189,7 @@ class PretrainConfig:
     origin_bert_config_file: str | None = None  # bert_config.json / config.json for HF and TF imports
     rewarmup: bool = True  # with init_from: restart the LR schedule (warmup) at step 0
     peak_tflops: float | None = None  # for MFU; null = measured with a large matmul on GPU
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def register_configs() -> None:

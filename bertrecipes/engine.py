@@ -9,6 +9,7 @@ zero. Logging and checkpointing are "if due" lines around it.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 from dataclasses import asdict, dataclass
@@ -22,17 +23,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from bertrecipes import distributed as dist
 from bertrecipes.checkpoint import (
     CheckpointError,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from bertrecipes.config import resolve_batch_sizes, world_size_from_env
+from bertrecipes.config import resolve_batch_sizes
 from bertrecipes.data import PretrainingLoader
 from bertrecipes.data.build import build_pretraining_dataset
 from bertrecipes.errors import ConfigError, UserError
-from bertrecipes.metrics import MetricsFile, Throughput, finite_or_none, measure_peak_tflops
+from bertrecipes.metrics import MetricsFile, NullLogger, Throughput, finite_or_none, measure_peak_tflops
 from bertrecipes.model import (
     BertConfig,
     BertForPreTraining,
@@ -87,7 +89,7 @@ def prepare_output_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
+        probe = path / f".write_probe.{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -202,11 +204,17 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     output_dir = prepare_output_dir(output_dir or cfg.output_dir)
     checkpoint_dir = output_dir / CHECKPOINT_SUBDIR
     device = pick_device(cfg.device)
-    world_size = world_size_from_env()
-    if world_size != 1:
-        raise ConfigError(f"multi-process training is not supported yet (WORLD_SIZE={world_size})")
+    ctx = dist.init_distributed(cfg.distributed, device)
+    try:
+        return _train(cfg, output_dir, checkpoint_dir, dist.device_for_rank(device, ctx), ctx)
+    finally:
+        dist.shutdown(ctx)
+
+
+def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torch.device,
+           ctx: dist.DistContext) -> dict[str, Any]:
     batch = resolve_batch_sizes(cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu,
-                                cfg.gradient_accumulation_steps, world_size)
+                                cfg.gradient_accumulation_steps, ctx.world_size)
     if cfg.max_steps <= 0:
         raise ConfigError(f"max_steps must be positive, got {cfg.max_steps}")
     total_steps = cfg.total_training_steps or cfg.max_steps
@@ -231,44 +239,56 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
         init_from = load_checkpoint(cfg.init_from)
 
     seed_everything(cfg.seed)
+    if not ctx.is_main:  # rank 0 builds (or finds) the data cache; the others then read it
+        dist.barrier(ctx)
     dataset = build_pretraining_dataset(cfg)
+    if ctx.is_main:
+        dist.barrier(ctx)
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
-    model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel)).to(device)
-    optimizer = build_from_config("optimizer", cfg.optimizer,
-                                  params=build_param_groups(model, cfg.optimizer.weight_decay))
+    raw_model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel)).to(device)
+    make_optimizer = build_from_config("optimizer", cfg.optimizer, _partial_=True)
+    optimizer = dist.build_optimizer(make_optimizer,
+                                     build_param_groups(raw_model, cfg.optimizer.weight_decay),
+                                     ctx, cfg.distributed)
     schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,
                                  total_steps=total_steps)
     scaler = LossScaler.from_config(cfg.precision)
     state = TrainState()
 
     if init_from is not None:
-        load_model_weights(model, init_from, init_from["path"])
+        load_model_weights(raw_model, init_from, init_from["path"])
         if not cfg.rewarmup:  # continue the schedule where the previous phase left it
             state.schedule_step = init_from["train_state"]["global_step"]
         log.info("initialised model weights from %s (fresh optimizer, schedule step %d)",
                  init_from["path"], state.schedule_step)
     if resume_from is not None:
-        load_model_weights(model, resume_from, resume_from["path"])
+        load_model_weights(raw_model, resume_from, resume_from["path"])
         optimizer.load_state_dict(resume_from["optimizer"])
         scaler.load_state_dict(resume_from["scaler"])
         state = TrainState(**resume_from["train_state"])
         restore_rng_state(resume_from["rng"])
         log.info("resumed from %s at step %d", resume_from["path"], state.global_step)
 
+    model = dist.wrap_model(raw_model, ctx, cfg.distributed)
     loader = PretrainingLoader(
-        dataset, batch.train_micro_batch_size_per_gpu, seed=cfg.seed, rank=0, world_size=world_size,
-        start_sample=state.last_global_data_samples, num_workers=cfg.data.num_workers,
+        dataset, batch.train_micro_batch_size_per_gpu, seed=cfg.seed, rank=ctx.rank,
+        world_size=ctx.world_size, start_sample=state.last_global_data_samples,
+        num_workers=cfg.data.num_workers,
         pin_memory=cfg.data.pin_memory and device.type == "cuda",
     )
     batches = iter(loader)
     resolved_config = OmegaConf.to_yaml(cfg, resolve=True)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
-    logger = instantiate(cfg.logger, run_config=config_dict, output_dir=str(output_dir),
-                         default_name=cfg.job_name, _recursive_=False, _convert_="all")
-    metrics_file = MetricsFile(output_dir / "metrics.jsonl",
-                               truncate_after_step=state.global_step if resume_from else None)
-    if resume_from is None:
-        (output_dir / "config.yaml").write_text(resolved_config)
+    # Rank 0 alone writes metrics, config and dashboards.
+    if ctx.is_main:
+        logger = instantiate(cfg.logger, run_config=config_dict, output_dir=str(output_dir),
+                             default_name=cfg.job_name, _recursive_=False, _convert_="all")
+        metrics_file = MetricsFile(output_dir / "metrics.jsonl",
+                                   truncate_after_step=state.global_step if resume_from else None)
+        if resume_from is None:
+            (output_dir / "config.yaml").write_text(resolved_config)
+    else:
+        logger, metrics_file = NullLogger(), None
 
     flops_per_sample = training_flops_per_sample(model_config, cfg.max_seq_length,
                                                  cfg.max_predictions_per_seq)
@@ -278,46 +298,53 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     log.info(
         "model: %.1fM parameters; batch %d = micro %d x accumulation %d x world %d; %d steps on %s, %s",
         sum(p.numel() for p in params) / 1e6, batch.train_batch_size, batch.train_micro_batch_size_per_gpu,
-        accum, world_size, cfg.max_steps, device, precision,
+        accum, ctx.world_size, cfg.max_steps, device, precision,
     )
 
-    def checkpoint(tag: str) -> Path:
-        return save_checkpoint(
-            checkpoint_dir, tag,
-            state={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": {"schedule_step": state.schedule_step}, "scaler": scaler.state_dict(),
-                   "train_state": asdict(state), "model_config": model_config.to_dict()},
-            # DeepSpeed bing_bert's names for the data position, for users' own tooling.
-            client_state={"epoch": state.epoch, "last_global_step": state.global_step,
-                          "last_global_data_samples": state.last_global_data_samples,
-                          "vocab_file": str(dataset.vocab_file)},
-            config_yaml=resolved_config, keep_last=cfg.keep_last_checkpoints,
-        )
+    def checkpoint(tag: str) -> None:
+        optimizer_state = dist.optimizer_state_for_checkpoint(optimizer, ctx)  # collective under ZeRO
+        if ctx.is_main:
+            save_checkpoint(
+                checkpoint_dir, tag,
+                state={"model": raw_model.state_dict(), "optimizer": optimizer_state,
+                       "scheduler": {"schedule_step": state.schedule_step}, "scaler": scaler.state_dict(),
+                       "train_state": asdict(state), "model_config": model_config.to_dict(),
+                       "world_size": ctx.world_size},
+                # DeepSpeed bing_bert's names for the data position, for users' own tooling.
+                client_state={"epoch": state.epoch, "last_global_step": state.global_step,
+                              "last_global_data_samples": state.last_global_data_samples,
+                              "vocab_file": str(dataset.vocab_file)},
+                config_yaml=resolved_config, keep_last=cfg.keep_last_checkpoints,
+            )
+        dist.barrier(ctx)
 
     model.train()
     throughput = Throughput(device)
     real_tokens = 0
     throughput.reset(state.last_global_data_samples, real_tokens)
-    progress = tqdm(total=cfg.max_steps, initial=state.global_step, disable=not cfg.progress_bar,
-                    desc=cfg.job_name, unit="step", dynamic_ncols=True)
+    tokens_at_last_log, real_tokens_logged = 0, 0.0
+    progress = tqdm(total=cfg.max_steps, initial=state.global_step, desc=cfg.job_name, unit="step",
+                    disable=not (cfg.progress_bar and ctx.is_main), dynamic_ncols=True)
     last_record: dict[str, Any] = {}
     last_saved_step = state.global_step if resume_from else -1
     try:
         with StopRequest() as stop:
-            while state.global_step < cfg.max_steps and not stop.requested:
-                # ---- one optimizer step: accumulate `accum` micro-batches
+            while state.global_step < cfg.max_steps and not dist.any_rank(stop.requested, ctx, device):
+                # ---- one optimizer step: accumulate `accum` micro-batches (gradients are
+                # all-reduced across ranks on the last one only)
                 loss_sum = torch.zeros(3, device=device)
-                for _ in range(accum):
+                for micro_step in range(accum):
                     micro = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                    with autocast_context(precision, device):
+                    boundary = micro_step == accum - 1
+                    with dist.no_sync(model, sync=boundary), autocast_context(precision, device):
                         mlm_logits, nsp_logits = model(
                             micro["input_ids"], micro["token_type_ids"], micro["attention_mask"],
                             micro["masked_lm_positions"],
                         )
-                    loss, mlm_loss, nsp_loss = pretraining_loss(
-                        mlm_logits, nsp_logits, micro["masked_lm_labels"], micro["next_sentence_labels"]
-                    )
-                    (loss * (scaler.scale / accum)).backward()
+                        loss, mlm_loss, nsp_loss = pretraining_loss(
+                            mlm_logits, nsp_logits, micro["masked_lm_labels"], micro["next_sentence_labels"]
+                        )
+                        (loss * (scaler.scale / accum)).backward()
                     loss_sum += torch.stack([loss, mlm_loss, nsp_loss]).detach()
                     real_tokens += int(micro["length"].sum())
                 state.last_global_data_samples += batch.train_batch_size
@@ -349,9 +376,14 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
                 # ---- logging and checkpoints, when due
                 is_last = state.global_step >= cfg.max_steps
                 if state.global_step % cfg.steps_per_print == 0 or is_last or overflow:
-                    losses = (loss_sum / accum).tolist()
+                    # losses averaged over ranks; tokens summed over ranks
+                    reduced = torch.cat([loss_sum / accum,
+                                         torch.tensor([real_tokens - tokens_at_last_log], device=device)])
+                    reduced = dist.all_reduce_mean(reduced, ctx)
+                    losses = reduced[:3].tolist()
+                    global_tokens = real_tokens_logged + float(reduced[3]) * ctx.world_size
                     samples_per_sec, tokens_per_sec = throughput.rates(state.last_global_data_samples,
-                                                                       real_tokens)
+                                                                       global_tokens)
                     record = {
                         "step": state.global_step,
                         "samples": state.last_global_data_samples,
@@ -367,7 +399,7 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
                     }
                     if precision == "fp16":
                         record["loss_scale"] = scaler.scale
-                    coeffs = getattr(optimizer, "last_coeffs", None)
+                    coeffs = getattr(dist.local_optimizer(optimizer), "last_coeffs", None)
                     if coeffs is not None and coeffs.numel():
                         record.update(lamb_coeff_min=float(coeffs.min()), lamb_coeff_max=float(coeffs.max()),
                                       lamb_coeff_mean=float(coeffs.mean()))
@@ -376,11 +408,13 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
                         if peak_tflops:
                             record["mfu"] = record["tflops"] / peak_tflops
                         record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    metrics_file.write(record)
+                    if metrics_file is not None:
+                        metrics_file.write(record)
                     logger.log(record, step=state.global_step)
                     progress.set_postfix(loss=f"{losses[0]:.4f}", samples_s=f"{samples_per_sec:.1f}")
                     last_record = record
-                    throughput.reset(state.last_global_data_samples, real_tokens)
+                    tokens_at_last_log, real_tokens_logged = real_tokens, global_tokens
+                    throughput.reset(state.last_global_data_samples, global_tokens)
                 if cfg.checkpoint_steps and state.global_step % cfg.checkpoint_steps == 0:
                     checkpoint(f"global_step{state.global_step}")
                     last_saved_step = state.global_step
@@ -391,7 +425,8 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
                             state.global_step, output_dir)
     finally:
         progress.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         logger.finish()
     return {
         "global_step": state.global_step,
