@@ -183,12 +183,14 @@ class PretrainConfig:
     progress_bar: bool = True
     checkpoint_steps: int = 0  # save every N steps (0 = only at the end)
     keep_last_checkpoints: int = 3
+    checkpoint_at_end: bool = True  # also save after the last step (benchmarks turn it off)
     resume: bool = False  # continue the run in output_dir from its latest checkpoint
     init_from: str | None = None  # checkpoint to take the model weights from (new phase)
     ckpt_type: str = "DS"  # what init_from is: DS (bertrecipes) | HF (Hugging Face) | TF (Google BERT)
     origin_bert_config_file: str | None = None  # bert_config.json / config.json for HF and TF imports
     rewarmup: bool = True  # with init_from: restart the LR schedule (warmup) at step 0
     peak_tflops: float | None = None  # for MFU; null = measured with a large matmul on GPU
+    compile: bool = False  # torch.compile the model (speed only; results equal within rounding)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 

@@ -269,7 +269,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         restore_rng_state(resume_from["rng"])
         log.info("resumed from %s at step %d", resume_from["path"], state.global_step)
 
-    model = dist.wrap_model(raw_model, ctx, cfg.distributed)
+    model = dist.wrap_model(torch.compile(raw_model) if cfg.compile else raw_model, ctx, cfg.distributed)
     loader = PretrainingLoader(
         dataset, batch.train_micro_batch_size_per_gpu, seed=cfg.seed, rank=ctx.rank,
         world_size=ctx.world_size, start_sample=state.last_global_data_samples,
@@ -329,7 +329,11 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     last_saved_step = state.global_step if resume_from else -1
     try:
         with StopRequest() as stop:
-            while state.global_step < cfg.max_steps and not dist.any_rank(stop.requested, ctx, device):
+            stopping = False  # a signal on any rank stops every rank at the same step
+            while state.global_step < cfg.max_steps:
+                if dist.any_rank(stop.requested, ctx, device):
+                    stopping = True
+                    break
                 # ---- one optimizer step: accumulate `accum` micro-batches (gradients are
                 # all-reduced across ranks on the last one only)
                 loss_sum = torch.zeros(3, device=device)
@@ -418,9 +422,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                 if cfg.checkpoint_steps and state.global_step % cfg.checkpoint_steps == 0:
                     checkpoint(f"global_step{state.global_step}")
                     last_saved_step = state.global_step
-            if last_saved_step != state.global_step:
+            if last_saved_step != state.global_step and (cfg.checkpoint_at_end or stopping):
                 checkpoint(f"global_step{state.global_step}")
-            if stop.requested:
+            if stopping:
                 log.warning("stopped at step %d on request; resume with resume=true output_dir=%s",
                             state.global_step, output_dir)
     finally:

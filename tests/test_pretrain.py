@@ -222,3 +222,37 @@ def test_multirun_gives_each_job_its_own_directory(tmp_path, data_cache):
     lrs = sorted(read_metrics(out / str(n))[-1]["lr"] for n in (0, 1))
     factor = 0.9 ** ((1 - 0.2 * 2) / 2)
     assert lrs == pytest.approx([1e-3 * factor, 2e-3 * factor], rel=1e-12)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, data_cache):
+    import signal
+    import time
+
+    env = {**os.environ, "BERTRECIPES_CACHE": str(data_cache)}
+    out = tmp_path / "sig"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bertrecipes.pretrain", *TINY, "max_steps=100000", f"output_dir={out}",
+         "progress_bar=false"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    saved = load_checkpoint(out / "checkpoints")
+    step = saved["train_state"]["global_step"]
+    assert len(read_metrics(out)) == step  # every completed step was logged and is in the checkpoint
+    train(make_cfg_for(out, data_cache, f"max_steps={step + 2}", "resume=true"))
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 3))
+
+
+def make_cfg_for(out: Path, data_cache: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("pretrain", overrides=[f"data.cache_dir={data_cache}", f"output_dir={out}",
+                                              "progress_bar=false", *TINY, *overrides])
