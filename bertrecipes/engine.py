@@ -34,6 +34,7 @@ from bertrecipes.config import resolve_batch_sizes
 from bertrecipes.data import PretrainingLoader
 from bertrecipes.data.build import build_pretraining_dataset
 from bertrecipes.errors import ConfigError, UserError
+from bertrecipes.interop import load_into_model, load_model_state
 from bertrecipes.metrics import MetricsFile, NullLogger, Throughput, finite_or_none, measure_peak_tflops
 from bertrecipes.model import (
     BertConfig,
@@ -236,7 +237,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
             raise CheckpointError(f"resume=true but {e}") from e
     init_from = None
     if cfg.init_from and resume_from is None:
-        init_from = load_checkpoint(cfg.init_from)
+        init_from = load_model_state(cfg.init_from, cfg.ckpt_type, cfg.origin_bert_config_file)
 
     seed_everything(cfg.seed)
     if not ctx.is_main:  # rank 0 builds (or finds) the data cache; the others then read it
@@ -256,11 +257,14 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     state = TrainState()
 
     if init_from is not None:
-        load_model_weights(raw_model, init_from, init_from["path"])
-        if not cfg.rewarmup:  # continue the schedule where the previous phase left it
-            state.schedule_step = init_from["train_state"]["global_step"]
-        log.info("initialised model weights from %s (fresh optimizer, schedule step %d)",
-                 init_from["path"], state.schedule_step)
+        report = load_into_model(raw_model, init_from)  # fits a padded vocabulary; encoder must match
+        if report.missing_keys:
+            log.warning("%s has no %s: those start from random initialisation", init_from.source,
+                        report.missing_keys)
+        if not cfg.rewarmup and init_from.global_step is not None:
+            state.schedule_step = init_from.global_step  # continue where the previous phase left off
+        log.info("initialised model weights from %s (%s; fresh optimizer, schedule step %d)",
+                 init_from.source, cfg.ckpt_type, state.schedule_step)
     if resume_from is not None:
         load_model_weights(raw_model, resume_from, resume_from["path"])
         optimizer.load_state_dict(resume_from["optimizer"])

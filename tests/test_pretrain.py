@@ -256,3 +256,27 @@ def make_cfg_for(out: Path, data_cache: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("pretrain", overrides=[f"data.cache_dir={data_cache}", f"output_dir={out}",
                                               "progress_bar=false", *TINY, *overrides])
+
+
+def test_init_from_a_hugging_face_checkpoint(make_cfg, tmp_path, data_cache):
+    transformers = pytest.importorskip("transformers")
+    from bertrecipes.data.build import build_pretraining_dataset
+
+    vocab = build_pretraining_dataset(make_cfg(*TINY)).vocab_size
+    hf = transformers.BertForPreTraining(transformers.BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "run"
+    train(make_cfg(*TINY, "max_steps=1", "optimizer.lr=0.0", f"init_from={tmp_path / 'hf'}", "ckpt_type=HF",
+                   output_dir=out))
+    ours = load_checkpoint(out / "checkpoints")["model"]
+    theirs = hf.state_dict()
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
+def test_init_from_with_the_wrong_ckpt_type_is_a_clear_error(make_cfg, tmp_path):
+    train(make_cfg(*TINY, "max_steps=1", output_dir=tmp_path / "p1"))
+    with pytest.raises(CheckpointError, match="ckpt_type=DS"):
+        train(make_cfg(*TINY, "max_steps=1", f"init_from={tmp_path / 'p1' / 'checkpoints'}", "ckpt_type=HF",
+                       output_dir=tmp_path / "p2"))
