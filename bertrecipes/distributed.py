@@ -5,8 +5,11 @@
 NCCL on GPUs, gloo on CPUs. Each process owns one device (``cuda:LOCAL_RANK``); gradients are
 averaged by DistributedDataParallel at accumulation boundaries only; rank 0 alone logs and writes
 files. ``distributed.zero_stage=1`` shards the optimizer state across ranks with PyTorch's
-``ZeroRedundancyOptimizer`` (whole tensors per rank, so LAMB's per-tensor trust ratio is unchanged);
-checkpoints hold the consolidated state, so they resume at any world size. Collective operations
+``ZeroRedundancyOptimizer`` (whole tensors per rank, so LAMB's per-tensor trust ratio is unchanged).
+``distributed.strategy=fsdp`` shards parameters, gradients and optimizer state with FSDP2
+(``fully_shard`` per transformer layer, then the whole model), for models that outgrow one GPU;
+LAMB's norms are then DTensor reductions over the full tensors, so the update is the same.
+Checkpoints hold full (consolidated) states, so they resume at any world size. Collective operations
 time out after ``distributed.timeout_minutes``, so a rank that dies makes the others fail instead of
 waiting forever (torchrun also stops the surviving workers when one exits with an error).
 """
@@ -32,6 +35,7 @@ class DistributedConfig:
     backend: str | None = None  # null = nccl on CUDA, gloo on CPU
     timeout_minutes: float = 10.0  # collective timeout: a dead rank fails the others after this
     zero_stage: int = 0  # 0 = replicated optimizer state; 1 = state sharded across ranks (ZeRO-1)
+    strategy: str = "ddp"  # ddp (replicated parameters) | fsdp (FSDP2: parameters sharded too)
     bucket_cap_mb: int = 25  # DDP gradient bucket size
 
 
@@ -73,11 +77,51 @@ def device_for_rank(device: torch.device, ctx: DistContext) -> torch.device:
     return device
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, cfg: DistributedConfig) -> nn.Module:
+def wrap_model(model: nn.Module, ctx: DistContext, cfg: DistributedConfig,
+               compile: bool = False) -> nn.Module:
+    """DDP-wrap, or FSDP-shard in place (then the optimizer must be built afterwards), and compile."""
+    if cfg.strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"distributed.strategy must be ddp or fsdp, got {cfg.strategy!r}")
+    if ctx.enabled and cfg.strategy == "fsdp":
+        if cfg.zero_stage:
+            raise ConfigError("distributed.zero_stage=1 is for strategy=ddp; fsdp shards the optimizer "
+                              "state already")
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer)
+        fully_shard(model)
+        return torch.compile(model) if compile else model
+    if compile:
+        model = torch.compile(model)
     if not ctx.enabled:
         return model
     device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=cfg.bucket_cap_mb)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return hasattr(getattr(model, "_orig_mod", model), "set_requires_gradient_sync")
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor with the full value of ``t`` (gathers a DTensor under FSDP)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state_for_checkpoint(model: nn.Module) -> dict:
+    """Full model state dict (a collective under FSDP: every rank must call it; rank 0 gets it)."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_full_options())
+    return model.state_dict()
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -89,7 +133,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Skip DDP's gradient all-reduce on micro-steps that are not accumulation boundaries."""
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on micro-steps that are not
+    accumulation boundaries."""
+    if is_fsdp(model):
+        getattr(model, "_orig_mod", model).set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
     if sync or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
@@ -113,12 +161,38 @@ def build_optimizer(make_optimizer: Callable, param_groups: list[dict], ctx: Dis
     return zero
 
 
-def optimizer_state_for_checkpoint(optimizer: torch.optim.Optimizer, ctx: DistContext) -> dict | None:
-    """The full optimizer state on rank 0 (a collective under ZeRO: every rank must call it)."""
+def optimizer_state_for_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
+                                   ctx: DistContext) -> dict | None:
+    """The full optimizer state on rank 0 (a collective under ZeRO and FSDP: every rank calls it).
+
+    FSDP's is keyed by parameter name (``{"format": "fqn", "state": ...}``); the others use
+    torch's standard layout (parameter indices).
+    """
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(model, optimizer, options=_full_options())
+        return {"format": "fqn", "state": state} if ctx.is_main else None
     if _is_zero(optimizer):
         optimizer.consolidate_state_dict(to=0)
-        return optimizer.state_dict() if ctx.is_main else None
     return optimizer.state_dict() if ctx.is_main else None
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a checkpoint's optimizer state whatever strategy and world size wrote it."""
+    if saved.get("format") == "fqn":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if _is_zero(optimizer):
+            raise ConfigError("an FSDP checkpoint's optimizer state cannot be loaded with "
+                              "distributed.zero_stage=1; resume with zero_stage=0 or strategy=fsdp")
+        set_optimizer_state_dict(model, optimizer, saved["state"],
+                                 options=StateDictOptions(full_state_dict=True))
+        return
+    if is_fsdp(model):
+        raise ConfigError("resuming with strategy=fsdp needs a checkpoint written with strategy=fsdp "
+                          "(this one holds a DDP/single-process optimizer state); resume with strategy=ddp")
+    optimizer.load_state_dict(saved)
 
 
 def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

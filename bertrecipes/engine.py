@@ -247,10 +247,6 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         dist.barrier(ctx)
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
     raw_model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel)).to(device)
-    make_optimizer = build_from_config("optimizer", cfg.optimizer, _partial_=True)
-    optimizer = dist.build_optimizer(make_optimizer,
-                                     build_param_groups(raw_model, cfg.optimizer.weight_decay),
-                                     ctx, cfg.distributed)
     schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,
                                  total_steps=total_steps)
     scaler = LossScaler.from_config(cfg.precision)
@@ -267,13 +263,20 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                  init_from.source, cfg.ckpt_type, state.schedule_step)
     if resume_from is not None:
         load_model_weights(raw_model, resume_from, resume_from["path"])
-        optimizer.load_state_dict(resume_from["optimizer"])
+
+    # DDP wraps the model; FSDP shards its parameters in place, so the optimizer comes after.
+    model = dist.wrap_model(raw_model, ctx, cfg.distributed, compile=cfg.compile)
+    make_optimizer = build_from_config("optimizer", cfg.optimizer, _partial_=True)
+    optimizer = dist.build_optimizer(make_optimizer,
+                                     build_param_groups(raw_model, cfg.optimizer.weight_decay),
+                                     ctx, cfg.distributed)
+    if resume_from is not None:
+        dist.load_optimizer_state(raw_model, optimizer, resume_from["optimizer"])
         scaler.load_state_dict(resume_from["scaler"])
         state = TrainState(**resume_from["train_state"])
         restore_rng_state(resume_from["rng"])
         log.info("resumed from %s at step %d", resume_from["path"], state.global_step)
 
-    model = dist.wrap_model(torch.compile(raw_model) if cfg.compile else raw_model, ctx, cfg.distributed)
     loader = PretrainingLoader(
         dataset, batch.train_micro_batch_size_per_gpu, seed=cfg.seed, rank=ctx.rank,
         world_size=ctx.world_size, start_sample=state.last_global_data_samples,
@@ -306,11 +309,13 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     )
 
     def checkpoint(tag: str) -> None:
-        optimizer_state = dist.optimizer_state_for_checkpoint(optimizer, ctx)  # collective under ZeRO
+        # collectives under ZeRO/FSDP: every rank gathers, rank 0 writes
+        model_state = dist.model_state_for_checkpoint(raw_model)
+        optimizer_state = dist.optimizer_state_for_checkpoint(raw_model, optimizer, ctx)
         if ctx.is_main:
             save_checkpoint(
                 checkpoint_dir, tag,
-                state={"model": raw_model.state_dict(), "optimizer": optimizer_state,
+                state={"model": model_state, "optimizer": optimizer_state,
                        "scheduler": {"schedule_step": state.schedule_step}, "scaler": scaler.state_dict(),
                        "train_state": asdict(state), "model_config": model_config.to_dict(),
                        "world_size": ctx.world_size},
@@ -364,7 +369,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                 if scaler.scale != 1.0:
                     torch._foreach_mul_(grads, 1.0 / scaler.scale)
                 grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-                overflow = not bool(torch.isfinite(grad_norm))  # the step's one host sync
+                overflow = not bool(torch.isfinite(dist.full(grad_norm)))  # the step's one host sync
                 scaler.update(overflow)
                 if overflow:
                     state.skipped_steps += 1
@@ -400,7 +405,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                         "mlm_loss": finite_or_none(losses[1]),
                         "nsp_loss": finite_or_none(losses[2]),
                         "lr": optimizer.param_groups[0]["lr"],
-                        "grad_norm": finite_or_none(float(grad_norm)),
+                        "grad_norm": finite_or_none(float(dist.full(grad_norm))),
                         "samples_per_sec": samples_per_sec,
                         "tokens_per_sec": tokens_per_sec,
                         "skipped_steps": state.skipped_steps,
@@ -409,6 +414,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                         record["loss_scale"] = scaler.scale
                     coeffs = getattr(dist.local_optimizer(optimizer), "last_coeffs", None)
                     if coeffs is not None and coeffs.numel():
+                        coeffs = dist.full(coeffs)
                         record.update(lamb_coeff_min=float(coeffs.min()), lamb_coeff_max=float(coeffs.max()),
                                       lamb_coeff_mean=float(coeffs.mean()))
                     if device.type == "cuda":

@@ -52,6 +52,7 @@ def runs(tmp_path_factory):
         ("single", 1, []),
         ("ddp", 2, []),
         ("zero1", 2, ["distributed.zero_stage=1"]),
+        ("fsdp", 2, ["distributed.strategy=fsdp"]),
     ]:
         result = run([*TINY, "max_steps=5", f"output_dir={base / name}", *extra], cache, nproc)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -70,8 +71,9 @@ def test_two_processes_equal_one_process_with_accumulation(runs):
         assert b["lr"] == a["lr"]
 
 
-def test_zero1_equals_plain_ddp(runs):
-    ddp, zero = losses(runs["ddp"]), losses(runs["zero1"])
+@pytest.mark.parametrize("sharded", ["zero1", "fsdp"])
+def test_zero1_and_fsdp_equal_plain_ddp(runs, sharded):
+    ddp, zero = losses(runs["ddp"]), losses(runs[sharded])
     for a, b in zip(ddp, zero, strict=True):
         for key in ("loss", "mlm_loss", "nsp_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
@@ -83,7 +85,7 @@ def test_only_rank_zero_writes(runs):
     assert len(losses(runs["ddp"])) == 5  # one line per step, not one per rank
 
 
-@pytest.mark.parametrize("source", ["ddp", "zero1"])
+@pytest.mark.parametrize("source", ["ddp", "zero1", "fsdp"])
 def test_two_process_checkpoint_resumes_in_one_process(runs, source, tmp_path):
     # Continue the 2-process run for two more steps in 1 process; compare with a 1-process run that
     # goes straight to step 7 (the same global batches, so the same losses).
