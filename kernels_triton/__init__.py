@@ -1,3 +1,66 @@
-"""Fused Triton kernels for the BERT transformer layer (attention, bias+GELU,
-bias+dropout+residual+LayerNorm). Not built yet: `kernel=torch` is the only
-kernel choice until this package provides its layer."""
+"""Fused Triton kernels for the BERT transformer layer: flash attention (padded or varlen, with
+in-kernel dropout), bias + GELU, bias + dropout + residual + LayerNorm, each with its backward and a
+PyTorch reference, and :class:`TritonBertLayer`, a drop-in for ``BertLayer`` (``kernel=triton``).
+
+Depends on torch and triton only. On a machine without a GPU the kernels run in Triton's
+interpreter when ``TRITON_INTERPRET=1`` is set before this package is imported (slow; for tests).
+"""
+
+from kernels_triton.attention import (
+    FlashAttentionFunction,
+    FlashSelfAttention,
+    attention_dropout_mask,
+    attention_ref,
+    flash_attention,
+    flash_attention_qkvpacked,
+    flash_attention_varlen,
+)
+from kernels_triton.bias_dropout_residual_layernorm import (
+    BiasDropoutResidualLayerNorm,
+    BiasDropoutResidualLayerNormFunction,
+    bias_dropout_residual,
+    bias_dropout_residual_layernorm,
+    bias_dropout_residual_layernorm_ref,
+    bias_dropout_residual_ref,
+    layer_norm,
+    row_dropout_mask,
+)
+from kernels_triton.bias_gelu import (
+    BiasGelu,
+    BiasGeluFunction,
+    BiasGeluLinearFunction,
+    bias_gelu,
+    bias_gelu_linear,
+    bias_gelu_linear_ref,
+    bias_gelu_ref,
+)
+from kernels_triton.layer import TritonBertLayer, make_layer_factory
+from kernels_triton.utils import INTERPRET
+
+__all__ = [
+    "INTERPRET",
+    "TritonBertLayer",
+    "make_layer_factory",
+    "FlashAttentionFunction",
+    "FlashSelfAttention",
+    "attention_dropout_mask",
+    "attention_ref",
+    "flash_attention",
+    "flash_attention_qkvpacked",
+    "flash_attention_varlen",
+    "BiasDropoutResidualLayerNorm",
+    "BiasDropoutResidualLayerNormFunction",
+    "bias_dropout_residual",
+    "bias_dropout_residual_layernorm",
+    "bias_dropout_residual_layernorm_ref",
+    "bias_dropout_residual_ref",
+    "layer_norm",
+    "row_dropout_mask",
+    "BiasGelu",
+    "BiasGeluFunction",
+    "BiasGeluLinearFunction",
+    "bias_gelu",
+    "bias_gelu_linear",
+    "bias_gelu_linear_ref",
+    "bias_gelu_ref",
+]

@@ -1,0 +1,475 @@
+"""Flash attention for BERT self-attention: ``softmax(q k^T * scale + mask) v`` with attention-prob
+dropout, forward and backward, without ever holding the [S, S] score matrix in memory.
+
+* Forward: one program per (query block, batch*head); online softmax over key blocks, fp32
+  accumulation, saves the log-sum-exp (base 2) per query row for the backward.
+* Backward (FlashAttention-2 split): ``delta = rowsum(dO * O)``; one program per key block
+  accumulates dK, dV over all query blocks; dQ either by a second pass over key blocks per query
+  block (deterministic) or by fp32 atomics from the dK/dV pass (``deterministic=False``, DeepSpeed's
+  ``stochastic_mode``: one pass fewer, run-to-run bit differences).
+* Dropout: Philox keyed by (seed, batch*heads + head) with counter ``row * max_seqlen + col``; the
+  mask is never stored, the backward regenerates it. :func:`attention_dropout_mask` materialises
+  it with the same expression so :func:`attention_ref` can replay it in tests.
+* Layouts: padded ``[B, S, heads, head_dim]`` (any strides with a unit last stride, e.g. views of
+  one packed QKV projection) with an optional key-padding mask (True = real token), or unpadded
+  ``[total, heads, head_dim]`` with ``cu_seqlens`` [B+1] (int32) and ``max_seqlen``. The same token
+  gets the same dropout bits in both layouts when ``max_seqlen`` equals the padded length.
+* ``recompute_output`` (DeepSpeed's ``attn_dropout_checkpoint``): keep only q, k, v for the
+  backward and recompute the output and log-sum-exp there, instead of keeping them.
+
+Run its tests on a CPU: ``TRITON_INTERPRET=1 pytest tests/test_triton_attention.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import nn
+
+from kernels_triton.utils import INTERPRET, check_tensors, new_seed
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, max_seqlen, dropout_p):
+    # (batch, head) goes into the high word of Philox's 64-bit key, so the int32 counters
+    # (row * max_seqlen + col) of different heads never share a stream.
+    key = seed + bh.to(tl.int64) * 4294967296
+    return tl.rand(key, rows[:, None] * max_seqlen + cols[None, :]) > dropout_p
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, LSE, MASK, CU_SEQLENS,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+    stride_mb, stride_lb, stride_lh,
+    nheads, max_seqlen, qk_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    if IS_VARLEN:
+        seq_start = tl.load(CU_SEQLENS + b)
+        seqlen = tl.load(CU_SEQLENS + b + 1) - seq_start
+    else:
+        seq_start = 0
+        seqlen = max_seqlen
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen
+    d_ok = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)
+    tile_mask = row_ok[:, None] & d_ok[None, :]
+    q_rows = Q + b64 * stride_qb + h * stride_qh + (seq_start + rows)[:, None] * stride_qs
+    q = tl.load(q_rows + offs_d[None, :], mask=tile_mask, other=0.0)
+    k_base = K + b64 * stride_kb + h * stride_kh + seq_start * stride_ks
+    v_base = V + b64 * stride_vb + h * stride_vh + seq_start * stride_vs
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + offs_n
+        in_seq = cols < seqlen
+        key_ok = in_seq
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(MASK + b64 * stride_mb + cols, mask=in_seq, other=0) != 0)
+        kv_mask = in_seq[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: avoid inf - inf
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped probabilities too
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, rows, cols, max_seqlen, dropout_p), p, 0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # A row whose keys are all masked gets output 0 and lse = +inf (so its backward p is 0).
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out / (1.0 - dropout_p)
+    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(l_safe))
+    o_rows = Out + b64 * stride_ob + h * stride_oh + (seq_start + rows)[:, None] * stride_os
+    tl.store(o_rows + offs_d[None, :], out.to(Out.dtype.element_ty), mask=tile_mask)
+    tl.store(LSE + b64 * stride_lb + h * stride_lh + seq_start + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out, DO, DELTA, CU_SEQLENS,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+    nheads, max_seqlen,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    if IS_VARLEN:
+        seq_start = tl.load(CU_SEQLENS + b)
+        seqlen = tl.load(CU_SEQLENS + b + 1) - seq_start
+    else:
+        seq_start = 0
+        seqlen = max_seqlen
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    b64 = b.to(tl.int64)
+    o_rows = Out + b64 * stride_ob + h * stride_oh + (seq_start + rows)[:, None] * stride_os
+    do_rows = DO + b64 * stride_dob + h * stride_doh + (seq_start + rows)[:, None] * stride_dos
+    o = tl.load(o_rows + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_rows + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    tl.store(DELTA + b64 * stride_lb + h * stride_lh + seq_start + rows, delta, mask=rows < seqlen)
+
+
+@triton.jit
+def _attn_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, MASK, CU_SEQLENS, DQ, DK, DV,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_mb, stride_lb, stride_lh,
+    nheads, max_seqlen, sm_scale, qk_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DQ_PASS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """DQ_PASS=False: one program per key block, dK and dV over all query blocks (plus dQ by fp32
+    atomics when ATOMIC_DQ). DQ_PASS=True: one program per query block, dQ over all key blocks."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    if IS_VARLEN:
+        seq_start = tl.load(CU_SEQLENS + b)
+        seqlen = tl.load(CU_SEQLENS + b + 1) - seq_start
+    else:
+        seq_start = 0
+        seqlen = max_seqlen
+    fixed = BLOCK_M if DQ_PASS else BLOCK_N
+    if pid * fixed >= seqlen:
+        return
+    b64 = b.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_base = Q + b64 * stride_qb + h * stride_qh + seq_start * stride_qs
+    k_base = K + b64 * stride_kb + h * stride_kh + seq_start * stride_ks
+    v_base = V + b64 * stride_vb + h * stride_vh + seq_start * stride_vs
+    do_base = DO + b64 * stride_dob + h * stride_doh + seq_start * stride_dos
+    lse_base = LSE + b64 * stride_lb + h * stride_lh + seq_start
+    delta_base = DELTA + b64 * stride_lb + h * stride_lh + seq_start
+    dq_base = DQ + b64 * stride_dqb + h * stride_dqh + seq_start * stride_dqs
+    inv_keep = 1.0 / (1.0 - dropout_p)
+
+    if DQ_PASS:
+        rows = pid * BLOCK_M + offs_m
+        row_ok = rows < seqlen
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, seqlen, BLOCK_N):
+            cols = start_n + offs_n
+            in_seq = cols < seqlen
+            key_ok = in_seq
+            if HAS_MASK:
+                key_ok = key_ok & (tl.load(MASK + b64 * stride_mb + cols, mask=in_seq, other=0) != 0)
+            kv_mask = in_seq[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                dp = tl.where(_dropout_keep(seed, bh, rows, cols, max_seqlen, dropout_p), dp * inv_keep, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        dq = (dq * sm_scale).to(DQ.dtype.element_ty)
+        tl.store(dq_base + rows[:, None] * stride_dqs + offs_d[None, :], dq, mask=q_mask)
+    else:
+        cols = pid * BLOCK_N + offs_n
+        in_seq = cols < seqlen
+        key_ok = in_seq
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(MASK + b64 * stride_mb + cols, mask=in_seq, other=0) != 0)
+        kv_mask = in_seq[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(0, seqlen, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < seqlen
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
+            lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, bh, rows, cols, max_seqlen, dropout_p)
+                p_kept = tl.where(keep, p * inv_keep, 0.0)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            else:
+                p_kept = p
+            dv = tl.dot(tl.trans(p_kept.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale
+                tl.atomic_add(dq_base + rows[:, None] * stride_dqs + offs_d[None, :], dq, mask=q_mask)
+        dk_base = DK + b64 * stride_dkb + h * stride_dkh + seq_start * stride_dks
+        dv_base = DV + b64 * stride_dvb + h * stride_dvh + seq_start * stride_dvs
+        dk = (dk * sm_scale).to(DK.dtype.element_ty)
+        tl.store(dk_base + cols[:, None] * stride_dks + offs_d[None, :], dk, mask=kv_mask)
+        dv = dv.to(DV.dtype.element_ty)
+        tl.store(dv_base + cols[:, None] * stride_dvs + offs_d[None, :], dv, mask=kv_mask)
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, seed, max_seqlen, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_n in range(0, max_seqlen, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, bh, rows, cols, max_seqlen, dropout_p)
+        out = OUT + bh.to(tl.int64) * max_seqlen * max_seqlen + rows[:, None] * max_seqlen + cols[None, :]
+        tl.store(out, keep.to(tl.int8), mask=(rows < max_seqlen)[:, None] & (cols < max_seqlen)[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _blocks(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. Small blocks under the interpreter so
+    a 33-token test crosses a block border; on a GPU, sizes after the Triton fused-attention tutorial."""
+    if INTERPRET:
+        return {"fwd": (32, 32, 1, 1), "dkdv": (32, 32, 1, 1), "dq": (32, 32, 1, 1)}
+    stages = 2 if dtype == torch.float32 or head_dim > 64 else 3
+    if head_dim <= 64:
+        return {"fwd": (128, 64, 4, stages), "dkdv": (32, 128, 4, stages), "dq": (128, 32, 4, stages)}
+    return {"fwd": (128, 64, 8, stages), "dkdv": (32, 64, 4, stages), "dq": (64, 32, 4, stages)}
+
+
+class _Layout:
+    """Shapes and strides of one call: padded [B, S, H, D] or unpadded [total, H, D] + cu_seqlens."""
+
+    def __init__(self, q: torch.Tensor, key_padding_mask, cu_seqlens, max_seqlen):
+        self.varlen = cu_seqlens is not None
+        self.nheads, self.head_dim = q.shape[-2], q.shape[-1]
+        if self.varlen:
+            if q.dim() != 3 or cu_seqlens.dtype != torch.int32:
+                raise ValueError("varlen attention takes q, k, v [total, heads, head_dim], int32 cu_seqlens")
+            self.batch, self.max_seqlen = cu_seqlens.numel() - 1, int(max_seqlen)
+        else:
+            if q.dim() != 4:
+                raise ValueError(f"attention takes q, k, v [batch, seq, heads, head_dim]: {tuple(q.shape)}")
+            self.batch, self.max_seqlen = q.shape[0], q.shape[1]
+        mask = key_padding_mask
+        self.mask = None if mask is None else mask.to(torch.bool).contiguous().view(torch.uint8)
+        self.cu_seqlens = cu_seqlens
+
+    def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
+        return (0, t.stride(0), t.stride(1)) if self.varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+    def new_rowstat(self, like: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """An fp32 per-(head, row) buffer (lse, delta) and its (batch, head) strides."""
+        if self.varlen:
+            total = like.shape[0]
+            return torch.empty(self.nheads, total, device=like.device, dtype=torch.float32), 0, total
+        s = self.max_seqlen
+        buf = torch.empty(self.batch, self.nheads, s, device=like.device, dtype=torch.float32)
+        return buf, self.nheads * s, s
+
+    def common(self, q: torch.Tensor, dropout_p: float):
+        dummy = q
+        block_d = max(16, triton.next_power_of_2(self.head_dim))
+        flags = dict(HEAD_DIM=self.head_dim, BLOCK_D=block_d, IS_VARLEN=self.varlen,
+                     HAS_MASK=self.mask is not None, HAS_DROPOUT=dropout_p > 0.0,
+                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        mask = self.mask if self.mask is not None else dummy
+        cu = self.cu_seqlens if self.varlen else dummy
+        stride_mb = self.mask.stride(0) if self.mask is not None else 0
+        return mask, cu, stride_mb, flags
+
+
+def _forward(layout: _Layout, q, k, v, scale: float, dropout_p: float, seed: int):
+    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse, stride_lb, stride_lh = layout.new_rowstat(q)
+    mask, cu, stride_mb, flags = layout.common(q, dropout_p)
+    block_m, block_n, warps, stages = _blocks(layout.head_dim, q.dtype)["fwd"]
+    grid = (triton.cdiv(layout.max_seqlen, block_m), layout.batch * layout.nheads)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, mask, cu,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(o),
+        stride_mb, stride_lb, stride_lh,
+        layout.nheads, layout.max_seqlen, scale * LOG2E, dropout_p, seed,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
+    )
+    return o, lse
+
+
+def _backward(layout: _Layout, do, q, k, v, o, lse, dq, dk, dv, scale, dropout_p, seed, deterministic):
+    """Writes the gradients into dq, dk, dv (which may be views of one packed buffer)."""
+    delta, stride_lb, stride_lh = layout.new_rowstat(q)
+    mask, cu, stride_mb, flags = layout.common(q, dropout_p)
+    blocks = _blocks(layout.head_dim, q.dtype)
+    bh = layout.batch * layout.nheads
+    pre_m = blocks["dq"][0]
+    _attn_bwd_preprocess_kernel[(triton.cdiv(layout.max_seqlen, pre_m), bh)](
+        o, do, delta, cu, *layout.strides(o), *layout.strides(do), stride_lb, stride_lh,
+        layout.nheads, layout.max_seqlen,
+        HEAD_DIM=layout.head_dim, BLOCK_M=pre_m, BLOCK_D=flags["BLOCK_D"], IS_VARLEN=layout.varlen,
+    )
+    dq_target = dq if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    args = (q, k, v, do, lse, delta, mask, cu, dq_target, dk, dv,
+            *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
+            *layout.strides(dq_target), *layout.strides(dk), *layout.strides(dv),
+            stride_mb, stride_lb, stride_lh,
+            layout.nheads, layout.max_seqlen, scale, scale * LOG2E, dropout_p, seed)
+    block_m, block_n, warps, stages = blocks["dkdv"]
+    _attn_bwd_kernel[(triton.cdiv(layout.max_seqlen, block_n), bh)](
+        *args, BLOCK_M=block_m, BLOCK_N=block_n, DQ_PASS=False, ATOMIC_DQ=not deterministic,
+        num_warps=warps, num_stages=stages, **flags)
+    if deterministic:
+        block_m, block_n, warps, stages = blocks["dq"]
+        _attn_bwd_kernel[(triton.cdiv(layout.max_seqlen, block_m), bh)](
+            *args, BLOCK_M=block_m, BLOCK_N=block_n, DQ_PASS=True, ATOMIC_DQ=False,
+            num_warps=warps, num_stages=stages, **flags)
+    else:
+        dq.copy_(dq_target)
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """(q, k, v) or (qkv, None, None) -> attention output; see the module docstring. A packed qkv
+    [B, S, 3, heads, head_dim] or [total, 3, heads, head_dim] (a view of one fused projection) gets
+    one packed gradient, written in place by the kernels: no scatter of three gradients."""
+
+    @staticmethod
+    def forward(ctx, q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed,
+                recompute_output, deterministic):
+        check_tensors(q_or_qkv, k, v, key_padding_mask, cu_seqlens)
+        q, k_, v_ = q_or_qkv.unbind(-3) if k is None else (q_or_qkv, k, v)
+        layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
+        o, lse = _forward(layout, q, k_, v_, scale, dropout_p, seed)
+        kept = (None, None) if recompute_output else (o, lse)
+        ctx.save_for_backward(q_or_qkv, k, v, key_padding_mask, cu_seqlens, *kept)
+        ctx.options = (max_seqlen, dropout_p, scale, seed, recompute_output, deterministic)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        do = do.contiguous()
+        q_or_qkv, k, v, key_padding_mask, cu_seqlens, o, lse = ctx.saved_tensors
+        max_seqlen, dropout_p, scale, seed, recompute_output, deterministic = ctx.options
+        packed = k is None
+        q, k, v = q_or_qkv.unbind(-3) if packed else (q_or_qkv, k, v)
+        layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
+        if recompute_output:
+            o, lse = _forward(layout, q, k, v, scale, dropout_p, seed)
+        grads = (torch.empty_like(q_or_qkv),) if packed else tuple(torch.empty_like(t) for t in (q, k, v))
+        dq, dk, dv = grads[0].unbind(-3) if packed else grads
+        _backward(layout, do, q, k, v, o, lse, dq, dk, dv, scale, dropout_p, seed, deterministic)
+        return *grads, *(None,) * (10 if packed else 8)
+
+
+def _options(head_dim, dropout_p, softmax_scale, seed):
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    return float(dropout_p), float(scale), (new_seed() if seed is None and dropout_p > 0 else int(seed or 0))
+
+
+def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None,
+                    recompute_output=False, deterministic=True):
+    """Attention of q, k, v [B, S, heads, head_dim]; key_padding_mask bool [B, S], True = real key.
+    ``seed`` fixes the dropout mask (default: drawn from torch's CPU generator)."""
+    p, scale, seed = _options(q.shape[-1], dropout_p, softmax_scale, seed)
+    return FlashAttentionFunction.apply(q, k, v, key_padding_mask, None, None, p, scale, seed,
+                                        recompute_output, deterministic)
+
+
+def flash_attention_qkvpacked(qkv, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None,
+                              recompute_output=False, deterministic=True):
+    """Attention of qkv [B, S, 3, heads, head_dim] (a view of one fused QKV projection)."""
+    p, scale, seed = _options(qkv.shape[-1], dropout_p, softmax_scale, seed)
+    return FlashAttentionFunction.apply(qkv, None, None, key_padding_mask, None, None, p, scale, seed,
+                                        recompute_output, deterministic)
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, seed=None,
+                           recompute_output=False, deterministic=True):
+    """Attention of unpadded q, k, v [total, heads, head_dim]; sequence i is the tokens
+    ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32, [B+1]), none longer than ``max_seqlen``."""
+    p, scale, seed = _options(q.shape[-1], dropout_p, softmax_scale, seed)
+    return FlashAttentionFunction.apply(q, k, v, None, cu_seqlens, max_seqlen, p, scale, seed,
+                                        recompute_output, deterministic)
+
+
+def attention_dropout_mask(seed: int, batch: int, nheads: int, seqlen: int, dropout_p: float,
+                           device: torch.device | str) -> torch.Tensor:
+    """The keep-mask bool [B, heads, S, S] the kernels use for ``seed`` (for tests: replay it in
+    :func:`attention_ref`). For varlen calls, pass ``max_seqlen`` as ``seqlen``."""
+    out = torch.empty(batch, nheads, seqlen, seqlen, device=device, dtype=torch.int8)
+    check_tensors(out)
+    block = 32 if INTERPRET else 64
+    _dropout_mask_kernel[(triton.cdiv(seqlen, block), batch * nheads)](
+        out, seed, seqlen, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    return out.bool()
+
+
+def attention_ref(q, k, v, key_padding_mask=None, dropout_p=0.0, dropout_mask=None, softmax_scale=None):
+    """Plain PyTorch attention over [B, S, heads, head_dim] in the inputs' dtype; with
+    ``dropout_mask`` (bool [B, heads, S, S], True = keep) the dropout is replayed exactly."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            probs = F.dropout(probs, dropout_p)
+        else:
+            probs = probs.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class FlashSelfAttention(nn.Module):
+    """Self-attention core over a packed QKV projection (no parameters)."""
+
+    def __init__(self, dropout_p: float = 0.0, recompute_output: bool = False, deterministic: bool = True):
+        super().__init__()
+        self.dropout_p, self.recompute_output, self.deterministic = dropout_p, recompute_output, deterministic
+
+    def forward(self, qkv: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.dropout_p if self.training else 0.0
+        return flash_attention_qkvpacked(qkv, key_padding_mask, p, recompute_output=self.recompute_output,
+                                         deterministic=self.deterministic)

@@ -1,0 +1,105 @@
+"""Launch helpers shared by the fused ops: interpreter detection, device checks, seeds, grid sizes.
+
+Triton decides at *decoration* time whether a ``@triton.jit`` function is compiled for a GPU or
+run by its CPU interpreter (``TRITON_INTERPRET=1``), so that variable must be set before
+``kernels_triton`` is first imported. :data:`INTERPRET` records what was decided.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _probe_kernel(x):
+    pass
+
+
+# True when the kernels of this package run in Triton's CPU interpreter (slow; for tests).
+INTERPRET = type(_probe_kernel).__name__ == "InterpretedFunction"
+
+
+def _major_minor(package: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in version(package).split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run here, or None. (Tests skip with this reason.)"""
+    if INTERPRET:
+        if _major_minor("triton") < (3, 7) and _major_minor("numpy") >= (2, 3):
+            return ("triton < 3.7's interpreter fails with numpy >= 2.3 (runtime loop bounds): "
+                    "pip install 'triton>=3.7' or 'numpy<2.3'")
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device, and TRITON_INTERPRET=1 was not set before kernels_triton was imported"
+    return None
+
+
+def check_tensors(*tensors: torch.Tensor | None) -> None:
+    """Raise a clear error for tensors the kernels cannot take (instead of a Triton crash)."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cuda" and not INTERPRET:
+            raise RuntimeError(
+                f"kernels_triton got a {t.device.type} tensor: the kernels need CUDA tensors, or "
+                "TRITON_INTERPRET=1 set before kernels_triton is imported to run (slowly) on the CPU"
+            )
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"kernels_triton needs a unit stride in the last dimension, got {t.stride()}")
+
+
+def new_seed() -> int:
+    """A dropout seed drawn from torch's CPU generator: reproducible under ``torch.manual_seed``,
+    saved and restored with the other RNG states, and no device synchronisation."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def reduction_programs(rows: int, rows_per_tile: int, device: torch.device, column_programs: int = 1) -> int:
+    """How many row chunks share a column reduction (dbias, dgamma, dbeta): about two waves of
+    programs on a GPU (``column_programs`` already run side by side), two under the interpreter
+    (enough to exercise the cross-program sum)."""
+    tiles = triton.cdiv(rows, rows_per_tile)
+    if INTERPRET or device.type != "cuda":
+        return max(1, min(tiles, 2))
+    return max(1, min(tiles, 2 * _multiprocessor_count(device.index or 0) // column_programs))
+
+
+def row_tile(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps) for a row-wise kernel over ``n_cols`` columns: the whole row in
+    one block, several rows per tile while the tile stays small."""
+    block_n = triton.next_power_of_2(n_cols)
+    if INTERPRET:
+        return block_n, 16, 1
+    rows = max(1, min(16, 2048 // block_n))
+    num_warps = 4 if block_n * rows <= 2048 else 8
+    return block_n, rows, num_warps
+
+
+def finish_column_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the per-program fp32 partials [programs, N] (or an atomically accumulated [N]) and cast
+    once to the parameter's dtype."""
+    total = partial.sum(0) if partial.dim() == 2 else partial
+    return total.to(dtype)
+
+
+@triton.jit
+def row_dropout_keep(seed, rows, cols, n_cols, dropout_p):
+    """Keep-mask (True = kept, probability 1 - dropout_p) of element (row, col) of a [M, n_cols]
+    tensor: Philox keyed by seed, 64-bit counter row * n_cols + col. Shared by forward, backward and the debug
+    materialisation so the three see the same mask."""
+    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    return tl.rand(seed, offsets) > dropout_p

@@ -1,0 +1,221 @@
+"""TritonBertLayer against bertrecipes' BertLayer on the same weights (post-LN and pre-LN, padding
+mask): outputs, the input gradient and every parameter gradient; a whole bert_tiny-like
+BertForPreTraining built with ``make_layer_factory()``; the memory flags changing what autograd
+keeps, not what is computed; ``kernel=triton`` composing and reaching the layer through the engine.
+Without a GPU the kernels run in Triton's interpreter (set below, before kernels_triton is imported)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bertrecipes.model import BertConfig, BertForPreTraining, pretraining_loss
+from bertrecipes.model.bert import BertLayer
+
+if not torch.cuda.is_available():  # read when kernels_triton's kernels are decorated, so before the import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="kernels_triton needs triton (pip install -e '.[dev]')")
+kt = importlib.import_module("kernels_triton")
+if kt.utils.unavailable_reason():
+    pytest.skip(kt.utils.unavailable_reason(), allow_module_level=True)
+DEVICE = "cpu" if kt.INTERPRET else "cuda"
+FLAGS = ("normalize_invertible", "gelu_checkpoint", "attn_dropout_checkpoint", "stochastic_mode")
+
+
+def layer_config(hidden=96, heads=3, pre_layer_norm=False, dropout=0.0, **overrides):
+    return BertConfig(vocab_size=99, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                      intermediate_size=2 * hidden, hidden_dropout_prob=dropout,
+                      attention_probs_dropout_prob=dropout, max_position_embeddings=40,
+                      pre_layer_norm=pre_layer_norm, **overrides)
+
+
+def random_state(module: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Weights large enough that attention is not uniform; LayerNorm gammas away from 0."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in module.state_dict().items():
+        noise = torch.randn(tensor.shape, generator=g)
+        state[name] = 1.0 + 0.3 * noise if name.endswith("LayerNorm.weight") else 0.15 * noise
+    return state
+
+
+def padded_input(batch, seq, hidden, lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq, hidden, generator=g).to(DEVICE)
+    mask = (torch.arange(seq)[None] < torch.tensor(lengths)[:, None]).to(DEVICE)
+    return x, mask, torch.randn(batch, seq, hidden, generator=g).to(DEVICE)
+
+
+def run_layer(layer, x, mask, grad):
+    """Output, input gradient and parameter gradients (by name) for one grad_output."""
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = layer(x, mask)
+    out.backward(grad)
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    return out.detach(), x.grad, grads
+
+
+def test_same_parameter_names_and_shapes_as_bert_layer():
+    for pre_layer_norm in (False, True):
+        config = layer_config(pre_layer_norm=pre_layer_norm)
+        ours = {name: p.shape for name, p in kt.TritonBertLayer(config).named_parameters()}
+        theirs = {name: p.shape for name, p in BertLayer(config).named_parameters()}
+        assert ours == theirs
+
+
+@pytest.mark.parametrize("pre_layer_norm, hidden, heads, seq", [(False, 96, 3, 33), (True, 64, 2, 7)])
+def test_layer_matches_bert_layer(pre_layer_norm, hidden, heads, seq):
+    config = layer_config(hidden, heads, pre_layer_norm)
+    reference = BertLayer(config).to(DEVICE).eval()
+    reference.load_state_dict(random_state(reference))
+    ours = kt.TritonBertLayer(config).to(DEVICE).eval()
+    ours.load_state_dict(reference.state_dict())
+    x, mask, grad = padded_input(2, seq, hidden, [seq, seq - 5])
+    out, dx, grads = run_layer(ours, x, mask, grad)
+    want_out, want_dx, want_grads = run_layer(reference, x, mask, grad)
+    torch.testing.assert_close(out, want_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dx, want_dx, atol=1e-4, rtol=1e-4)
+    assert grads.keys() == want_grads.keys()
+    for name, want in want_grads.items():
+        # key.bias has a zero gradient in exact arithmetic (softmax ignores a per-query constant)
+        scale = 1.0 if name.endswith("key.bias") else want.abs().max().item()
+        torch.testing.assert_close(grads[name], want, atol=1e-4 * scale + 1e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("pre_layer_norm", [False, True])
+def test_bert_tiny_model_matches_torch_kernel(pre_layer_norm):
+    config = BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=40, pre_layer_norm=pre_layer_norm)
+    torch.manual_seed(0)
+    reference = BertForPreTraining(config).to(DEVICE).eval()
+    ours = BertForPreTraining(config, layer_factory=kt.make_layer_factory()).to(DEVICE).eval()
+    ours.load_state_dict(reference.state_dict())
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 99, (2, 17), generator=g)
+    mask = (torch.arange(17)[None] < torch.tensor([[17], [11]])).long()
+    ids = (ids * mask).to(DEVICE)
+    types = torch.zeros_like(ids)
+    positions = torch.tensor([[1, 4, 9], [2, 3, 10]], device=DEVICE)
+    labels = torch.randint(5, 99, (2, 3), generator=g).to(DEVICE)
+    nsp_labels = torch.tensor([0, 1], device=DEVICE)
+    results = []
+    for model in (reference, ours):
+        mlm, nsp = model(ids, types, mask.to(DEVICE), positions)
+        loss, _, _ = pretraining_loss(mlm, nsp, labels, nsp_labels)
+        loss.backward()
+        results.append((mlm.detach(), nsp.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (want_mlm, want_nsp, want_grads), (mlm, nsp, grads) = results
+    torch.testing.assert_close(mlm, want_mlm, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nsp, want_nsp, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == want_grads.keys()
+    for name, want in want_grads.items():
+        torch.testing.assert_close(grads[name], want, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def saved_bytes(fn):
+    """fn()'s result and the bytes of the distinct storages autograd keeps for its backward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("pre_layer_norm", [False, True])
+def test_memory_flags_change_what_is_saved_not_what_is_computed(pre_layer_norm):
+    batch, seq, hidden, heads = 2, 33, 64, 2
+    config = layer_config(hidden, heads, pre_layer_norm, dropout=0.1)
+    base = kt.TritonBertLayer(config).to(DEVICE)
+    base.load_state_dict(random_state(base))
+    x, mask, grad = padded_input(batch, seq, hidden, [seq, 20])
+    tokens, intermediate = batch * seq, config.intermediate_size
+
+    w_next = torch.randn(hidden, hidden, device=DEVICE, requires_grad=True)
+
+    def kept_by(flags):
+        layer = kt.TritonBertLayer(config, **flags).to(DEVICE)
+        layer.load_state_dict(base.state_dict())
+        torch.manual_seed(0)  # the dropout seeds are drawn from torch's generator
+        # A projection after the layer keeps its output, as the next layer's QKV projection does.
+        out, kept = saved_bytes(lambda: F.linear(layer(x, mask), w_next))
+        return out.detach(), kept
+
+    out, baseline = kept_by({})
+    expected_saving = {
+        # two LayerNorm inputs [tokens, hidden] and their means, minus the two betas kept instead
+        "normalize_invertible": 2 * (tokens * hidden * 4 + tokens * 4 - hidden * 4),
+        "gelu_checkpoint": tokens * intermediate * 4,  # the GELU output
+        # the log-sum-exp; the attention output stays, as the output projection's input
+        "attn_dropout_checkpoint": batch * heads * seq * 4,
+        "stochastic_mode": 0,
+    }
+    for flag in FLAGS:
+        flagged_out, kept = kept_by({flag: True})
+        assert torch.equal(flagged_out, out), flag
+        assert baseline - kept == expected_saving[flag], flag
+
+    # Backward with every flag on (dropout active, same seeds) against every flag off; flags off
+    # twice: the deterministic reductions give bitwise the same gradients.
+    results = []
+    for flags in ({}, dict.fromkeys(FLAGS, True), {}):
+        layer = kt.TritonBertLayer(config, **flags).to(DEVICE)
+        layer.load_state_dict(base.state_dict())
+        torch.manual_seed(0)
+        results.append(run_layer(layer, x, mask, grad))
+    (out_off, dx_off, grads_off), (out_on, dx_on, grads_on), (out_again, dx_again, grads_again) = results
+    assert torch.equal(out_again, out_off) and torch.equal(dx_again, dx_off)
+    assert all(torch.equal(grads_again[name], g) for name, g in grads_off.items())
+    assert torch.equal(out_on, out_off)
+    torch.testing.assert_close(dx_on, dx_off, atol=1e-5, rtol=1e-5)
+    for name, want in grads_off.items():
+        torch.testing.assert_close(grads_on[name], want, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_kernel_triton_config_builds_triton_layers(make_cfg):
+    from bertrecipes.engine import build_layer_factory
+
+    cfg = make_cfg("kernel=triton", "kernel.gelu_checkpoint=true", "model=bert_tiny")
+    assert cfg.kernel.name == "triton" and cfg.kernel.gelu_checkpoint and not cfg.kernel.stochastic_mode
+    factory = build_layer_factory(cfg.kernel)
+    layer = factory(layer_config())
+    assert isinstance(layer, kt.TritonBertLayer) and layer.gelu_checkpoint and not layer.normalize_invertible
+
+
+@pytest.mark.parametrize("pre_layer_norm", [False, True])
+def test_layer_under_fp16_autocast_within_twice_torch_error(pre_layer_norm):
+    """The engine's mixed precision: fp32 weights, fp16 GEMMs and kernels (our LayerNorm outputs are
+    fp16, so the next projection keeps the same tensor; torch's autocast LayerNorm returns fp32)."""
+    config = layer_config(64, 2, pre_layer_norm)
+    reference = BertLayer(config).to(DEVICE).eval()
+    reference.load_state_dict(random_state(reference, seed=5))
+    ours = kt.TritonBertLayer(config).to(DEVICE).eval()
+    ours.load_state_dict(reference.state_dict())
+    x, mask, grad = padded_input(2, 33, 64, [33, 20], seed=6)
+    fp32 = run_layer(reference, x, mask, grad)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        torch_fp16 = run_layer(reference, x, mask, grad)
+        ours_fp16 = run_layer(ours, x, mask, grad)
+    def named(result):
+        out, dx, grads = result
+        return {"out": out, "dx": dx, **grads}
+
+    want, torch_got, got = named(fp32), named(torch_fp16), named(ours_fp16)
+    for name in want:
+        if name != "out":
+            assert got[name].dtype == torch.float32, name  # gradients of fp32 leaves
+        # atol relative to the tensor's scale: where torch stays in fp32 (a LayerNorm's dbeta) its
+        # error is 0, ours sums the gradient of an fp16 output
+        atol = 1e-3 * want[name].abs().max().item()
+        torch_err = (torch_got[name].float() - want[name]).abs().max().item()
+        assert (got[name].float() - want[name]).abs().max().item() <= 2 * torch_err + atol, name
