@@ -1,10 +1,21 @@
-"""Schemas of the ``data`` config group (one dataclass per option), registered with Hydra."""
+"""Schemas of the ``data`` config group (one dataclass per kind of option), registered with Hydra.
+
+* ``demo_schema``   -> conf/data/demo.yaml: the embedded synthetic corpus.
+* ``corpus_schema`` -> conf/data/text_files.yaml and conf/data/wikipedia_bookcorpus.yaml: any text
+  corpus, raw text to instance shards (`bertrecipes.data.prepare`).
+* ``nvidia_hdf5_schema`` -> conf/data/nvidia_hdf5.yaml: NVIDIA DeepLearningExamples hdf5 shards.
+
+Every option has ``num_workers`` and ``pin_memory`` (the training loader's) and ``cache_dir``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+_CACHE_DIR = "${oc.env:BERTRECIPES_CACHE,${oc.env:HOME,.}/.cache/bertrecipes}"
 
 
 @dataclass
@@ -21,10 +32,77 @@ class DemoDataConfig:
     dupe_factor: int = 5
     whole_word_mask: bool = False
     instance_seed: int = 12345
-    cache_dir: str = "${oc.env:BERTRECIPES_CACHE,${oc.env:HOME,.}/.cache/bertrecipes}"
+    cache_dir: str = _CACHE_DIR
     num_workers: int = 0
     pin_memory: bool = False
 
 
+@dataclass
+class SourceConfig:
+    """One corpus source: local files (paths + format) or a hub dataset (format: hub + name)."""
+
+    paths: list[str] = field(default_factory=list)  # files, directories (recursive) or globs
+    format: str = "auto"  # auto | text | wikiextractor | jsonl | parquet | hub
+    text_column: str = "text"  # jsonl / parquet / hub: the column holding a document's text
+    name: str | None = None  # hub: dataset name, e.g. wikimedia/wikipedia
+    config: str | None = None  # hub: config name, e.g. 20231101.en
+    split: str = "train"
+    revision: str | None = None
+    streaming: bool = False  # hub: iterate without downloading the whole dataset first
+    weight: float = 1.0  # expected uses of each document: 2 = twice, 0.5 = a fixed half
+
+
+@dataclass
+class CorpusDataConfig:
+    """Any text corpus -> tokenized chunks -> MLM/NSP instance shards, prepared once and cached.
+
+    The corpus is `paths` (one local source, as in ``data=text_files data.paths=[...]``) plus every
+    entry of `sources` (hub datasets, more files), mixed document by document by their weights.
+    """
+
+    name: str = "text_files"
+    paths: list[str] = field(default_factory=list)
+    format: str = "auto"
+    text_column: str = "text"
+    weight: float = 1.0  # of the `paths` source
+    sources: list[SourceConfig] = field(default_factory=list)
+
+    vocab_file: str | None = None  # a BERT vocab.txt; null = train a WordPiece vocab on the corpus
+    vocab_size: int = 30522  # only when training the vocab
+    lower_case: bool = True  # uncased (bert-base-uncased) or cased tokenization
+
+    masking: str = "static"  # static: masks fixed in the shards | dynamic: new masks every epoch
+    masked_lm_prob: float = 0.15
+    short_seq_prob: float = 0.1
+    dupe_factor: int = 5
+    whole_word_mask: bool = False
+    seed: int = 12345  # instances, static masks, dynamic masks, fractional weights
+
+    documents_per_shard: int = 10000  # documents per chunk/shard; random-next B comes from the same one
+    max_sentence_chars: int = 2000  # longer "sentences" (no sentence end found) are cut at whitespace
+    num_proc: int | None = None  # processes preparing the data; null = all CPU cores
+    prepared_dir: str | None = None  # train from these shards as they are (checked against this run)
+    cache_dir: str = _CACHE_DIR
+    num_workers: int = 2  # training loader worker processes
+    pin_memory: bool = True
+
+
+@dataclass
+class NvidiaHdf5DataConfig:
+    """Shards written by NVIDIA DeepLearningExamples' BERT data scripts (hdf5), converted once to the
+    memory-mapped shard format and cached."""
+
+    name: str = "nvidia_hdf5"
+    input_dir: str = MISSING  # a directory of *.hdf5 / *.h5 files, a glob, or one file
+    vocab_file: str = MISSING  # the vocab.txt the shards were tokenized with
+    lower_case: bool = True
+    num_proc: int | None = None
+    cache_dir: str = _CACHE_DIR
+    num_workers: int = 2
+    pin_memory: bool = True
+
+
 def register_data_configs(cs: ConfigStore) -> None:
     cs.store(group="data", name="demo_schema", node=DemoDataConfig)
+    cs.store(group="data", name="corpus_schema", node=CorpusDataConfig)
+    cs.store(group="data", name="nvidia_hdf5_schema", node=NvidiaHdf5DataConfig)

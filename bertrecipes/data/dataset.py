@@ -3,10 +3,14 @@
 * `build_demo_dataset` generates the synthetic demo corpus, trains (or reuses) a WordPiece vocab,
   tokenizes, creates instances and caches `instances.npz` + `manifest.json` under
   `cache_dir/<hash of settings>/`; a later call with the same settings loads the cache.
-* `PretrainingDataset` serves one instance (or a batch of them) as torch tensors.
+* `PretrainingDataset` serves one instance (or a batch of them) as torch tensors, from any instance
+  store: `InstanceArrays` in memory (the demo) or `ShardedInstances`, memory-mapped shards made by
+  `bertrecipes.data.prepare` (open them with `bertrecipes.data.build.open_prepared_dataset`). With
+  dynamic masking it masks at load time, keyed by (seed, epoch, index).
 * `PretrainingLoader` yields micro-batches forever in a deterministic order that depends only on
   (seed, epoch), splits each global micro-step across ranks, and resumes exactly from a global sample
-  count such as a checkpoint's `last_global_data_samples`.
+  count such as a checkpoint's `last_global_data_samples`; every rank gets the same number of batches
+  per epoch, whatever the dataset size, so no rank waits for another at an epoch's end.
 
 Usage::
 
@@ -23,11 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +40,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from bertrecipes.data.demo_corpus import generate_demo_corpus
 from bertrecipes.data.instances import InstanceArrays, create_instances
+from bertrecipes.data.masking import MaskingSpec, mask_batch, row_keys
 from bertrecipes.data.tokenizer import (
     continuation_mask,
     load_tokenizer,
@@ -50,6 +56,7 @@ logger = logging.getLogger("bertrecipes.data")
 # Bump when the corpus generator, instance semantics or file layout change, so old caches are ignored.
 CACHE_FORMAT_VERSION = 1
 IGNORE_INDEX = -100  # label value that torch's cross_entropy skips
+_DYNAMIC_MASK_STREAM = 21  # keeps load-time masks apart from build-time ones made with the same seed
 
 
 def _sha256_file(path: Path) -> str:
@@ -178,7 +185,7 @@ def build_demo_dataset(
     # The manifest goes last: its presence means the instances beside it are complete.
     _write_json_atomic(manifest_file, manifest)
     logger.info("built demo dataset in %.2fs -> %s", time.perf_counter() - start, out_dir)
-    return PretrainingDataset(instances, vocab_file, manifest)
+    return PretrainingDataset(instances, vocab_file, manifest, directory=out_dir)
 
 
 def _load_cached(out_dir: Path, settings: dict[str, Any]) -> PretrainingDataset | None:
@@ -205,25 +212,48 @@ def _load_cached(out_dir: Path, settings: dict[str, Any]) -> PretrainingDataset 
         return None
     logger.info("reusing cached dataset %s (%d instances) loaded in %.2fs", out_dir, len(instances),
                 time.perf_counter() - start)
-    return PretrainingDataset(instances, vocab_file, manifest)
+    return PretrainingDataset(instances, vocab_file, manifest, directory=out_dir)
+
+
+class InstanceStore(Protocol):
+    """Where instances live: `InstanceArrays` (in memory) or `ShardedInstances` (memory-mapped shards)."""
+
+    max_seq_length: int
+    max_predictions_per_seq: int
+
+    def __len__(self) -> int: ...
+
+    def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 class PretrainingDataset(torch.utils.data.Dataset):
     """Pre-training instances as torch tensors.
 
-    `dataset[i]` (or `dataset.get_batch(indices)` with a leading batch dimension) returns
+    `dataset[i]` (or `dataset.get_batch(indices, epoch)` with a leading batch dimension) returns
     input_ids, token_type_ids, attention_mask: long[S]; masked_lm_positions, masked_lm_labels: long[P]
     (labels are the original ids, -100 on padding); next_sentence_labels, length: long scalars.
+
+    With `dynamic_masking` the store holds unmasked rows and every call masks them afresh with keys
+    hash(masking_seed, epoch, index): new masks each epoch, the same masks for the same (epoch, index)
+    whichever process or batch asks, so a resumed run sees exactly what an uninterrupted one would.
+    `dataset[i]` uses `dataset.epoch` (0 unless set), for use with a plain DataLoader.
     """
 
-    def __init__(self, instances: InstanceArrays, vocab_file: str | Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, instances: InstanceStore, vocab_file: str | Path, manifest: dict[str, Any], *,
+                 dynamic_masking: MaskingSpec | None = None, masking_seed: int = 0,
+                 directory: str | Path | None = None) -> None:
         self.instances = instances
+        self.directory = Path(directory) if directory is not None else None  # where it is cached, if on disk
         self.vocab_file = Path(vocab_file)
         self.manifest = manifest
+        self.dynamic_masking = dynamic_masking
+        self.masking_seed = masking_seed
+        self.epoch = 0
         # Line count, not distinct tokens: ids are line numbers, so this is what an embedding needs.
         self.vocab_size = max(read_vocab(self.vocab_file).values()) + 1
         self.max_seq_length = instances.max_seq_length
-        self.max_predictions_per_seq = instances.max_predictions_per_seq
+        self.max_predictions_per_seq = (dynamic_masking.max_predictions_per_seq if dynamic_masking
+                                        else instances.max_predictions_per_seq)
         for key, value in (("vocab_size", self.vocab_size), ("max_seq_length", self.max_seq_length),
                            ("max_predictions_per_seq", self.max_predictions_per_seq)):
             if key in manifest and manifest[key] != value:
@@ -236,28 +266,39 @@ class PretrainingDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} instances")
-        return self.get_batch(np.asarray(index))
+        batch = self.get_batch([index % len(self)], epoch=self.epoch)
+        return {k: v[0] for k, v in batch.items()}
 
-    def get_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gather instances with one fancy-index per array (much faster than stacking __getitem__)."""
+    def get_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor,
+                  epoch: int = 0) -> dict[str, torch.Tensor]:
+        """Gather instances with one fancy-index per array (much faster than stacking __getitem__).
+
+        `epoch` matters only with dynamic masking (it selects that epoch's masks).
+        """
         if isinstance(indices, torch.Tensor):
             indices = indices.numpy()
-        idx = np.asarray(indices, dtype=np.int64)
-        a = self.instances
-        lengths = a.lengths[idx].astype(np.int64)
-        positions = np.arange(self.max_seq_length)
-        attention = positions < lengths[..., None]
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        a = self.instances.gather(idx)
+        lengths = a["lengths"].astype(np.int64)
+        if self.dynamic_masking is not None:
+            keys = row_keys(self.masking_seed, _DYNAMIC_MASK_STREAM, epoch, idx)
+            input_ids, positions, masked_ids, counts = mask_batch(a["input_ids"], lengths,
+                                                                  self.dynamic_masking, keys=keys)
+        else:
+            input_ids, positions = a["input_ids"], a["masked_lm_positions"]
+            masked_ids, counts = a["masked_lm_ids"], a["num_predictions"]
+        attention = np.arange(self.max_seq_length) < lengths[:, None]
         pred_slots = np.arange(self.max_predictions_per_seq)
-        labels = np.where(pred_slots < a.num_predictions[idx][..., None], a.masked_lm_ids[idx], IGNORE_INDEX)
+        # int64 first: ids may be stored as uint16, where -100 would wrap around.
+        labels = np.where(pred_slots < counts[:, None], masked_ids.astype(np.int64), IGNORE_INDEX)
         return {
-            "input_ids": torch.from_numpy(a.input_ids[idx].astype(np.int64)),
-            "token_type_ids": torch.from_numpy(a.segment_ids[idx].astype(np.int64)),
+            "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
+            "token_type_ids": torch.from_numpy(a["token_type_ids"].astype(np.int64)),
             "attention_mask": torch.from_numpy(attention.astype(np.int64)),
-            "masked_lm_positions": torch.from_numpy(a.masked_lm_positions[idx].astype(np.int64)),
+            "masked_lm_positions": torch.from_numpy(positions.astype(np.int64)),
             "masked_lm_labels": torch.from_numpy(labels.astype(np.int64)),
-            # np.asarray: a 0-d index gives numpy scalars, which torch.from_numpy rejects.
-            "next_sentence_labels": torch.from_numpy(np.asarray(a.next_sentence_labels[idx], dtype=np.int64)),
-            "length": torch.from_numpy(np.asarray(lengths)),
+            "next_sentence_labels": torch.from_numpy(a["next_sentence_labels"].astype(np.int64)),
+            "length": torch.from_numpy(lengths),
         }
 
     def check_compatible(self, max_seq_length: int, max_predictions_per_seq: int, vocab_size: int) -> None:
@@ -277,12 +318,13 @@ class PretrainingDataset(torch.utils.data.Dataset):
 
 
 def _rank_index_stream(num_instances: int, micro_batch_size: int, world_size: int, rank: int, seed: int,
-                       start_sample: int) -> Iterator[torch.Tensor]:
-    """Index batches of one rank, forever, starting at global sample `start_sample`.
+                       start_sample: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(epoch, index batch) of one rank, forever, starting at global sample `start_sample`.
 
     Epoch e is `torch.randperm(N)` from a private generator seeded with `seed + e`, cut to a multiple
     of the global micro-batch; global micro-step j covers [j*G, (j+1)*G) with G = micro*world, and rank
-    r takes the r-th `micro`-sized chunk of it.
+    r takes the r-th `micro`-sized chunk of it. Every rank gets the same number of batches per epoch
+    (the remainder N mod G is left out of that epoch), so no rank waits at an epoch's end for another.
     """
     global_batch = micro_batch_size * world_size
     samples_per_epoch = (num_instances // global_batch) * global_batch
@@ -291,30 +333,50 @@ def _rank_index_stream(num_instances: int, micro_batch_size: int, world_size: in
         permutation = torch.randperm(num_instances, generator=torch.Generator().manual_seed(seed + epoch))
         for step_start in range(offset, samples_per_epoch, global_batch):
             begin = step_start + rank * micro_batch_size
-            yield permutation[begin:begin + micro_batch_size]
+            yield epoch, permutation[begin:begin + micro_batch_size]
         epoch, offset = epoch + 1, 0
 
 
-class _RankBatchSampler(Sampler[list[int]]):
-    """The same index stream as the loader, for a DataLoader that fetches batches in worker processes."""
+class _RankBatchSampler(Sampler[tuple[int, list[int]]]):
+    """The same (epoch, indices) stream as the loader, for a DataLoader that fetches in worker processes."""
 
     def __init__(self, num_instances: int, micro_batch_size: int, world_size: int, rank: int, seed: int,
                  start_sample: int) -> None:
         self.args = (num_instances, micro_batch_size, world_size, rank, seed, start_sample)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        for indices in _rank_index_stream(*self.args):
-            yield indices.tolist()
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        for epoch, indices in _rank_index_stream(*self.args):
+            yield epoch, indices.tolist()
 
 
 class _BatchFetcher(torch.utils.data.Dataset):
-    """Maps a list of indices to a whole batch, so DataLoader workers gather with one fancy-index."""
+    """Maps (epoch, indices) to a whole batch, so DataLoader workers gather with one fancy-index.
+
+    The batch travels packed into one flat tensor: a worker hands each tensor to the main process
+    through its own shared-memory segment, so one tensor instead of seven is several times cheaper;
+    pinning then pins it once, and the unpacked fields are contiguous views of pinned memory.
+    """
 
     def __init__(self, dataset: PretrainingDataset) -> None:
         self.dataset = dataset
 
-    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return self.dataset.get_batch(indices)
+    def __getitem__(self, request: tuple[int, list[int]]) -> tuple[torch.Tensor, tuple]:
+        epoch, indices = request
+        return _pack(self.dataset.get_batch(indices, epoch=epoch))
+
+
+def _pack(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple]:
+    layout = tuple((key, tuple(value.shape)) for key, value in batch.items())
+    return torch.cat([value.reshape(-1) for value in batch.values()]), layout
+
+
+def _unpack(flat: torch.Tensor, layout: tuple) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for key, shape in layout:
+        size = math.prod(shape)
+        out[key] = flat[start:start + size].view(shape)
+        start += size
+    return out
 
 
 class PretrainingLoader:
@@ -372,10 +434,11 @@ class PretrainingLoader:
                        self._samples_consumed)
         if self.num_workers == 0:
             pin = self.pin_memory and torch.cuda.is_available()
-            for indices in _rank_index_stream(*stream_args):
-                batch = self.dataset.get_batch(indices)
-                if pin:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
+            for epoch, indices in _rank_index_stream(*stream_args):
+                batch = self.dataset.get_batch(indices, epoch=epoch)
+                if pin:  # one pinned allocation per batch, not one per field
+                    flat, layout = _pack(batch)
+                    batch = _unpack(flat.pin_memory(), layout)
                 self._samples_consumed += self.global_batch_size
                 yield batch
         else:
@@ -385,6 +448,6 @@ class PretrainingLoader:
                 # Worker seeds would otherwise be drawn from torch's global RNG.
                 generator=torch.Generator().manual_seed(self.seed),
             )
-            for batch in loader:
+            for flat, layout in loader:
                 self._samples_consumed += self.global_batch_size
-                yield batch
+                yield _unpack(flat, layout)

@@ -25,7 +25,18 @@ Deliberate differences from the reference script:
 * a `##` piece right after [SEP] starts a new word in whole-word masking (the reference glues it to the
   last word of A across the [SEP]);
 * empty sentences and documents are dropped. If only one document is left, random next is impossible:
-  chunks of two or more sentences become "is next" pairs and one-sentence chunks are skipped.
+  chunks of two or more sentences become "is next" pairs and one-sentence chunks are skipped;
+* masks come from `bertrecipes.data.masking` (a counter-based generator keyed per instance) and the
+  pair decisions from Python's `random.Random`: the same distributions, other random streams.
+
+How it is fast: a document's sentences are contiguous in one flat token array, so A and B are always
+two slices of it. The pair decisions (a Python loop over sentence *lengths*, no token copying) yield
+four offsets per instance; one vectorised gather then builds every padded row of a chunk, and one
+vectorised call masks them all.
+
+`create_instance_rows` works on such a flat chunk (what the sharded pipeline in
+`bertrecipes.data.prepare` calls); `create_instances` takes nested lists (documents -> sentences ->
+ids) and returns `InstanceArrays`.
 
 Usage::
 
@@ -36,20 +47,22 @@ Usage::
 
 from __future__ import annotations
 
+import bisect
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from bertrecipes.data.masking import MaskingSpec, mask_batch, row_keys
 from bertrecipes.data.tokenizer import SpecialTokens
 
-__all__ = ["InstanceArrays", "create_instances"]
+__all__ = ["InstanceArrays", "TokenizedChunk", "create_instance_rows", "create_instances"]
 
-# Google's recipe: 80% [MASK], 10% unchanged, 10% random token.
-_MASK_PROB = 0.8
-_KEEP_PROB_GIVEN_NOT_MASK = 0.5
+# Tags that keep the random streams of different uses of one seed apart.
+_PAIRS_STREAM, _MASK_STREAM, _SHUFFLE_STREAM = 11, 12, 13
 
 
 @dataclass
@@ -116,6 +129,23 @@ class InstanceArrays:
         os.replace(tmp, path)
 
     @classmethod
+    def from_rows(cls, rows: dict[str, np.ndarray]) -> InstanceArrays:
+        """From `create_instance_rows` output with masks (segment ids rebuilt from `segment_b_start`)."""
+        cols = np.arange(rows["input_ids"].shape[1])
+        segment_ids = (cols >= rows["segment_b_start"][:, None]) & (cols < rows["lengths"][:, None])
+        return cls(rows["input_ids"], segment_ids.astype(np.int8), rows["lengths"],
+                   rows["masked_lm_positions"],
+                   rows["masked_lm_ids"], rows["num_predictions"], rows["next_sentence_labels"])
+
+    def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows `indices` as the arrays `PretrainingDataset` serves (numpy, compact dtypes)."""
+        return {"input_ids": self.input_ids[indices], "token_type_ids": self.segment_ids[indices],
+                "lengths": self.lengths[indices], "next_sentence_labels": self.next_sentence_labels[indices],
+                "masked_lm_positions": self.masked_lm_positions[indices],
+                "masked_lm_ids": self.masked_lm_ids[indices],
+                "num_predictions": self.num_predictions[indices]}
+
+    @classmethod
     def load_npz(cls, path: str | Path) -> InstanceArrays:
         path = Path(path)
         if not path.is_file():
@@ -128,119 +158,187 @@ class InstanceArrays:
 
 
 @dataclass
-class _Instance:
-    tokens: np.ndarray  # int32, unpadded
-    num_a: int  # len(A): the first [SEP] sits at 1 + num_a
-    positions: np.ndarray
-    original_ids: np.ndarray
-    is_random_next: bool
+class TokenizedChunk:
+    """Documents -> sentences -> token ids, flat: sentence i is ``tokens[sentence_offsets[i]:
+    sentence_offsets[i + 1]]`` and document d is sentences ``document_offsets[d]`` to
+    ``document_offsets[d + 1]``. No sentence and no document is empty."""
+
+    tokens: np.ndarray  # any integer dtype
+    sentence_offsets: np.ndarray  # int64[num_sentences + 1], starts at 0
+    document_offsets: np.ndarray  # int64[num_documents + 1], starts at 0
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_offsets) - 1
+
+    @property
+    def num_sentences(self) -> int:
+        return len(self.sentence_offsets) - 1
+
+    @classmethod
+    def from_nested(cls, documents: Sequence[Sequence[Sequence[int]]]) -> TokenizedChunk:
+        """Flatten documents of sentences of ids, dropping empty sentences and then empty documents."""
+        sentences: list[Sequence[int]] = []
+        doc_offsets = [0]
+        for doc in documents:
+            kept = [s for s in doc if len(s) > 0]
+            if kept:
+                sentences.extend(kept)
+                doc_offsets.append(len(sentences))
+        lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
+        sentence_offsets = np.zeros(len(sentences) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=sentence_offsets[1:])
+        tokens = np.fromiter((int(t) for s in sentences for t in s), dtype=np.int64,
+                             count=int(sentence_offsets[-1]))
+        return cls(tokens, sentence_offsets, np.asarray(doc_offsets, dtype=np.int64))
 
 
-def _truncate_pair(tokens_a: list[int], tokens_b: list[int], max_num_tokens: int,
-                   rng: np.random.Generator) -> tuple[list[int], list[int]]:
-    """Trim the longer side one token at a time, from a random end, until both fit."""
-    a_start, a_end, b_start, b_end = 0, len(tokens_a), 0, len(tokens_b)
-    excess = (a_end + b_end) - max_num_tokens
-    if excess > 0:
-        # Cutting from the front half the time avoids always showing the model sentence-final text.
-        from_front = rng.random(excess) < 0.5
-        for front in from_front:
-            if a_end - a_start > b_end - b_start:
-                if front:
-                    a_start += 1
-                else:
-                    a_end -= 1
-            elif front:
-                b_start += 1
-            else:
-                b_end -= 1
-    return tokens_a[a_start:a_end], tokens_b[b_start:b_end]
+def _trimmed_lengths(len_a: int, len_b: int, max_num_tokens: int) -> tuple[int, int]:
+    """How many tokens the reference's loop ("trim the longer side, B on a tie, until they fit") takes
+    from A and from B, in closed form."""
+    excess = len_a + len_b - max_num_tokens
+    if excess <= 0:
+        return 0, 0
+    lead = len_a - len_b
+    if lead > 0:  # A is longer: it loses `lead` first, then B and A alternate, B first
+        if excess <= lead:
+            return excess, 0
+        rest = excess - lead
+        return lead + rest // 2, rest - rest // 2
+    if excess <= -lead:
+        return 0, excess
+    rest = excess + lead
+    return rest // 2, -lead + rest - rest // 2
 
 
-class _Masker:
-    """Chooses masked-LM positions and replacement tokens for one vocabulary."""
+def _pair_offsets(sent_off: list[int], doc_off: list[int], max_num_tokens: int, short_seq_prob: float,
+                  dupe_factor: int, rng: random.Random) -> tuple[list[int], ...]:
+    """Google's pair decisions for every document and dupe pass, as flat token offsets.
 
-    def __init__(self, *, vocab_size: int, special: SpecialTokens, masked_lm_prob: float,
-                 max_predictions_per_seq: int, whole_word_mask: bool, is_continuation: np.ndarray | None,
-                 rng: np.random.Generator) -> None:
-        self.special = special
-        self.masked_lm_prob = masked_lm_prob
-        self.max_predictions = max_predictions_per_seq
-        self.whole_word_mask = whole_word_mask
-        self.rng = rng
-        self.is_special = np.zeros(vocab_size, dtype=bool)
-        self.is_special[list(special.ids)] = True
-        self.replacement_ids = np.flatnonzero(~self.is_special).astype(np.int32)
-        self.is_continuation = is_continuation
+    Returns (a_start, a_end, b_start, b_end, is_random_next) lists; A and B are already truncated.
+    Integer draws use ``int(random() * n)``: C-speed, and its bias (n / 2**53) is far below anything
+    a training run could notice.
+    """
+    num_docs = len(doc_off) - 1
+    can_pick_random = num_docs > 1
+    a_starts: list[int] = []
+    a_ends: list[int] = []
+    b_starts: list[int] = []
+    b_ends: list[int] = []
+    labels: list[int] = []
+    uniform, random_bits = rng.random, rng.getrandbits
+    for _ in range(dupe_factor):
+        for d in range(num_docs):
+            first, last = doc_off[d], doc_off[d + 1]  # sentence indices [first, last)
+            target = max_num_tokens
+            if uniform() < short_seq_prob:
+                target = 2 + int(uniform() * (max_num_tokens - 1))  # uniform in [2, max_num_tokens]
+            chunk_begin = i = first
+            while i < last:
+                if i == last - 1 or sent_off[i + 1] - sent_off[chunk_begin] >= target:
+                    n_chunk = i - chunk_begin + 1
+                    a_sentences = 1 + int(uniform() * (n_chunk - 1)) if n_chunk >= 2 else 1
+                    a0, a1 = sent_off[chunk_begin], sent_off[chunk_begin + a_sentences]
+                    if can_pick_random and (n_chunk == 1 or uniform() < 0.5):
+                        is_random = 1
+                        target_b = target - (a1 - a0)
+                        other = int(uniform() * (num_docs - 1))
+                        other += other >= d  # uniform over the other documents
+                        o_first, o_last = doc_off[other], doc_off[other + 1]
+                        start = o_first + int(uniform() * (o_last - o_first))
+                        b0 = sent_off[start]
+                        # Whole sentences from `start` until B reaches target_b (at least one).
+                        end = bisect.bisect_left(sent_off, b0 + target_b, start + 1, o_last + 1)
+                        b1 = sent_off[min(end, o_last)]
+                        # The chunk's sentences after A were not used: pack them again into the next chunk.
+                        i = chunk_begin + a_sentences - 1
+                    elif n_chunk >= 2:
+                        is_random = 0
+                        b0, b1 = a1, sent_off[i + 1]
+                    else:
+                        # Only one document and one sentence: no B exists for this chunk.
+                        chunk_begin = i = i + 1
+                        continue
+                    # Trim the longer side one token at a time, each from the front or the back with
+                    # probability 1/2 (so the model does not always see sentence-final text): the
+                    # front count is a Binomial(n, 1/2) draw, the popcount of n random bits.
+                    trim_a, trim_b = _trimmed_lengths(a1 - a0, b1 - b0, max_num_tokens)
+                    if trim_a:
+                        front = random_bits(trim_a).bit_count()
+                        a0, a1 = a0 + front, a1 - (trim_a - front)
+                    if trim_b:
+                        front = random_bits(trim_b).bit_count()
+                        b0, b1 = b0 + front, b1 - (trim_b - front)
+                    a_starts.append(a0)
+                    a_ends.append(a1)
+                    b_starts.append(b0)
+                    b_ends.append(b1)
+                    labels.append(is_random)
+                    chunk_begin = i + 1
+                i += 1
+    return a_starts, a_ends, b_starts, b_ends, labels
 
-    def __call__(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Return (masked tokens, sorted positions, original ids at those positions)."""
-        num_to_predict = min(self.max_predictions, max(1, int(round(len(tokens) * self.masked_lm_prob))))
-        candidates = np.flatnonzero(~self.is_special[tokens])
-        if self.whole_word_mask:
-            positions = self._choose_whole_words(tokens, candidates, num_to_predict)
-        else:
-            positions = np.sort(self.rng.permutation(candidates)[:num_to_predict])
-        original = tokens[positions]
-        masked = tokens.copy()
-        k = len(positions)
-        is_mask = self.rng.random(k) < _MASK_PROB
-        is_random = ~is_mask & (self.rng.random(k) >= _KEEP_PROB_GIVEN_NOT_MASK)
-        masked[positions[is_mask]] = self.special.mask_id
-        masked[positions[is_random]] = self.rng.choice(self.replacement_ids, size=int(is_random.sum()))
-        return masked, positions.astype(np.int32), original
 
-    def _choose_whole_words(self, tokens: np.ndarray, candidates: np.ndarray,
-                            num_to_predict: int) -> np.ndarray:
-        if len(candidates) == 0:
-            return candidates
-        # A word starts at a non-continuation piece, or at any piece not directly after another candidate
-        # (so a "##" piece right after [CLS]/[SEP] is its own word rather than part of the previous one).
-        is_cont = self.is_continuation[tokens[candidates]]
-        contiguous = np.concatenate(([False], np.diff(candidates) == 1))
-        starts = np.flatnonzero(~(is_cont & contiguous))
-        bounds = np.append(starts, len(candidates))
-        chosen: list[np.ndarray] = []
-        count = 0
-        for w in self.rng.permutation(len(starts)):
-            if count >= num_to_predict:
-                break
-            size = bounds[w + 1] - bounds[w]
-            # Skip words that would overshoot, as the reference does, rather than masking half a word.
-            if count + size > num_to_predict:
-                continue
-            chosen.append(candidates[bounds[w]:bounds[w + 1]])
-            count += size
-        if not chosen:
-            return candidates[:0]
-        return np.sort(np.concatenate(chosen))
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) for each (s, n), without a Python loop."""
+    total = int(lengths.sum())
+    ends = np.cumsum(lengths)
+    return np.repeat(starts - (ends - lengths), lengths) + np.arange(total)
 
 
-def _validate(*, vocab_size: int, special: SpecialTokens, max_seq_length: int, short_seq_prob: float,
-              masked_lm_prob: float, max_predictions_per_seq: int, dupe_factor: int, whole_word_mask: bool,
-              is_continuation: np.ndarray | None) -> None:
+def _assemble(tokens: np.ndarray, a0: np.ndarray, a1: np.ndarray, b0: np.ndarray, b1: np.ndarray,
+              max_seq_length: int, special: SpecialTokens) -> tuple[np.ndarray, np.ndarray]:
+    """Padded rows ``[CLS] A [SEP] B [SEP] 0...`` for all instances at once; returns (ids, lengths)."""
+    n = len(a0)
+    len_a, len_b = a1 - a0, b1 - b0
+    row_start = np.arange(n, dtype=np.int64) * max_seq_length
+    ids = np.zeros((n, max_seq_length), dtype=np.int32)
+    flat = ids.reshape(-1)
+    # A fills columns 1..len_a, B fills len_a+2 .. len_a+1+len_b: two flat range gathers.
+    flat[_ranges(row_start + 1, len_a)] = tokens[_ranges(a0, len_a)]
+    flat[_ranges(row_start + len_a + 2, len_b)] = tokens[_ranges(b0, len_b)]
+    flat[row_start] = special.cls_id
+    flat[row_start + len_a + 1] = special.sep_id
+    flat[row_start + len_a + len_b + 2] = special.sep_id
+    return ids, (len_a + len_b + 3).astype(np.int32)
+
+
+def create_instance_rows(chunk: TokenizedChunk, *, special: SpecialTokens, max_seq_length: int,
+                         short_seq_prob: float, dupe_factor: int, seed: int, chunk_index: int = 0,
+                         masking: MaskingSpec | None = None) -> dict[str, np.ndarray]:
+    """Instances of one chunk of documents (random-next B comes from the same chunk), shuffled.
+
+    Returns numpy arrays ``input_ids int32[N, S]`` (masked when `masking` is given, else unmasked),
+    ``lengths int32[N]``, ``segment_b_start int32[N]`` (first position of B: segment id 1 from there
+    to the end of the row's length), ``next_sentence_labels int8[N]`` and, with `masking`,
+    ``masked_lm_positions``, ``masked_lm_ids`` (int32[N, P], 0-padded) and ``num_predictions int32[N]``.
+    Deterministic in (chunk, settings, seed, chunk_index).
+    """
     if max_seq_length < 5:
         raise ValueError(f"max_seq_length must be >= 5 ([CLS] A [SEP] B [SEP] with one token each), "
                          f"got {max_seq_length}")
     if not 0.0 <= short_seq_prob <= 1.0:
         raise ValueError(f"short_seq_prob must be in [0, 1], got {short_seq_prob}")
-    if not 0.0 < masked_lm_prob < 1.0:
-        raise ValueError(f"masked_lm_prob must be in (0, 1), got {masked_lm_prob}")
-    if max_predictions_per_seq < 1:
-        raise ValueError(f"max_predictions_per_seq must be >= 1, got {max_predictions_per_seq}")
     if dupe_factor < 1:
         raise ValueError(f"dupe_factor must be >= 1, got {dupe_factor}")
-    bad = [i for i in special.ids if not 0 <= i < vocab_size]
-    if bad:
-        raise ValueError(f"special token ids {bad} are outside the vocabulary [0, {vocab_size})")
-    if vocab_size <= len(set(special.ids)):
-        raise ValueError(f"vocab_size {vocab_size} leaves no non-special ids to use as random tokens")
-    if whole_word_mask:
-        if is_continuation is None:
-            raise ValueError("whole_word_mask=True needs is_continuation (see tokenizer.continuation_mask)")
-        if is_continuation.shape != (vocab_size,) or is_continuation.dtype != np.bool_:
-            raise ValueError(f"is_continuation must be bool[{vocab_size}], got {is_continuation.dtype}"
-                             f"{list(is_continuation.shape)}")
+    rng = random.Random(int(row_keys(seed, _PAIRS_STREAM, chunk_index)[0]))
+    a0, a1, b0, b1, labels = (np.asarray(x, dtype=np.int64) for x in _pair_offsets(
+        chunk.sentence_offsets.tolist(), chunk.document_offsets.tolist(), max_seq_length - 3,
+        short_seq_prob, dupe_factor, rng))
+    input_ids, lengths = _assemble(chunk.tokens, a0, a1, b0, b1, max_seq_length, special)
+    rows: dict[str, np.ndarray] = {
+        "input_ids": input_ids, "lengths": lengths, "segment_b_start": (a1 - a0 + 2).astype(np.int32),
+        "next_sentence_labels": labels.astype(np.int8),
+    }
+    if masking is not None:
+        # Build-time masks: one generator per chunk (fast, and fixed by the chunk index alone).
+        mask_rng = np.random.default_rng(int(row_keys(seed, _MASK_STREAM, chunk_index)[0]))
+        masked, positions, original, counts = mask_batch(input_ids, lengths, masking, rng=mask_rng)
+        rows.update(input_ids=masked, masked_lm_positions=positions, masked_lm_ids=original,
+                    num_predictions=counts)
+    shuffle_seed = int(row_keys(seed, _SHUFFLE_STREAM, chunk_index)[0])
+    order = np.random.default_rng(shuffle_seed).permutation(len(lengths))
+    return {name: array[order] for name, array in rows.items()}
 
 
 def create_instances(
@@ -262,105 +360,20 @@ def create_instances(
     `is_continuation` (bool[vocab_size], True for "##" pieces) is required for `whole_word_mask`.
     Deterministic for a given `seed`; instances are returned in shuffled order.
     """
-    _validate(vocab_size=vocab_size, special=special, max_seq_length=max_seq_length,
-              short_seq_prob=short_seq_prob, masked_lm_prob=masked_lm_prob,
-              max_predictions_per_seq=max_predictions_per_seq, dupe_factor=dupe_factor,
-              whole_word_mask=whole_word_mask, is_continuation=is_continuation)
-    docs: list[list[list[int]]] = []
-    for doc in documents:
-        sentences = [list(map(int, s)) for s in doc if len(s) > 0]
-        if sentences:
-            docs.append(sentences)
-    for d, doc in enumerate(docs):
-        for s in doc:
-            lo, hi = min(s), max(s)
-            if lo < 0 or hi >= vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} in document {d} is outside the vocabulary "
-                                 f"[0, {vocab_size})")
-
-    rng = np.random.default_rng(seed)
-    masker = _Masker(vocab_size=vocab_size, special=special, masked_lm_prob=masked_lm_prob,
-                     max_predictions_per_seq=max_predictions_per_seq, whole_word_mask=whole_word_mask,
-                     is_continuation=is_continuation, rng=rng)
-    instances: list[_Instance] = []
-    for _ in range(dupe_factor):
-        for doc_index in range(len(docs)):
-            instances.extend(_instances_from_document(docs, doc_index, max_seq_length, short_seq_prob,
-                                                      special, masker, rng))
-    order = rng.permutation(len(instances))
-    return _to_arrays([instances[i] for i in order], max_seq_length, max_predictions_per_seq)
-
-
-def _instances_from_document(docs: list[list[list[int]]], doc_index: int, max_seq_length: int,
-                             short_seq_prob: float, special: SpecialTokens, masker: _Masker,
-                             rng: np.random.Generator) -> list[_Instance]:
-    document = docs[doc_index]
-    max_num_tokens = max_seq_length - 3
-    target_seq_length = max_num_tokens
-    if rng.random() < short_seq_prob:
-        target_seq_length = int(rng.integers(2, max_num_tokens + 1))
-    can_pick_random = len(docs) > 1
-
-    out: list[_Instance] = []
-    chunk: list[list[int]] = []
-    chunk_length = 0
-    i = 0
-    while i < len(document):
-        chunk.append(document[i])
-        chunk_length += len(document[i])
-        if i == len(document) - 1 or chunk_length >= target_seq_length:
-            a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
-            tokens_a = [t for s in chunk[:a_end] for t in s]
-            if can_pick_random and (len(chunk) == 1 or rng.random() < 0.5):
-                is_random_next = True
-                target_b_length = target_seq_length - len(tokens_a)
-                other = int(rng.integers(0, len(docs) - 1))
-                other += other >= doc_index  # uniform over the other documents
-                random_doc = docs[other]
-                tokens_b: list[int] = []
-                for sentence in random_doc[int(rng.integers(0, len(random_doc))):]:
-                    tokens_b.extend(sentence)
-                    if len(tokens_b) >= target_b_length:
-                        break
-                # The chunk's sentences after A were not used: pack them again into the next chunk.
-                i -= len(chunk) - a_end
-            elif len(chunk) >= 2:
-                is_random_next = False
-                tokens_b = [t for s in chunk[a_end:] for t in s]
-            else:
-                # Only one document and one sentence: no B exists for this chunk.
-                chunk, chunk_length = [], 0
-                i += 1
-                continue
-            tokens_a, tokens_b = _truncate_pair(tokens_a, tokens_b, max_num_tokens, rng)
-            tokens = np.array([special.cls_id, *tokens_a, special.sep_id, *tokens_b, special.sep_id],
-                              dtype=np.int32)
-            masked, positions, original = masker(tokens)
-            out.append(_Instance(masked, len(tokens_a), positions, original, is_random_next))
-            chunk, chunk_length = [], 0
-        i += 1
-    return out
-
-
-def _to_arrays(instances: list[_Instance], max_seq_length: int,
-               max_predictions_per_seq: int) -> InstanceArrays:
-    n = len(instances)
-    input_ids = np.zeros((n, max_seq_length), dtype=np.int32)
-    segment_ids = np.zeros((n, max_seq_length), dtype=np.int8)
-    lengths = np.zeros(n, dtype=np.int32)
-    positions = np.zeros((n, max_predictions_per_seq), dtype=np.int32)
-    masked_ids = np.zeros((n, max_predictions_per_seq), dtype=np.int32)
-    num_predictions = np.zeros(n, dtype=np.int32)
-    labels = np.zeros(n, dtype=np.int8)
-    for row, inst in enumerate(instances):
-        length = len(inst.tokens)
-        input_ids[row, :length] = inst.tokens
-        segment_ids[row, inst.num_a + 2:length] = 1
-        lengths[row] = length
-        k = len(inst.positions)
-        positions[row, :k] = inst.positions
-        masked_ids[row, :k] = inst.original_ids
-        num_predictions[row] = k
-        labels[row] = int(inst.is_random_next)
-    return InstanceArrays(input_ids, segment_ids, lengths, positions, masked_ids, num_predictions, labels)
+    masking = MaskingSpec.for_vocab(vocab_size=vocab_size, special=special, masked_lm_prob=masked_lm_prob,
+                                    max_predictions_per_seq=max_predictions_per_seq,
+                                    whole_word_mask=whole_word_mask, is_continuation=is_continuation)
+    chunk = TokenizedChunk.from_nested(documents)
+    if len(chunk.tokens):
+        lo, hi = int(chunk.tokens.min()), int(chunk.tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            position = int(np.flatnonzero(chunk.tokens == bad)[0])
+            sentence = int(np.searchsorted(chunk.sentence_offsets, position, side="right")) - 1
+            document = int(np.searchsorted(chunk.document_offsets, sentence, side="right")) - 1
+            raise ValueError(f"token id {bad} in document {document} is outside the vocabulary "
+                             f"[0, {vocab_size})")
+    rows = create_instance_rows(chunk, special=special, max_seq_length=max_seq_length,
+                                short_seq_prob=short_seq_prob, dupe_factor=dupe_factor, seed=seed,
+                                masking=masking)
+    return InstanceArrays.from_rows(rows)

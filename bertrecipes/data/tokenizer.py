@@ -16,7 +16,12 @@ Usage::
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import itertools
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +31,14 @@ from tokenizers.processors import TemplateProcessing
 
 __all__ = [
     "SPECIAL_TOKENS",
+    "CachedWordEncoder",
     "SpecialTokens",
     "continuation_mask",
     "load_tokenizer",
     "read_vocab",
     "special_token_ids",
     "train_wordpiece",
+    "vocab_sha256",
 ]
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -159,3 +166,96 @@ def continuation_mask(tokenizer: Tokenizer) -> np.ndarray:
         if token.startswith("##"):
             mask[index] = True
     return mask
+
+
+def vocab_sha256(vocab_file: str | Path) -> str:
+    """SHA-256 of a vocab file's bytes: what prepared data records to refuse a different vocabulary."""
+    digest = hashlib.sha256()
+    with open(vocab_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# BERT's pre-tokens of ASCII text: runs of letters/digits, and each punctuation character (BERT counts
+# every printable non-alphanumeric ASCII character as punctuation).
+_ASCII_WORDS = re.compile(r"[A-Za-z0-9]+|[!-/:-@\[-`{-~]")
+_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What BERT's clean_text does to them: tab/newline/CR are whitespace, other control characters go.
+_CLEAN_ASCII_CONTROL = {c: None for c in [*range(0x20), 0x7F]} | {ord(c): " " for c in "\t\n\r"}
+
+
+class CachedWordEncoder:
+    """Encodes sentences to exactly ``tokenizer.encode(s, add_special_tokens=False).ids``, several times
+    faster on natural text, returned flat (all ids in one array plus per-sentence lengths).
+
+    Why it is exact: BERT's normaliser and pre-tokeniser act on each character with no context beyond
+    the word, and words never span a space or a punctuation mark, so a sentence's ids are the
+    concatenation of its words' ids. An ASCII sentence is cut into BERT's own pre-tokens with a regex
+    (after BERT's control-character cleaning, and lower-cased first for an uncased vocabulary, which
+    BERT does anyway); any other sentence is cut at spaces only. Why it is fast: natural text repeats
+    its words (Zipf), so after a few thousand sentences almost every word is a dict hit; the misses
+    are encoded by the `tokenizers` library in long joined strings (its per-call overhead dominates on
+    single words), and the per-word work runs in C (``map``, ``itertools.chain``, ``bytes.join``).
+    """
+
+    _JOIN = 2000  # missing words per joined string sent to the tokenizer
+
+    def __init__(self, tokenizer: Tokenizer, max_cache_entries: int = 4_000_000) -> None:
+        self.tokenizer = tokenizer
+        self.max_cache_entries = max_cache_entries
+        # Lower-casing the key first is only safe when the tokenizer lower-cases too.
+        normalizer = json.loads(tokenizer.normalizer.__getstate__()) if tokenizer.normalizer else {}
+        self._lower = bool(normalizer.get("lowercase", False))
+        # word -> its ids as int32 bytes: one b"".join then builds a whole chunk's id array.
+        self._cache: dict[str, bytes] = {}
+
+    def _encode_missing(self, words: list[str]) -> None:
+        cache = self._cache
+        if len(cache) + len(words) > self.max_cache_entries:
+            cache.clear()  # bounded memory; entries are recomputed identically when seen again
+        groups = [words[i:i + self._JOIN] for i in range(0, len(words), self._JOIN)]
+        encodings = self.tokenizer.encode_batch([" ".join(g) for g in groups], add_special_tokens=False)
+        for group, encoding in zip(groups, encodings, strict=True):
+            # Each token's start offset, in the joined string, names the word it came from.
+            starts = np.zeros(len(group), dtype=np.int64)
+            np.cumsum([len(w) + 1 for w in group[:-1]], out=starts[1:])
+            token_starts = np.fromiter((o[0] for o in encoding.offsets), dtype=np.int64,
+                                       count=len(encoding.ids))
+            owner = np.searchsorted(starts, token_starts, side="right") - 1
+            bounds = np.searchsorted(owner, np.arange(len(group) + 1), side="left").tolist()
+            ids = np.asarray(encoding.ids, dtype=np.int32).tobytes()
+            for j, word in enumerate(group):
+                cache[word] = ids[4 * bounds[j]:4 * bounds[j + 1]]
+
+    def _words(self, sentence: str) -> list[str]:
+        if sentence.isascii():
+            if _ASCII_CONTROL.search(sentence):
+                sentence = sentence.translate(_CLEAN_ASCII_CONTROL)
+            if self._lower:
+                sentence = sentence.lower()
+            return _ASCII_WORDS.findall(sentence)
+        return sentence.split(" ")
+
+    def encode_flat(self, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int32[total], tokens per sentence int64[len(sentences)]) of `sentences`."""
+        # Millions of short-lived lists would trigger the cyclic GC over and over, for nothing.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            split = list(map(self._words, sentences))
+            words = list(itertools.chain.from_iterable(split))
+            missing = set(words).difference(self._cache)
+            if missing:
+                self._encode_missing(sorted(missing))  # sorted: cache content never depends on set order
+            pieces = list(map(self._cache.__getitem__, words))
+            ids = np.frombuffer(b"".join(pieces), dtype=np.int32)
+            per_word = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)) // 4
+            words_per_sentence = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
+        finally:
+            if was_enabled:
+                gc.enable()
+        tokens_before_word = np.zeros(len(per_word) + 1, dtype=np.int64)
+        np.cumsum(per_word, out=tokens_before_word[1:])
+        word_ends = np.cumsum(words_per_sentence)
+        return ids, tokens_before_word[word_ends] - tokens_before_word[word_ends - words_per_sentence]

@@ -1,0 +1,179 @@
+"""NVIDIA DeepLearningExamples hdf5 shards: a tiny file written here in NVIDIA's layout (gzip datasets,
+masked_lm_positions/ids padded with 0) is converted and served; every batch field is compared with
+what NVIDIA's own loader would make of the raw arrays (the first 0 position ends the predictions)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bertrecipes.data import PretrainingLoader
+from bertrecipes.data.build import build_pretraining_dataset, open_prepared_dataset
+from bertrecipes.data.hdf5 import convert_nvidia_hdf5
+from bertrecipes.data.prepare import DataPreparationError
+from bertrecipes.data.shards import PreparedDataMismatch
+
+h5py = pytest.importorskip(
+    "h5py", reason="h5py is the optional 'hdf5' extra: pip install 'bertrecipes[hdf5]'"
+)
+
+SEQ, PRED, VOCAB = 32, 5, 120
+
+
+def nvidia_arrays(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Rows as NVIDIA writes them: [CLS] A [SEP] B [SEP] 0..., input_mask, segment ids, 0-padded masks."""
+    rng = np.random.default_rng(seed)
+    out = {k: np.zeros((n, SEQ), np.int32) for k in ("input_ids", "input_mask", "segment_ids")}
+    out["masked_lm_positions"] = np.zeros((n, PRED), np.int32)
+    out["masked_lm_ids"] = np.zeros((n, PRED), np.int32)
+    out["next_sentence_labels"] = rng.integers(0, 2, n).astype(np.int8)
+    for r in range(n):
+        len_a, len_b = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        tokens = [101, *rng.integers(5, VOCAB, len_a), 102, *rng.integers(5, VOCAB, len_b), 102]
+        length = len(tokens)
+        out["input_ids"][r, :length] = tokens
+        out["input_mask"][r, :length] = 1
+        out["segment_ids"][r, len_a + 2 : length] = 1
+        k = int(rng.integers(1, PRED + 1))
+        positions = np.sort(
+            rng.choice(np.r_[1 : len_a + 1, len_a + 2 : length - 1], size=min(k, length - 3), replace=False)
+        )
+        out["masked_lm_positions"][r, : len(positions)] = positions
+        out["masked_lm_ids"][r, : len(positions)] = out["input_ids"][r, positions]
+        out["input_ids"][r, positions] = 103
+    return out
+
+
+def write_hdf5(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    with h5py.File(path, "w") as f:
+        for key, array in arrays.items():
+            f.create_dataset(key, data=array, compression="gzip")
+    return path
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> tuple[Path, Path, list[dict[str, np.ndarray]]]:
+    directory = tmp_path / "hdf5"
+    directory.mkdir()
+    arrays = [nvidia_arrays(37, seed=0), nvidia_arrays(20, seed=1)]
+    for i, a in enumerate(arrays):
+        write_hdf5(directory / f"training_shard_{i}.hdf5", a)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text(
+        "\n".join(
+            ["[PAD]"]
+            + [f"t{i}" for i in range(1, 100)]
+            + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+            + [f"w{i}" for i in range(104, VOCAB)]
+        )
+        + "\n"
+    )
+    return directory, vocab, arrays
+
+
+def test_converted_shards_serve_what_nvidias_loader_would(shards, tmp_path: Path) -> None:
+    directory, vocab, arrays = shards
+    prepared = convert_nvidia_hdf5(
+        directory,
+        vocab_file=vocab,
+        lower_case=True,
+        cache_dir=tmp_path / "cache",
+        max_seq_length=SEQ,
+        max_predictions_per_seq=PRED,
+        num_proc=2,
+        progress=False,
+    )
+    dataset = open_prepared_dataset(
+        prepared.directory, max_seq_length=SEQ, max_predictions_per_seq=PRED, vocab_file=vocab
+    )
+    assert len(dataset) == 57 and dataset.vocab_size == VOCAB
+    batch = dataset.get_batch(np.arange(57))
+    raw = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
+    np.testing.assert_array_equal(batch["input_ids"], raw["input_ids"])
+    np.testing.assert_array_equal(batch["attention_mask"], raw["input_mask"])
+    np.testing.assert_array_equal(batch["token_type_ids"], raw["segment_ids"])
+    np.testing.assert_array_equal(batch["next_sentence_labels"], raw["next_sentence_labels"])
+    np.testing.assert_array_equal(batch["length"], raw["input_mask"].sum(axis=1))
+    for r in range(57):  # NVIDIA's rule: labels at positions before the first 0 position, -100 elsewhere
+        pads = np.flatnonzero(raw["masked_lm_positions"][r] == 0)
+        k = pads[0] if len(pads) else PRED
+        want = np.full(PRED, -100)
+        want[:k] = raw["masked_lm_ids"][r, :k]
+        np.testing.assert_array_equal(batch["masked_lm_labels"][r], want)
+        np.testing.assert_array_equal(batch["masked_lm_positions"][r, :k], raw["masked_lm_positions"][r, :k])
+    again = convert_nvidia_hdf5(
+        directory,
+        vocab_file=vocab,
+        lower_case=True,
+        cache_dir=tmp_path / "cache",
+        max_seq_length=SEQ,
+        max_predictions_per_seq=PRED,
+        progress=False,
+    )
+    assert again.reused
+    first = next(iter(PretrainingLoader(dataset, 4, seed=0, world_size=2, rank=1, num_workers=1)))
+    assert first["input_ids"].shape == (4, SEQ) and first["input_ids"].dtype == torch.long
+
+
+def test_wrong_phase_and_bad_files_are_named(shards, tmp_path: Path) -> None:
+    directory, vocab, arrays = shards
+    cache = tmp_path / "cache"
+    with pytest.raises(
+        PreparedDataMismatch, match=f"have max_seq_length {SEQ} .* this run has max_seq_length 128"
+    ):
+        convert_nvidia_hdf5(
+            directory,
+            vocab_file=vocab,
+            lower_case=True,
+            cache_dir=cache,
+            max_seq_length=128,
+            max_predictions_per_seq=20,
+            progress=False,
+        )
+    small_vocab = tmp_path / "small.txt"
+    small_vocab.write_text("\n".join(vocab.read_text().splitlines()[:110]) + "\n")
+    with pytest.raises(DataPreparationError, match="training_shard_0.hdf5 failed: .*outside the vocabulary"):
+        convert_nvidia_hdf5(
+            directory,
+            vocab_file=small_vocab,
+            lower_case=True,
+            cache_dir=cache,
+            max_seq_length=SEQ,
+            max_predictions_per_seq=PRED,
+            progress=False,
+        )
+    broken = nvidia_arrays(5, seed=3)
+    broken["segment_ids"][0, 1] = 1  # segment 1 inside A
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    write_hdf5(bad_dir / "x.hdf5", broken)
+    with pytest.raises(DataPreparationError, match="x.hdf5 failed: ValueError: segment_ids are not"):
+        convert_nvidia_hdf5(
+            bad_dir,
+            vocab_file=vocab,
+            lower_case=True,
+            cache_dir=cache,
+            max_seq_length=SEQ,
+            max_predictions_per_seq=PRED,
+            progress=False,
+        )
+
+
+def test_data_nvidia_hdf5_config(make_cfg, shards) -> None:
+    directory, vocab, _ = shards
+    cfg = make_cfg(
+        "data=nvidia_hdf5",
+        f"data.input_dir={directory}",
+        f"data.vocab_file={vocab}",
+        f"max_seq_length={SEQ}",
+        f"max_predictions_per_seq={PRED}",
+        "data.num_proc=1",
+    )
+    dataset = build_pretraining_dataset(cfg)
+    assert len(dataset) == 57
+    batches = list(itertools.islice(PretrainingLoader(dataset, 8, seed=1), 3))
+    assert all(b["input_ids"].shape == (8, SEQ) for b in batches)
