@@ -1,0 +1,459 @@
+"""SQuAD v1.1 fine-tuning: build everything from the config, train, predict, score.
+
+``run(cfg)`` is what ``python -m bertrecipes.squad`` calls:
+
+1. the model: weights and architecture from ``model_file`` (``ckpt_type`` DS / HF / TF) or, with
+   no model_file, a from-scratch model of the ``model`` group; the tokenizer from ``vocab_file``
+   or the vocabulary the checkpoint names;
+2. ``do_train``: :func:`train`, the optimizer-step loop of pre-training (micro-batches under
+   autocast, scaled backward, unscale, global-norm overflow check, clip, LR, step, zero) over
+   shuffled windows of ``train_file`` for ``num_train_epochs`` (or ``max_steps``), logging to
+   metrics.jsonl and the dashboard logger, then a checkpoint in ``<output_dir>/checkpoints``;
+3. ``do_predict``: logits for every window of ``predict_file``, the n-best span search
+   (:mod:`bertrecipes.squad.postprocess`), ``predictions.json`` and ``nbest_predictions.json``,
+   and the official EM/F1 (:mod:`bertrecipes.squad.evaluate`), logged as one more record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from bertrecipes.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from bertrecipes.config import BatchSizes, resolve_batch_sizes
+from bertrecipes.data.tokenizer import load_tokenizer
+from bertrecipes.engine import (
+    StopRequest,
+    TrainState,
+    build_from_config,
+    build_layer_factory,
+    build_model_config,
+    pick_device,
+    prepare_output_dir,
+    seed_everything,
+    set_lr,
+)
+from bertrecipes.errors import ConfigError, UserError
+from bertrecipes.metrics import MetricsFile, Throughput, finite_or_none
+from bertrecipes.model import BertConfig
+from bertrecipes.optim import build_param_groups
+from bertrecipes.precision import LossScaler, autocast_context, autocast_dtype
+from bertrecipes.squad.config import validate_squad_config
+from bertrecipes.squad.data import (
+    SquadExample,
+    SquadFeatures,
+    build_features,
+    gold_answers,
+    read_squad_examples,
+)
+from bertrecipes.squad.evaluate import evaluate
+from bertrecipes.squad.model import BertForQuestionAnswering, qa_loss, qa_training_flops_per_sample
+from bertrecipes.squad.postprocess import best_spans, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+PREDICTIONS_FILE = "predictions.json"
+NBEST_FILE = "nbest_predictions.json"
+
+# A pre-training checkpoint's heads and pooler are not part of the QA model.
+_UNUSED_PREFIXES = ("cls.", "bert.pooler.")
+
+
+# --------------------------------------------------------------------------- the initial model
+
+
+@dataclass
+class InitialModel:
+    """What a checkpoint gives: architecture, weights (our layout), vocabulary, a name for messages."""
+
+    config: BertConfig | None
+    state_dict: dict[str, torch.Tensor] | None
+    vocab_file: Path | None
+    source: str
+
+
+def load_initial_model(cfg: DictConfig) -> InitialModel:
+    """Read ``model_file`` as ``ckpt_type`` says (nothing when model_file is null)."""
+    if not cfg.model_file:
+        return InitialModel(None, None, None, "a from-scratch model")
+    if cfg.ckpt_type == "DS":
+        payload = load_checkpoint(cfg.model_file)
+        fields = payload.get("model_config")
+        if not fields:
+            raise CheckpointError(f"{payload['path']} has no model_config (not written by bertrecipes?)")
+        try:
+            config = BertConfig(**fields)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{payload['path']}: model_config is not a BERT config: {e}") from e
+        vocab = (payload.get("client_state") or {}).get("vocab_file")
+        return InitialModel(config, payload["model"], Path(vocab) if vocab else None, payload["path"])
+    try:
+        from bertrecipes.interop import load_model_state
+    except ImportError as e:
+        raise ConfigError(f"ckpt_type={cfg.ckpt_type} needs bertrecipes.interop (Hugging Face / TensorFlow "
+                          f"checkpoint import), which this installation lacks: {e}") from None
+    imported = load_model_state(cfg.model_file, ckpt_type=cfg.ckpt_type,
+                                origin_bert_config_file=cfg.origin_bert_config_file)
+    if imported.config is None:
+        raise ConfigError(f"{imported.source}: no BERT config found; set origin_bert_config_file")
+    vocab = Path(imported.vocab_file) if imported.vocab_file else None
+    return InitialModel(imported.config, dict(imported.state_dict), vocab, str(imported.source))
+
+
+def load_qa_weights(model: BertForQuestionAnswering, state_dict: dict[str, torch.Tensor],
+                    source: str) -> bool:
+    """Load ``state_dict`` (our layout) into ``model``; returns whether the QA layer came with it.
+
+    The pre-training heads and the pooler are dropped; anything else that does not fit is an error
+    naming ``source`` and the keys.
+    """
+    state = {k: v for k, v in state_dict.items() if not k.startswith(_UNUSED_PREFIXES)}
+    ours = model.state_dict()
+    name = "bert.embeddings.word_embeddings.weight"
+    if name in state and state[name].shape != ours[name].shape:
+        raise CheckpointError(f"{source}: word embeddings {tuple(state[name].shape)} in the checkpoint, "
+                              f"{tuple(ours[name].shape)} in the model")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("qa_outputs.")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match BertForQuestionAnswering: missing {missing[:8]}, "
+                              f"unexpected {unexpected[:8]}")
+    return not any(k.startswith("qa_outputs.") for k in result.missing_keys)
+
+
+def build_model(cfg: DictConfig, initial: InitialModel, vocab_size: int) -> BertForQuestionAnswering:
+    """The QA model: the checkpoint's architecture (or the ``model`` group's), ``dropout`` applied."""
+    if initial.config is not None:
+        model_config = initial.config
+        if vocab_size > model_config.vocab_size:
+            raise ConfigError(f"the tokenizer has {vocab_size} tokens but {initial.source} was trained "
+                              f"with a vocabulary of {model_config.vocab_size}; use its own vocab_file")
+    else:
+        model_config = build_model_config(cfg.model, vocab_size, cfg.max_seq_length)
+    if cfg.dropout is not None:
+        model_config = dataclasses.replace(model_config, hidden_dropout_prob=cfg.dropout,
+                                           attention_probs_dropout_prob=cfg.dropout)
+    if cfg.max_seq_length > model_config.max_position_embeddings:
+        raise ConfigError(f"max_seq_length={cfg.max_seq_length} exceeds the model's "
+                          f"max_position_embeddings={model_config.max_position_embeddings}")
+    model = BertForQuestionAnswering(model_config, layer_factory=build_layer_factory(cfg.kernel))
+    if initial.state_dict is not None:
+        has_head = load_qa_weights(model, initial.state_dict, initial.source)
+        log.info("loaded %s from %s%s", "encoder and QA layer" if has_head else "encoder", initial.source,
+                 "" if has_head else " (QA layer freshly initialised)")
+        if not has_head and not cfg.do_train:
+            log.warning("do_train=false but %s has no QA layer (qa_outputs): predictions will be random",
+                        initial.source)
+    elif not cfg.do_train:
+        log.warning("do_train=false and no model_file: predicting with a random model")
+    return model
+
+
+def build_tokenizer(cfg: DictConfig, initial: InitialModel):
+    vocab_file = cfg.vocab_file or initial.vocab_file
+    if not vocab_file:
+        raise ConfigError(f"no vocabulary: set vocab_file (a BERT vocab.txt); {initial.source} names none")
+    try:
+        return load_tokenizer(vocab_file, lower_case=cfg.do_lower_case), Path(vocab_file)
+    except (OSError, ValueError) as e:
+        hint = "" if cfg.vocab_file else f" (named by {initial.source}; set vocab_file to override)"
+        raise ConfigError(f"vocab_file: {e}{hint}") from None
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass
+class RunOutputs:
+    """Where a run writes: its directory, metrics.jsonl, the dashboard logger, its resolved config."""
+
+    dir: Path
+    metrics: MetricsFile
+    logger: Any
+    config_yaml: str
+
+
+def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Fine-tune and/or predict as ``cfg`` says; returns a summary (steps, scores, paths)."""
+    validate_squad_config(cfg)
+    output_dir = prepare_output_dir(output_dir or cfg.output_dir)
+    device = pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise ConfigError("SQuAD fine-tuning runs in one process (WORLD_SIZE must be 1)")
+    autocast_dtype(cfg.precision.dtype)  # validates the name
+    if cfg.precision.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision=bf16 but this GPU does not support bfloat16; use precision=fp16")
+    batch = resolve_batch_sizes(cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu,
+                                cfg.gradient_accumulation_steps, 1) if cfg.do_train else None
+    seed_everything(cfg.seed)
+
+    initial = load_initial_model(cfg)
+    tokenizer, vocab_file = build_tokenizer(cfg, initial)
+    vocab_size = max(tokenizer.get_vocab().values()) + 1
+    model = build_model(cfg, initial, vocab_size).to(device)
+    del initial
+
+    def features_of(examples: list[SquadExample], is_training: bool) -> SquadFeatures:
+        t0 = time.perf_counter()
+        features = build_features(examples, tokenizer, cfg.max_seq_length, cfg.doc_stride,
+                                  cfg.max_query_length, is_training)
+        log.info("%s: %d questions -> %d windows of %d tokens (%.1fs)%s",
+                 "train" if is_training else "predict", len(examples), len(features), cfg.max_seq_length,
+                 time.perf_counter() - t0,
+                 f"; {features.num_skipped} skipped (answer not locatable)" if features.num_skipped else "")
+        return features
+
+    train_features = features_of(read_squad_examples(cfg.train_file, "train"), True) if cfg.do_train else None
+    if cfg.do_predict:
+        predict_examples = read_squad_examples(cfg.predict_file, "validation")
+        predict_features = features_of(predict_examples, False)
+
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    (output_dir / "config.yaml").write_text(config_yaml)
+    logger = instantiate(cfg.logger, run_config=OmegaConf.to_container(cfg, resolve=True),
+                         output_dir=str(output_dir), default_name=cfg.job_name, _recursive_=False,
+                         _convert_="all")
+    metrics_path = output_dir / "metrics.jsonl"
+    if metrics_path.exists():  # a fine-tuning run does not resume: its file starts afresh
+        log.warning("replacing %s of an earlier run in the same output_dir", metrics_path)
+        metrics_path.unlink()
+    outputs = RunOutputs(output_dir, MetricsFile(metrics_path), logger, config_yaml)
+    summary: dict[str, Any] = {"output_dir": str(output_dir), "global_step": 0}
+    try:
+        if cfg.do_train:
+            summary.update(train(cfg, model, train_features, batch, device, outputs, vocab_file))
+        if cfg.do_predict and not summary.get("stopped"):
+            summary["eval"] = predict_and_evaluate(cfg, model, predict_examples, predict_features, device,
+                                                   outputs, step=summary["global_step"])
+    finally:
+        outputs.metrics.close()
+        outputs.logger.finish()
+    return summary
+
+
+# --------------------------------------------------------------------------- training
+
+
+def shuffled_windows(num_windows: int, seed: int) -> Iterator[int]:
+    """Window indices, a fresh permutation each epoch (epoch e's depends only on seed and e)."""
+    for epoch in itertools.count():
+        yield from np.random.default_rng([seed, epoch]).permutation(num_windows).tolist()
+
+
+def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatures, batch: BatchSizes,
+          device: torch.device, outputs: RunOutputs, vocab_file: Path) -> dict[str, Any]:
+    """The fine-tuning loop; returns the final step, the last logged metrics and the checkpoint."""
+    if len(features) == 0:
+        raise UserError(f"train_file {cfg.train_file} gives no training windows (every answer was "
+                        f"unlocatable?)")
+    total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * len(features) / batch.train_batch_size)
+    precision = cfg.precision.dtype
+    optimizer = build_from_config("optimizer", cfg.optimizer,
+                                  params=build_param_groups(model, cfg.optimizer.weight_decay))
+    schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,
+                                 total_steps=total_steps)
+    try:
+        scaler = LossScaler.from_config(cfg.precision)
+    except ValueError as e:
+        raise ConfigError(f"precision: {e}") from e
+    state = TrainState()
+    # Kept as compact numpy arrays; each micro-batch becomes int64 tensors on the device.
+    arrays = {"input_ids": features.input_ids, "token_type_ids": features.token_type_ids,
+              "attention_mask": features.attention_mask, "start_positions": features.start_positions,
+              "end_positions": features.end_positions}
+    lengths = features.attention_mask.sum(1)
+    order = shuffled_windows(len(features), cfg.seed)
+    accum, micro = batch.gradient_accumulation_steps, batch.train_micro_batch_size_per_gpu
+    model_config = model.config
+    flops_per_sample = qa_training_flops_per_sample(model_config, cfg.max_seq_length)
+    params = [p for p in model.parameters() if p.requires_grad]
+    checkpoint_dir = outputs.dir / CHECKPOINT_SUBDIR
+    log.info("fine-tuning %.1fM parameters: %d steps (%.2f epochs of %d windows), batch %d = micro %d x "
+             "accumulation %d, on %s, %s", sum(p.numel() for p in params) / 1e6, total_steps,
+             total_steps * batch.train_batch_size / len(features), len(features), batch.train_batch_size,
+             micro, accum, device, precision)
+
+    def checkpoint() -> Path:
+        return save_checkpoint(
+            checkpoint_dir, f"global_step{state.global_step}",
+            state={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": {"schedule_step": state.schedule_step}, "scaler": scaler.state_dict(),
+                   "train_state": asdict(state), "model_config": model_config.to_dict()},
+            client_state={"epoch": state.epoch, "last_global_step": state.global_step,
+                          "last_global_data_samples": state.last_global_data_samples,
+                          "vocab_file": str(vocab_file), "do_lower_case": cfg.do_lower_case, "task": "squad"},
+            config_yaml=outputs.config_yaml, keep_last=cfg.keep_last_checkpoints,
+        )
+
+    model.train()
+    throughput = Throughput(device)
+    real_tokens = 0
+    last_record: dict[str, Any] = {}
+    last_saved_step = -1
+    progress = tqdm(total=total_steps, disable=not cfg.progress_bar, desc=cfg.job_name, unit="step",
+                    dynamic_ncols=True)
+    try:
+        with StopRequest() as stop:
+            while state.global_step < total_steps and not stop.requested:
+                # ---- one optimizer step: accumulate `accum` micro-batches
+                loss_sum = torch.zeros((), device=device)
+                for _ in range(accum):
+                    index = np.fromiter(itertools.islice(order, micro), dtype=np.int64, count=micro)
+                    mb = {k: torch.from_numpy(v[index]).to(device, torch.long) for k, v in arrays.items()}
+                    with autocast_context(precision, device):
+                        start_logits, end_logits = model(mb["input_ids"], mb["token_type_ids"],
+                                                         mb["attention_mask"])
+                    loss = qa_loss(start_logits, end_logits, mb["start_positions"], mb["end_positions"])
+                    (loss * (scaler.scale / accum)).backward()
+                    loss_sum += loss.detach()
+                    real_tokens += int(lengths[index].sum())
+                state.last_global_data_samples += batch.train_batch_size
+                state.epoch = state.last_global_data_samples // len(features)
+                state.global_step += 1
+
+                # ---- unscale, overflow check, clip, LR, step
+                grads = [p.grad for p in params if p.grad is not None]
+                if scaler.scale != 1.0:
+                    torch._foreach_mul_(grads, 1.0 / scaler.scale)
+                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                overflow = not bool(torch.isfinite(grad_norm))  # the step's one host sync
+                scaler.update(overflow)
+                if overflow:
+                    state.skipped_steps += 1
+                    log.warning("step %d: gradient overflow, step skipped; loss scale now %g",
+                                state.global_step, scaler.scale)
+                else:
+                    if cfg.max_grad_norm > 0:
+                        clip = torch.clamp(cfg.max_grad_norm / (grad_norm + 1e-6), max=1.0)
+                        torch._foreach_mul_(grads, clip)
+                    set_lr(optimizer, float(schedule(state.schedule_step)))
+                    optimizer.step()
+                    state.schedule_step += 1
+                optimizer.zero_grad(set_to_none=True)
+                progress.update(1)
+
+                # ---- logging and checkpoints, when due
+                is_last = state.global_step >= total_steps
+                if state.global_step % cfg.steps_per_print == 0 or is_last or overflow:
+                    samples_per_sec, tokens_per_sec = throughput.rates(state.last_global_data_samples,
+                                                                       real_tokens)
+                    record = {
+                        "step": state.global_step,
+                        "samples": state.last_global_data_samples,
+                        "epoch": state.last_global_data_samples / len(features),
+                        "loss": finite_or_none(float(loss_sum) / accum),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "grad_norm": finite_or_none(float(grad_norm)),
+                        "samples_per_sec": samples_per_sec,
+                        "tokens_per_sec": tokens_per_sec,
+                        "skipped_steps": state.skipped_steps,
+                    }
+                    if precision == "fp16":
+                        record["loss_scale"] = scaler.scale
+                    if device.type == "cuda":
+                        record["tflops"] = samples_per_sec * flops_per_sample / 1e12
+                        record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    outputs.metrics.write(record)
+                    outputs.logger.log(record, step=state.global_step)
+                    progress.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}",
+                                         samples_s=f"{samples_per_sec:.1f}")
+                    last_record = record
+                    throughput.reset(state.last_global_data_samples, real_tokens)
+                if cfg.checkpoint_steps and state.global_step % cfg.checkpoint_steps == 0:
+                    checkpoint()
+                    last_saved_step = state.global_step
+            if last_saved_step != state.global_step:
+                checkpoint()
+            if stop.requested:
+                log.warning("stopped at step %d of %d on request (checkpoint saved; no prediction)",
+                            state.global_step, total_steps)
+    finally:
+        progress.close()
+    return {"global_step": state.global_step, "total_steps": total_steps, "last_metrics": last_record,
+            "checkpoint_dir": str(checkpoint_dir), "stopped": stop.requested,
+            "skipped_examples": features.num_skipped, "train_state": asdict(state)}
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+@torch.no_grad()
+def predict_logits(model: BertForQuestionAnswering, features: SquadFeatures, batch_size: int,
+                   device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits (fp32, [windows, seq_len]) for every window, in eval mode."""
+    was_training = model.training
+    model.eval()
+    starts, ends = [], []
+    try:
+        for i in range(0, len(features), batch_size):
+            ids = torch.from_numpy(features.input_ids[i:i + batch_size]).long().to(device)
+            types = torch.from_numpy(features.token_type_ids[i:i + batch_size]).long().to(device)
+            mask = torch.from_numpy(features.attention_mask[i:i + batch_size]).long().to(device)
+            with autocast_context(precision, device):
+                start, end = model(ids, types, mask)
+            starts.append(start.float().cpu())
+            ends.append(end.float().cpu())
+    finally:
+        model.train(was_training)
+    seq = features.input_ids.shape[1]
+    if not starts:
+        return np.zeros((0, seq), np.float32), np.zeros((0, seq), np.float32)
+    return torch.cat(starts).numpy(), torch.cat(ends).numpy()
+
+
+def predict_and_evaluate(cfg: DictConfig, model: BertForQuestionAnswering, examples: list[SquadExample],
+                         features: SquadFeatures, device: torch.device, outputs: RunOutputs,
+                         step: int) -> dict[str, Any]:
+    """Write predictions.json and nbest_predictions.json; score them if the file has gold answers."""
+    throughput = Throughput(device)
+    throughput.reset(0, 0)
+    start_logits, end_logits = predict_logits(model, features, cfg.predict_batch_size, device,
+                                              cfg.precision.dtype)
+    windows_per_sec, _ = throughput.rates(len(features), 0)
+    predictions, nbest = best_spans(examples, features, start_logits, end_logits, cfg.n_best_size,
+                                    cfg.max_answer_length)
+    write_json_atomic(outputs.dir / PREDICTIONS_FILE, predictions)
+    write_json_atomic(outputs.dir / NBEST_FILE, nbest)
+    record: dict[str, Any] = {"step": step, "predict_questions": len(examples),
+                              "predict_windows": len(features), "predict_samples_per_sec": windows_per_sec}
+    gold = gold_answers(examples)
+    if len(gold) == len(examples):
+        record.update(evaluate(gold, predictions))
+        log.info("%s: exact_match %.2f, f1 %.2f over %d questions", cfg.predict_file, record["exact_match"],
+                 record["f1"], len(examples))
+    else:
+        log.warning("%s: %d of %d questions have no gold answers; predictions written but not scored",
+                    cfg.predict_file, len(examples) - len(gold), len(examples))
+    outputs.metrics.write(record)
+    outputs.logger.log(record, step=step)
+    log.info("predictions: %s, %s", outputs.dir / PREDICTIONS_FILE, outputs.dir / NBEST_FILE)
+    return record
+
+
+def run_and_report(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """``run`` with user errors printed as one line (no traceback) and exit status 2."""
+    try:
+        return run(cfg, output_dir)
+    except UserError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+
+
+__all__ = ["InitialModel", "build_model", "load_initial_model", "load_qa_weights", "predict_and_evaluate",
+           "predict_logits", "run", "run_and_report", "train"]
