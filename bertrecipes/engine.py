@@ -162,8 +162,29 @@ def build_from_config(group: str, node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def lr_of(schedule, step: int) -> float:
-    return float(schedule(step))
+def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scaler: LossScaler,
+                   schedule, state: TrainState, max_grad_norm: float) -> tuple[torch.Tensor, bool]:
+    """The accumulation boundary: unscale, global gradient norm (non-finite = fp16 overflow: the step
+    is skipped, weights, optimizer state and schedule untouched, and the scale backs off), clip to
+    ``max_grad_norm``, set the LR for ``state.schedule_step``, step, zero. Returns (norm, overflow)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if scaler.scale != 1.0:
+        torch._foreach_mul_(grads, 1.0 / scaler.scale)
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    overflow = not bool(torch.isfinite(dist.full(grad_norm)))  # the step's one host sync
+    scaler.update(overflow)
+    if overflow:
+        state.skipped_steps += 1
+        log.warning("step %d: gradient overflow, step skipped; loss scale now %g",
+                    state.global_step, scaler.scale)
+    else:
+        if max_grad_norm > 0:
+            torch._foreach_mul_(grads, torch.clamp(max_grad_norm / (grad_norm + 1e-6), max=1.0))
+        set_lr(optimizer, float(schedule(state.schedule_step)))
+        optimizer.step()
+        state.schedule_step += 1
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, overflow
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -364,26 +385,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                 state.epoch = loader.epoch
                 state.global_step += 1
 
-                # ---- unscale, overflow check, clip
-                grads = [p.grad for p in params if p.grad is not None]
-                if scaler.scale != 1.0:
-                    torch._foreach_mul_(grads, 1.0 / scaler.scale)
-                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-                overflow = not bool(torch.isfinite(dist.full(grad_norm)))  # the step's one host sync
-                scaler.update(overflow)
-                if overflow:
-                    state.skipped_steps += 1
-                    log.warning("step %d: gradient overflow, step skipped; loss scale now %g",
-                                state.global_step, scaler.scale)
-                else:
-                    if cfg.max_grad_norm > 0:
-                        clip = torch.clamp(cfg.max_grad_norm / (grad_norm + 1e-6), max=1.0)
-                        torch._foreach_mul_(grads, clip)
-                    lr = lr_of(schedule, state.schedule_step)
-                    set_lr(optimizer, lr)
-                    optimizer.step()
-                    state.schedule_step += 1
-                optimizer.zero_grad(set_to_none=True)
+                # ---- unscale, overflow check, clip, LR, step, zero
+                grad_norm, overflow = optimizer_step(params, optimizer, scaler, schedule, state,
+                                                     cfg.max_grad_norm)
                 progress.update(1)
 
                 # ---- logging and checkpoints, when due

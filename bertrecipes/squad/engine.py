@@ -42,10 +42,10 @@ from bertrecipes.engine import (
     build_from_config,
     build_layer_factory,
     build_model_config,
+    optimizer_step,
     pick_device,
     prepare_output_dir,
     seed_everything,
-    set_lr,
 )
 from bertrecipes.errors import ConfigError, UserError
 from bertrecipes.metrics import MetricsFile, Throughput, finite_or_none
@@ -327,25 +327,9 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                 state.epoch = state.last_global_data_samples // len(features)
                 state.global_step += 1
 
-                # ---- unscale, overflow check, clip, LR, step
-                grads = [p.grad for p in params if p.grad is not None]
-                if scaler.scale != 1.0:
-                    torch._foreach_mul_(grads, 1.0 / scaler.scale)
-                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-                overflow = not bool(torch.isfinite(grad_norm))  # the step's one host sync
-                scaler.update(overflow)
-                if overflow:
-                    state.skipped_steps += 1
-                    log.warning("step %d: gradient overflow, step skipped; loss scale now %g",
-                                state.global_step, scaler.scale)
-                else:
-                    if cfg.max_grad_norm > 0:
-                        clip = torch.clamp(cfg.max_grad_norm / (grad_norm + 1e-6), max=1.0)
-                        torch._foreach_mul_(grads, clip)
-                    set_lr(optimizer, float(schedule(state.schedule_step)))
-                    optimizer.step()
-                    state.schedule_step += 1
-                optimizer.zero_grad(set_to_none=True)
+                # ---- unscale, overflow check, clip, LR, step, zero (as in pre-training)
+                grad_norm, overflow = optimizer_step(params, optimizer, scaler, schedule, state,
+                                                     cfg.max_grad_norm)
                 progress.update(1)
 
                 # ---- logging and checkpoints, when due
