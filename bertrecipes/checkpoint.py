@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bertrecipes.atomic import write_text_atomic
 from bertrecipes.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -59,18 +60,6 @@ def restore_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _step_of(tag: str) -> int:
@@ -137,7 +126,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(save_dir / LATEST_FILE, tag + "\n")
+    write_text_atomic(save_dir / LATEST_FILE, tag + "\n")
     if keep_last > 0:
         for old_tag in list_checkpoints(save_dir)[:-keep_last]:
             if old_tag != tag:

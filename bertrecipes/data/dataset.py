@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from bertrecipes.atomic import write_json_atomic
 from bertrecipes.data.demo_corpus import generate_demo_corpus
 from bertrecipes.data.instances import InstanceArrays, create_instances
 from bertrecipes.data.masking import MaskingSpec, mask_batch, row_keys
@@ -71,11 +72,6 @@ def _settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def _demo_vocab(cache_dir: Path, documents: list[list[str]], vocab_settings: dict[str, Any]) -> Path:
     """Train the demo vocab once per (corpus, vocab_size, case) and share it across instance settings.
@@ -103,7 +99,7 @@ def _demo_vocab(cache_dir: Path, documents: list[list[str]], vocab_settings: dic
     except OSError:  # file systems without hard links: last writer wins
         os.replace(candidate, vocab_file)
     candidate.unlink(missing_ok=True)
-    _write_json_atomic(vocab_dir / "settings.json", vocab_settings)
+    write_json_atomic(vocab_dir / "settings.json", vocab_settings)
     return vocab_file
 
 
@@ -183,7 +179,7 @@ def build_demo_dataset(
         "build_seconds": round(time.perf_counter() - start, 3),
     }
     # The manifest goes last: its presence means the instances beside it are complete.
-    _write_json_atomic(manifest_file, manifest)
+    write_json_atomic(manifest_file, manifest)
     logger.info("built demo dataset in %.2fs -> %s", time.perf_counter() - start, out_dir)
     return PretrainingDataset(instances, vocab_file, manifest, directory=out_dir)
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from bertrecipes.atomic import write_json_atomic
 from bertrecipes.data.tokenizer import vocab_sha256
 from bertrecipes.errors import UserError
 
@@ -59,11 +60,6 @@ _MASK_FIELDS = ("masked_lm_positions", "masked_lm_ids", "num_predictions")
 class PreparedDataMismatch(UserError, ValueError):
     """Prepared data and the run disagree (sequence length, predictions, vocabulary); names both sides."""
 
-
-def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def id_dtype(vocab_size: int) -> np.dtype:

@@ -20,7 +20,6 @@ import gc
 import hashlib
 import itertools
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import BertWordPieceTokenizer, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
+
+from bertrecipes.atomic import write_text_atomic
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -64,12 +65,6 @@ class SpecialTokens:
         return (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    # Readers (other ranks, a second build) must never see a half-written vocab.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def train_wordpiece(documents: list[list[str]], vocab_size: int, lower_case: bool, out_path: Path) -> Path:
     """Learn a BERT WordPiece vocabulary from `documents` (lists of sentences) and write `vocab.txt`.
@@ -105,7 +100,7 @@ def train_wordpiece(documents: list[list[str]], vocab_size: int, lower_case: boo
         raise RuntimeError(f"special tokens not at ids 0-4: {tokens[: len(SPECIAL_TOKENS)]}")
     if len(tokens) == len(SPECIAL_TOKENS):
         raise ValueError("the documents contain no text to learn a vocabulary from")
-    _write_text_atomic(out_path, "".join(t + "\n" for t in tokens))
+    write_text_atomic(out_path, "".join(t + "\n" for t in tokens))
     return out_path
 
 

@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from bertrecipes.atomic import write_json_atomic
 from bertrecipes.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bertrecipes.config import BatchSizes, resolve_batch_sizes
 from bertrecipes.data.tokenizer import load_tokenizer
@@ -62,7 +63,7 @@ from bertrecipes.squad.data import (
 )
 from bertrecipes.squad.evaluate import evaluate
 from bertrecipes.squad.model import BertForQuestionAnswering, qa_loss, qa_training_flops_per_sample
-from bertrecipes.squad.postprocess import best_spans, write_json_atomic
+from bertrecipes.squad.postprocess import best_spans
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,12 @@ best one; with no candidate at all it is the empty string.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bertrecipes.atomic import write_json_atomic  # noqa: F401 - re-exported for callers
 from bertrecipes.squad.data import SquadExample, SquadFeatures
 
 
@@ -84,19 +81,3 @@ def best_spans(
         predictions[example.qid] = entries[0]["text"]
     return predictions, nbest
 
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
