@@ -10,8 +10,9 @@ import math
 import numpy as np
 import pytest
 
+from bertrecipes.atomic import write_json_atomic
 from bertrecipes.squad.data import SquadExample, SquadFeatures, max_context_windows
-from bertrecipes.squad.postprocess import best_spans, write_json_atomic
+from bertrecipes.squad.postprocess import best_spans
 
 PREFIX = 3  # [CLS] question [SEP]
 LOW = -20.0

@@ -8,6 +8,7 @@ from bertrecipes.model.bert import (
     LayerFactory,
     count_parameters,
     gather_positions,
+    init_bert_weights,
     pretraining_loss,
     training_flops_per_sample,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "LayerFactory",
     "count_parameters",
     "gather_positions",
+    "init_bert_weights",
     "pretraining_loss",
     "training_flops_per_sample",
 ]

@@ -258,6 +258,20 @@ class BertPreTrainingHeads(nn.Module):
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
 
+def init_bert_weights(model: nn.Module, std: float) -> None:
+    """Google BERT's initialisation: N(0, std) weights, zero biases, unit LayerNorms."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 def gather_positions(sequence_output: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Rows of ``sequence_output`` [B,S,H] at ``positions`` [B,P] -> [B,P,H]."""
     index = positions.long().unsqueeze(-1).expand(-1, -1, sequence_output.shape[-1])
@@ -278,22 +292,10 @@ class BertForPreTraining(nn.Module):
         self.bert = BertModel(config, layer_factory=layer_factory)
         self.cls = BertPreTrainingHeads(config)
         self.tie_weights()
-        self.apply(self._init_weights)
+        init_bert_weights(self, config.initializer_range)
 
     def tie_weights(self) -> None:
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
-
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
     def forward(
         self,
@@ -351,6 +353,7 @@ __all__ = [
     "BertLayer",
     "LayerFactory",
     "gather_positions",
+    "init_bert_weights",
     "pretraining_loss",
     "count_parameters",
     "training_flops_per_sample",

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertrecipes.model import BertConfig, BertModel, LayerFactory
+from bertrecipes.model import BertConfig, BertModel, LayerFactory, init_bert_weights
 
 
 class BertForQuestionAnswering(nn.Module):
@@ -24,19 +24,7 @@ class BertForQuestionAnswering(nn.Module):
         self.config = config
         self.bert = BertModel(config, add_pooling_layer=False, layer_factory=layer_factory)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        init_bert_weights(self, config.initializer_range)
 
     def forward(
         self,

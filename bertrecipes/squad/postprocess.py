@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from bertrecipes.atomic import write_json_atomic  # noqa: F401 - re-exported for callers
 from bertrecipes.squad.data import SquadExample, SquadFeatures
 
 
