@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from saved_tensors import saved_bytes
 
 if not torch.cuda.is_available():  # read when kernels_triton's kernels are decorated, so before the import
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -111,18 +112,6 @@ def test_varlen_equals_padded_on_real_tokens(dropout_p):
     varlen = run(kt.flash_attention_varlen, packed, grad[mask], cu_seqlens, seq, dropout_p, seed=99)
     assert_all_close(varlen, [t[mask] for t in padded], atol=1e-6, rtol=1e-6)
 
-
-def saved_bytes(fn):
-    """fn()'s result and the bytes of the distinct storages autograd keeps for its backward."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
 
 
 def test_recompute_output_changes_what_is_saved_not_the_result():

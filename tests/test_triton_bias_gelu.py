@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from saved_tensors import saved_bytes
 
 if not torch.cuda.is_available():  # read when kernels_triton's kernels are decorated, so before the import
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -30,18 +31,6 @@ def run(fn, tensors, grad, *args, **kwargs):
     out.backward(grad)
     return [out.detach()] + [t.grad for t in leaves]
 
-
-def saved_bytes(fn):
-    """fn()'s result and the bytes of the distinct storages autograd keeps for its backward."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 96), (3, 33, 64), (5, 40)])

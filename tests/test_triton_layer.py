@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from saved_tensors import saved_bytes
 
 from bertrecipes.model import BertConfig, BertForPreTraining, pretraining_loss
 from bertrecipes.model.bert import BertLayer
@@ -117,18 +118,6 @@ def test_bert_tiny_model_matches_torch_kernel(pre_layer_norm):
     for name, want in want_grads.items():
         torch.testing.assert_close(grads[name], want, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
-
-def saved_bytes(fn):
-    """fn()'s result and the bytes of the distinct storages autograd keeps for its backward."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
 
 
 @pytest.mark.parametrize("pre_layer_norm", [False, True])

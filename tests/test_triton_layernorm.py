@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from saved_tensors import saved_bytes
 
 if not torch.cuda.is_available():  # read when kernels_triton's kernels are decorated, so before the import
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -49,18 +50,6 @@ def assert_all_close(got, want, names, atol=2e-5, rtol=2e-5):
     for name, a, b in zip(names, got, want, strict=True):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
 
-
-def saved_bytes(fn):
-    """fn()'s result and the bytes of the distinct storages autograd keeps for its backward."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 64), (3, 33, 96)])
