@@ -21,19 +21,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
 from bertrecipes.optim.lamb import (
     ParamsT,
     _Bucket,
     _collect_buckets,
-    _steps_to_int,
+    _ForeachOptimizer,
     _update_moments,
-    _validate_common,
 )
 
 
-class Adam(Optimizer):
+class Adam(_ForeachOptimizer):
     """Multi-tensor Adam with decoupled (AdamW) or L2 weight decay; see the module docstring.
 
     Args:
@@ -64,26 +62,12 @@ class Adam(Optimizer):
             bias_correction=bias_correction,
             adam_w_mode=adam_w_mode,
         )
-        _validate_common(lr, betas, eps, weight_decay)
+        self._validate_group(defaults)
         super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # Validate overrides on top of defaults before registering, so a rejected group changes nothing.
-        merged = {**self.defaults, **param_group}
-        _validate_common(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
-        super().add_param_group(param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        _steps_to_int(self)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+        loss = self._run_closure(closure)
         n_stepped = 0
         for group in self.param_groups:
             buckets, n_stepped = _collect_buckets(self, group, n_stepped, type(self).__name__)

@@ -142,7 +142,32 @@ def _update_moments(bucket: _Bucket, beta1: float, beta2: float, grads: list[tor
     torch._foreach_addcmul_(bucket.exp_avg_sqs, grads, grads, value=1.0 - beta2)
 
 
-class Lamb(Optimizer):
+class _ForeachOptimizer(Optimizer):
+    """What Lamb and Adam share: groups validated (overrides on top of defaults) before they are
+    registered, so a rejected group leaves the optimizer unchanged; step counters kept as Python ints
+    after loading; the closure protocol of ``step``."""
+
+    @staticmethod
+    def _validate_group(group: dict[str, Any]) -> None:
+        _validate_common(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._validate_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        _steps_to_int(self)
+
+    @staticmethod
+    def _run_closure(closure: Callable[[], float] | None) -> float | None:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+
+class Lamb(_ForeachOptimizer):
     """LAMB (layer-wise adaptive moments) with DeepSpeed FusedLamb's update rule; see the module docstring.
 
     Args:
@@ -188,30 +213,16 @@ class Lamb(Optimizer):
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
-        _validate_common(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        _ForeachOptimizer._validate_group(group)
         min_coeff, max_coeff = group["min_coeff"], group["max_coeff"]
         if not 0.0 <= min_coeff <= max_coeff:
             raise ValueError(
                 f"need 0 <= min_coeff <= max_coeff, got min_coeff={min_coeff}, max_coeff={max_coeff}"
             )
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # Check the group as it will be used (overrides on top of defaults) before it is registered, so a
-        # rejected group leaves the optimizer unchanged.
-        self._validate_group({**self.defaults, **param_group})
-        super().add_param_group(param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        _steps_to_int(self)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+        loss = self._run_closure(closure)
         coeff_pieces: list[tuple[list[int], torch.Tensor]] = []
         n_stepped = 0
         for group in self.param_groups:
