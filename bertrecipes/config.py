@@ -129,6 +129,7 @@ class KernelConfig:
     gelu_checkpoint: bool = False  # keep only the pre-activation; recompute GELU in backward
     attn_dropout_checkpoint: bool = False  # recompute attention dropout rather than keep it
     stochastic_mode: bool = False  # allow faster non-deterministic reductions
+    unpad: bool = False  # run the encoder on real tokens only (packed rows); results unchanged
 
 
 # --------------------------------------------------------------------------- logger

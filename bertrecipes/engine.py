@@ -40,8 +40,10 @@ from bertrecipes.model import (
     BertConfig,
     BertForPreTraining,
     LayerFactory,
+    Unpadded,
     pretraining_loss,
     training_flops_per_sample,
+    unpad_index,
 )
 from bertrecipes.optim import build_param_groups
 from bertrecipes.precision import LossScaler, autocast_context, autocast_dtype
@@ -187,6 +189,14 @@ def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Opti
     return grad_norm, overflow
 
 
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device,
+                    unpad: bool) -> tuple[dict[str, torch.Tensor], Unpadded | None]:
+    """Copy a loader batch to ``device`` (asynchronously from pinned memory). With ``unpad`` the
+    real-token layout is found on the CPU copy of the mask first, so the GPU never waits for it."""
+    layout = unpad_index(batch["attention_mask"]).to(device, non_blocking=True) if unpad else None
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, layout
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -267,7 +277,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     if ctx.is_main:
         dist.barrier(ctx)
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
-    raw_model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel)).to(device)
+    raw_model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel),
+                                   unpad=cfg.kernel.unpad).to(device)
     schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,
                                  total_steps=total_steps)
     scaler = LossScaler.from_config(cfg.precision)
@@ -368,19 +379,20 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                 # all-reduced across ranks on the last one only)
                 loss_sum = torch.zeros(3, device=device)
                 for micro_step in range(accum):
-                    micro = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                    host_batch = next(batches)
+                    real_tokens += int(host_batch["length"].sum())  # on the host copy: no GPU sync
+                    micro, layout = batch_to_device(host_batch, device, cfg.kernel.unpad)
                     boundary = micro_step == accum - 1
                     with dist.no_sync(model, sync=boundary), autocast_context(precision, device):
                         mlm_logits, nsp_logits = model(
                             micro["input_ids"], micro["token_type_ids"], micro["attention_mask"],
-                            micro["masked_lm_positions"],
+                            micro["masked_lm_positions"], unpadded=layout,
                         )
                         loss, mlm_loss, nsp_loss = pretraining_loss(
                             mlm_logits, nsp_logits, micro["masked_lm_labels"], micro["next_sentence_labels"]
                         )
                         (loss * (scaler.scale / accum)).backward()
                     loss_sum += torch.stack([loss, mlm_loss, nsp_loss]).detach()
-                    real_tokens += int(micro["length"].sum())
                 state.last_global_data_samples += batch.train_batch_size
                 state.epoch = loader.epoch
                 state.global_step += 1

@@ -14,6 +14,7 @@ from kernels_triton.attention import (
     flash_attention,
     flash_attention_qkvpacked,
     flash_attention_varlen,
+    flash_attention_varlen_qkvpacked,
 )
 from kernels_triton.bias_dropout_residual_layernorm import (
     BiasDropoutResidualLayerNorm,
@@ -48,6 +49,7 @@ __all__ = [
     "flash_attention",
     "flash_attention_qkvpacked",
     "flash_attention_varlen",
+    "flash_attention_varlen_qkvpacked",
     "BiasDropoutResidualLayerNorm",
     "BiasDropoutResidualLayerNormFunction",
     "bias_dropout_residual",

@@ -434,6 +434,15 @@ def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
                                         recompute_output, deterministic)
 
 
+def flash_attention_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                     seed=None, recompute_output=False, deterministic=True):
+    """Attention of unpadded qkv [total, 3, heads, head_dim] (a view of one fused QKV projection
+    of packed tokens); ``cu_seqlens`` and ``max_seqlen`` as :func:`flash_attention_varlen`."""
+    p, scale, seed = _options(qkv.shape[-1], dropout_p, softmax_scale, seed)
+    return FlashAttentionFunction.apply(qkv, None, None, None, cu_seqlens, max_seqlen, p, scale, seed,
+                                        recompute_output, deterministic)
+
+
 def attention_dropout_mask(seed: int, batch: int, nheads: int, seqlen: int, dropout_p: float,
                            device: torch.device | str) -> torch.Tensor:
     """The keep-mask bool [B, heads, S, S] the kernels use for ``seed`` (for tests: replay it in

@@ -1,6 +1,8 @@
 """A BERT transformer layer built from the fused Triton ops, a drop-in for
 ``bertrecipes.model.bert.BertLayer``: the same submodules and parameter names and shapes (so any
-checkpoint loads into either), the same ``forward(x [B,S,H], key_padding_mask bool [B,S] or None)``.
+checkpoint loads into either), the same ``forward(x [B,S,H], key_padding_mask bool [B,S] or None)``,
+and the same unpadded form ``forward(x [T,H], Unpadded)`` (packed real tokens: attention runs the
+varlen flash kernel over ``cu_seqlens`` directly, every other kernel is row-wise).
 
 Per sub-block the big GEMMs stay torch ``F.linear`` calls and every bias that has a fused consumer
 is applied there:
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels_triton.attention import flash_attention_qkvpacked
+from kernels_triton.attention import flash_attention_qkvpacked, flash_attention_varlen_qkvpacked
 from kernels_triton.bias_dropout_residual_layernorm import (
     bias_dropout_residual,
     bias_dropout_residual_layernorm,
@@ -97,8 +99,9 @@ class TritonBertLayer(nn.Module):
         self.intermediate = _Intermediate(config)
         self.output = _DenseNormDropout(config, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        batch, seq_len, hidden = x.shape
+    def forward(self, x: torch.Tensor, layout) -> torch.Tensor:
+        hidden = x.shape[-1]
+        rows = x.shape[:-1]  # (B, S) padded, (T,) packed
         attn, attn_out, ffn_out = self.attention.self, self.attention.output, self.output
         deterministic = not self.stochastic_mode
         p_attn = attn.dropout_p if self.training else 0.0
@@ -112,10 +115,14 @@ class TritonBertLayer(nn.Module):
             h = layer_norm(x, ln_a.weight, ln_a.bias, ln_a.eps, out_dtype=_compute_dtype(x), **norm)
         w_qkv = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
         b_qkv = torch.cat([attn.query.bias, attn.key.bias, attn.value.bias])
-        qkv = F.linear(h, w_qkv, b_qkv).view(batch, seq_len, 3, attn.num_heads, attn.head_dim)
-        context = flash_attention_qkvpacked(qkv, key_padding_mask, p_attn, deterministic=deterministic,
-                                            recompute_output=self.attn_dropout_checkpoint)
-        a = F.linear(context.view(batch, seq_len, hidden), attn_out.dense.weight)
+        qkv = F.linear(h, w_qkv, b_qkv).view(*rows, 3, attn.num_heads, attn.head_dim)
+        options = dict(deterministic=deterministic, recompute_output=self.attn_dropout_checkpoint)
+        if x.dim() == 2:  # packed real tokens; layout is an Unpadded
+            context = flash_attention_varlen_qkvpacked(qkv, layout.cu_seqlens, layout.max_seqlen, p_attn,
+                                                       **options)
+        else:  # layout is the key-padding mask or None
+            context = flash_attention_qkvpacked(qkv, layout, p_attn, **options)
+        a = F.linear(context.view(*rows, hidden), attn_out.dense.weight)
         if self.pre_layer_norm:  # the sum continues the residual stream, LN_o(sum) feeds the FFN
             x, h = bias_dropout_residual_layernorm(a, attn_out.dense.bias, x, ln_o.weight, ln_o.bias,
                                                    ln_o.eps, p_attn_out, return_sum=True, **norm)

@@ -3,16 +3,21 @@
 Real training steps (forward, backward, optimizer step) through ``bertrecipes.engine.train`` on our
 data loader, for each implementation:
 
-* ``triton``  - ``kernel=triton`` (fused Triton layer)
-* ``torch``   - ``kernel=torch`` (PyTorch eager, SDPA attention)
-* ``compile`` - ``kernel=torch compile=true`` (``torch.compile`` of the model)
+* ``triton``        - ``kernel=triton`` (fused Triton layer, unpadded: varlen flash attention)
+* ``triton_padded`` - ``kernel=triton kernel.unpad=false`` (the same kernels on the padded batch)
+* ``torch``         - ``kernel=torch`` (PyTorch eager, SDPA attention)
+* ``torch_unpad``   - ``kernel=torch kernel.unpad=true`` (projections/FFN on real tokens only)
+* ``compile``       - ``kernel=torch compile=true`` (``torch.compile`` of the model)
 * ``hf``      - ``transformers.BertForPreTraining`` (``attn_implementation="sdpa"``) with
   ``torch.optim.AdamW(fused=True)``: what a user would pick instead; same batches, same precision.
 
 FLOPs are counted analytically (``bertrecipes.model.training_flops_per_sample``: 3 x forward matmul
 FLOPs of the encoder, attention, pooler and the MLM head at the masked positions), the same count
 for every implementation, so TFLOP/s compare like samples/s. MFU = model TFLOP/s / the large-matmul
-TFLOP/s measured in the same run on the same device and dtype.
+TFLOP/s measured in the same run on the same device and dtype. The count is for the padded
+shape (``seq`` tokens per sample) whichever implementation runs, so an unpadded run that skips
+padding shows its saving as more samples/s (and a higher MFU by this count); the ``real`` column
+is the fraction of token slots that hold real tokens in the measured batches.
 
     python scripts/bench_pretrain.py --json bench_pretrain.json                    # the full table (GPU)
     python scripts/bench_pretrain.py --find-max-micro --models large --seqs 512    # micro-batch limit
@@ -40,6 +45,13 @@ MODELS = {"tiny": "bert_tiny", "base": "bert_base", "large": "bert_large"}
 DEFAULT_MICRO = {128: 64, 512: 8}
 PREDICTIONS = {128: 20, 512: 80}
 VOCAB = 30528  # BERT's 30522 padded to a multiple of 8, as NVIDIA's recipe does
+IMPLS = {  # the overrides of each implementation of ours ("hf" is run by run_hf)
+    "triton": ["kernel=triton"],
+    "triton_padded": ["kernel=triton", "kernel.unpad=false"],
+    "torch": ["kernel=torch"],
+    "torch_unpad": ["kernel=torch", "kernel.unpad=true"],
+    "compile": ["kernel=torch", "compile=true"],
+}
 
 
 def compose(overrides: list[str]):
@@ -64,7 +76,7 @@ def overrides_for(model: str, seq: int, micro: int, dtype: str, impl: str, steps
         # compilation); the second is the measurement
         f"max_steps={2 * steps}", f"steps_per_print={steps}", "checkpoint_at_end=false",
         "progress_bar=false", f"device={device}", f"output_dir={out}", f"data.cache_dir={cache}",
-        f"kernel={'triton' if impl == 'triton' else 'torch'}", f"compile={str(impl == 'compile').lower()}",
+        *IMPLS[impl],
     ]
     if peak:
         ov.append(f"peak_tflops={peak}")
@@ -82,7 +94,8 @@ def run_ours(args, model, seq, micro, *, dtype, impl, peak, workdir: Path) -> di
     train(cfg, out)
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     return {"samples_per_sec": last["samples_per_sec"], "tflops": last.get("tflops"), "mfu": last.get("mfu"),
-            "peak_memory_gb": last.get("max_memory_gb")}
+            "peak_memory_gb": last.get("max_memory_gb"),
+            "real_token_fraction": last["tokens_per_sec"] / (last["samples_per_sec"] * seq)}
 
 
 def run_hf(args, model, seq, micro, *, dtype, peak, workdir: Path) -> dict:
@@ -191,7 +204,8 @@ def main() -> int:
     parser.add_argument("--models", default="large,base", help="comma list of tiny, base, large")
     parser.add_argument("--seqs", default="128,512")
     parser.add_argument("--dtypes", default="bf16,fp16")
-    parser.add_argument("--impls", default="triton,torch,compile,hf")
+    parser.add_argument("--impls", default="triton,triton_padded,torch,compile,hf",
+                        help=f"comma list of {', '.join([*IMPLS, 'hf'])}")
     parser.add_argument("--micro", type=int, default=None,
                         help="micro-batch (default 64 at seq128, 8 at seq512)")
     parser.add_argument("--steps", type=int, default=10, help="steps per window (one warm-up, one measured)")
@@ -201,6 +215,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("CUDA is not available; use --device cpu for a smoke test", file=sys.stderr)
+        return 2
+
+    unknown = sorted(set(args.impls.split(",")) - {*IMPLS, "hf"})
+    if unknown:
+        print(f"unknown --impls {unknown}; choose from {[*IMPLS, 'hf']}", file=sys.stderr)
         return 2
 
     rows = []
@@ -245,16 +264,16 @@ def fmt(value, spec: str, width: int) -> str:
 
 def print_row(row: dict, header: bool) -> None:
     if header:
-        print(f"{'device':<24} {'dtype':<5} {'model':<6} {'seq':>4} {'micro':>5} {'impl':<8} "
-              f"{'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7} {'max micro':>9}")
+        print(f"{'device':<24} {'dtype':<5} {'model':<6} {'seq':>4} {'micro':>5} {'impl':<13} "
+              f"{'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7} {'real':>5} {'max micro':>9}")
     key = (f"{row['device'][:24]:<24} {row['dtype']:<5} {row['model']:<6} {row['seq']:>4} "
-           f"{row['micro']:>5} {row['impl']:<8}")
+           f"{row['micro']:>5} {row['impl']:<13}")
     if "error" in row:
         print(f"{key} {row['error']}")
         return
     print(f"{key} {fmt(row['samples_per_sec'], '10.1f', 10)} {fmt(row['tflops'], '8.1f', 8)} "
           f"{fmt(row['mfu'], '6.1%', 6)} {fmt(row['peak_memory_gb'], '7.2f', 7)} "
-          f"{fmt(row.get('max_micro'), '9d', 9)}")
+          f"{fmt(row.get('real_token_fraction'), '5.2f', 5)} {fmt(row.get('max_micro'), '9d', 9)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from bertrecipes.checkpoint import CheckpointError, save_checkpoint
 from bertrecipes.model import BertConfig, BertForPreTraining
 from bertrecipes.squad.engine import build_model, load_initial_model
-from bertrecipes.squad.model import BertForQuestionAnswering, qa_loss
+from bertrecipes.squad.model import PADDING_LOGIT, BertForQuestionAnswering, qa_loss
 
 SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=64, max_position_embeddings=40)
@@ -56,6 +56,25 @@ def test_logits_and_loss_equal_transformers_on_the_same_weights():
     torch.testing.assert_close(loss, ref.loss, atol=1e-6, rtol=1e-6)
 
 
+def test_unpadded_model_scores_real_tokens_as_transformers_and_padding_out_of_the_softmax():
+    theirs = hf_qa_model()
+    ours = BertForQuestionAnswering(BertConfig(**SMALL), unpad=True).eval()
+    ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if not k.endswith("position_ids")})
+    ids, types, mask = batch()
+    starts, ends = torch.tensor([3, 4, 0]), torch.tensor([5, 7, 8])
+    with torch.no_grad():
+        ref = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
+        start_logits, end_logits = ours(ids, types, mask)
+    real = mask.bool()
+    torch.testing.assert_close(start_logits[real], ref.start_logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(end_logits[real], ref.end_logits[real], atol=1e-5, rtol=1e-5)
+    assert (start_logits[~real] == PADDING_LOGIT).all() and (end_logits[~real] == PADDING_LOGIT).all()
+    # the loss is transformers' logits with padding masked out of the softmax
+    masked = [torch.where(real, t, torch.tensor(PADDING_LOGIT)) for t in (ref.start_logits, ref.end_logits)]
+    torch.testing.assert_close(qa_loss(start_logits, end_logits, starts, ends),
+                               qa_loss(*masked, starts, ends), atol=1e-6, rtol=1e-6)
+
+
 def test_loss_is_the_mean_of_two_cross_entropies():
     start_logits = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]])
     end_logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
@@ -71,7 +90,7 @@ def test_loss_is_the_mean_of_two_cross_entropies():
 
 def squad_cfg(**overrides):
     base = dict(model_file=None, ckpt_type="DS", origin_bert_config_file=None, vocab_file=None, dropout=0.1,
-                max_seq_length=32, do_train=True, kernel={"name": "torch"},
+                max_seq_length=32, do_train=True, kernel={"name": "torch", "unpad": False},
                 model=dict(SMALL, vocab_size=None, hidden_act="gelu", hidden_dropout_prob=0.1,
                            attention_probs_dropout_prob=0.1, type_vocab_size=2, initializer_range=0.02,
                            layer_norm_eps=1e-12, pre_layer_norm=False))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from saved_tensors import saved_bytes
 
 from bertrecipes.model import BertConfig, BertForPreTraining, pretraining_loss
-from bertrecipes.model.bert import BertLayer
+from bertrecipes.model.bert import BertLayer, unpad_index, unpad_rows
 
 if not torch.cuda.is_available():  # read when kernels_triton's kernels are decorated, so before the import
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -118,6 +118,55 @@ def test_bert_tiny_model_matches_torch_kernel(pre_layer_norm):
     for name, want in want_grads.items():
         torch.testing.assert_close(grads[name], want, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
+
+
+@pytest.mark.parametrize("pre_layer_norm", [False, True])
+def test_unpadded_layer_matches_padded_bert_layer(pre_layer_norm):
+    """Packed real tokens [T, H] through varlen flash attention equal BertLayer on the padded batch
+    at the real positions, for the output, the input gradient and every parameter gradient."""
+    hidden, heads, seq = 64, 2, 19
+    config = layer_config(hidden, heads, pre_layer_norm)
+    reference = BertLayer(config).to(DEVICE).eval()
+    reference.load_state_dict(random_state(reference))
+    ours = kt.TritonBertLayer(config).to(DEVICE).eval()
+    ours.load_state_dict(reference.state_dict())
+    x, mask, grad = padded_input(3, seq, hidden, [seq, 11, 3])
+    grad = grad * mask[..., None]  # padding rows carry no gradient in either layout
+    layout = unpad_index(mask.cpu()).to(DEVICE)
+    out, dx, grads = run_layer(ours, unpad_rows(x, layout), layout, unpad_rows(grad, layout))
+    want_out, want_dx, want_grads = run_layer(reference, x, mask, grad)
+    torch.testing.assert_close(out, unpad_rows(want_out, layout), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dx, unpad_rows(want_dx, layout), atol=1e-4, rtol=1e-4)
+    for name, want in want_grads.items():
+        scale = 1.0 if name.endswith("key.bias") else want.abs().max().item()
+        torch.testing.assert_close(grads[name], want, atol=1e-4 * scale + 1e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_unpadded_triton_model_matches_padded_torch_model():
+    config = BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=40, pre_layer_norm=True)
+    torch.manual_seed(0)
+    reference = BertForPreTraining(config).to(DEVICE).eval()
+    ours = BertForPreTraining(config, layer_factory=kt.make_layer_factory(), unpad=True).to(DEVICE).eval()
+    ours.load_state_dict(reference.state_dict())
+    g = torch.Generator().manual_seed(3)
+    mask = (torch.arange(17)[None] < torch.tensor([[17], [6]])).long()
+    ids = (torch.randint(5, 99, (2, 17), generator=g) * mask).to(DEVICE)
+    positions = torch.tensor([[1, 4, 9], [2, 3, 0]], device=DEVICE)
+    labels = torch.tensor([[7, 8, 9], [10, 11, -100]], device=DEVICE)
+    nsp_labels = torch.tensor([0, 1], device=DEVICE)
+    results = []
+    for model in (reference, ours):
+        mlm, nsp = model(ids, None, mask.to(DEVICE), positions)
+        loss, _, _ = pretraining_loss(mlm, nsp, labels, nsp_labels)
+        loss.backward()
+        results.append((loss.detach(), nsp.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (want_loss, want_nsp, want_grads), (loss, nsp, grads) = results
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nsp, want_nsp, atol=1e-5, rtol=1e-5)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(grads[name], want, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("pre_layer_norm", [False, True])

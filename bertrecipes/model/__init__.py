@@ -6,11 +6,13 @@ from bertrecipes.model.bert import (
     BertLayer,
     BertModel,
     LayerFactory,
+    Unpadded,
     count_parameters,
     gather_positions,
     init_bert_weights,
     pretraining_loss,
     training_flops_per_sample,
+    unpad_index,
 )
 
 __all__ = [
@@ -19,9 +21,11 @@ __all__ = [
     "BertLayer",
     "BertModel",
     "LayerFactory",
+    "Unpadded",
     "count_parameters",
     "gather_positions",
     "init_bert_weights",
     "pretraining_loss",
     "training_flops_per_sample",
+    "unpad_index",
 ]

@@ -18,6 +18,16 @@ each LayerNorm belongs to its sub-block, wherever the order puts it.
 The MLM head runs only at the masked positions (gathered before the vocabulary projection),
 which is where most of the head's FLOPs would otherwise go.
 
+Unpadding (``unpad=True``, ``kernel.unpad`` in the configs): the real tokens of a padded [B, S]
+batch are packed into one [T, H] matrix after the embedding lookup and every layer runs on the T
+rows only, so projections, GELU, LayerNorms and dropout never touch padding. Attention needs to
+know which rows form a sequence: the Triton layer reads the packed rows directly (varlen flash
+attention over ``cu_seqlens``); the PyTorch layer scatters q, k, v back to [B, S] for
+``scaled_dot_product_attention`` and gathers the context again. Results at real tokens equal the
+padded model's (the attention mask already kept padding out of them). :func:`unpad_index` finds
+the real tokens; compute it on the CPU copy of the mask (as the training loops do) and no host
+sync is needed on the GPU.
+
 Quick check::
 
     python -c "from bertrecipes.model import BertConfig, BertForPreTraining; \
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +80,76 @@ class BertConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Unpadded:
+    """Where the real tokens of a padded [B, S] batch are, for running the encoder on them alone.
+
+    ``indices`` int64 [T]: flat positions ``b * S + s`` of the real tokens, in order;
+    ``cu_seqlens`` int32 [B + 1]: sequence b is packed rows ``cu_seqlens[b]:cu_seqlens[b + 1]``;
+    ``max_seqlen``: an upper bound of the sequence lengths (a Python int: kernel launch sizes);
+    ``mask`` bool [B, S]: True at real tokens (for layers that attend on the padded layout).
+    """
+
+    indices: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    mask: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.indices.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Unpadded:
+        return Unpadded(self.indices.to(device, non_blocking=non_blocking),
+                        self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen,
+                        self.mask.to(device, non_blocking=non_blocking))
+
+
+# What a layer's forward takes besides the hidden states: a key-padding mask bool [B, S] (True =
+# real token) or None for the padded layout [B, S, H]; an Unpadded for the packed layout [T, H].
+AttentionLayout = Union[torch.Tensor, Unpadded, None]
+
+
+def unpad_index(attention_mask: torch.Tensor) -> Unpadded:
+    """The :class:`Unpadded` of a mask [B, S] (nonzero = real token). On a CUDA mask this waits for
+    the GPU (the token count decides a shape); on the CPU copy it costs microseconds."""
+    mask = attention_mask.bool()
+    if mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(mask.shape)}")
+    seqlens = mask.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = F.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
+    indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
+    max_seqlen = int(seqlens.max()) if mask.device.type == "cpu" and mask.numel() else mask.shape[1]
+    return Unpadded(indices, cu_seqlens, max(max_seqlen, 1), mask)
+
+
+def unpad_rows(x: torch.Tensor, layout: Unpadded) -> torch.Tensor:
+    """[B, S, ...] -> the real tokens' rows [T, ...]."""
+    return x.flatten(0, 1).index_select(0, layout.indices)
+
+
+def pad_rows(x: torch.Tensor, layout: Unpadded) -> torch.Tensor:
+    """[T, ...] -> [B, S, ...] with zeros at padding."""
+    out = x.new_zeros((layout.batch * layout.seq_len, *x.shape[1:]))
+    return out.index_copy(0, layout.indices, x).view(layout.batch, layout.seq_len, *x.shape[1:])
+
+
+def packed_rows(layout: Unpadded, positions: torch.Tensor) -> torch.Tensor:
+    """Packed row index [B, P] of positions [B, P] (a position at padding maps to row 0)."""
+    row_of = torch.zeros(layout.batch * layout.seq_len, dtype=torch.long, device=layout.indices.device)
+    row_of.index_copy_(0, layout.indices, torch.arange(layout.num_tokens, device=row_of.device))
+    base = torch.arange(layout.batch, device=positions.device)[:, None] * layout.seq_len
+    return row_of[base + positions.long()]
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -78,15 +159,18 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        seq_len = input_ids.shape[1]
-        if seq_len > self.position_embeddings.num_embeddings:
-            raise ValueError(
-                f"sequence length {seq_len} exceeds max_position_embeddings "
-                f"{self.position_embeddings.num_embeddings}"
-            )
-        positions = torch.arange(seq_len, device=input_ids.device)
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S] ids -> [B, S, H]; or packed [T] ids with their ``position_ids`` [T] -> [T, H]."""
+        if position_ids is None:
+            seq_len = input_ids.shape[-1]
+            if seq_len > self.position_embeddings.num_embeddings:
+                raise ValueError(
+                    f"sequence length {seq_len} exceeds max_position_embeddings "
+                    f"{self.position_embeddings.num_embeddings}"
+                )
+            position_ids = torch.arange(seq_len, device=input_ids.device)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
              + self.token_type_embeddings(token_type_ids))
         return self.dropout(self.LayerNorm(x))
 
@@ -101,19 +185,25 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        batch, seq_len, hidden = x.shape
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        unpadded = isinstance(layout, Unpadded)
+        if unpadded:  # attend on the padded layout; the projections above ran on real rows only
+            q, k, v = (pad_rows(t, layout) for t in (q, k, v))
+        batch, seq_len, hidden = q.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        # key_padding_mask: bool [B, S], True where a key is a real token.
+        # the key-padding mask: bool [B, S], True where a key is a real token.
+        key_padding_mask = layout.mask if unpadded else layout
         attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
+            heads(q), heads(k), heads(v), attn_mask=attn_mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
         )
-        return context.transpose(1, 2).reshape(batch, seq_len, hidden)
+        context = context.transpose(1, 2).reshape(batch, seq_len, hidden)
+        return unpad_rows(context, layout) if unpadded else context
 
 
 class BertSelfOutput(nn.Module):
@@ -149,7 +239,8 @@ class BertOutput(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """One transformer layer; ``pre_layer_norm`` picks the LayerNorm placement."""
+    """One transformer layer; ``pre_layer_norm`` picks the LayerNorm placement. ``forward(x, layout)``
+    takes x [B, S, H] with a key-padding mask (or None), or packed x [T, H] with an Unpadded."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -158,14 +249,14 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         attn_out, ffn_out = self.attention.output, self.output
         if self.pre_layer_norm:
-            h = self.attention.self(attn_out.LayerNorm(x), key_padding_mask)
+            h = self.attention.self(attn_out.LayerNorm(x), layout)
             x = x + attn_out.dropout(attn_out.dense(h))
             h = self.intermediate(ffn_out.LayerNorm(x))
             return x + ffn_out.dropout(ffn_out.dense(h))
-        h = self.attention.self(x, key_padding_mask)
+        h = self.attention.self(x, layout)
         x = attn_out.LayerNorm(x + attn_out.dropout(attn_out.dense(h)))
         h = self.intermediate(x)
         return ffn_out.LayerNorm(x + ffn_out.dropout(ffn_out.dense(h)))
@@ -177,7 +268,8 @@ LayerFactory = Callable[[BertConfig], nn.Module]
 class BertEncoder(nn.Module):
     """The stack of layers. ``layer_factory`` builds each layer (default: :class:`BertLayer`); another
     implementation (a fused kernel) must keep BertLayer's parameter names and its forward signature
-    ``(hidden_states [B,S,H], key_padding_mask bool [B,S] or None) -> hidden_states``."""
+    ``(hidden_states [B,S,H], key_padding_mask bool [B,S] or None) -> hidden_states``, and, for
+    unpadded runs, ``(hidden_states [T,H], Unpadded) -> hidden_states [T,H]``."""
 
     def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None):
         super().__init__()
@@ -186,9 +278,9 @@ class BertEncoder(nn.Module):
         if config.pre_layer_norm:
             self.FinalLayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         for layer in self.layer:
-            x = layer(x, key_padding_mask)
+            x = layer(x, layout)
         final_norm = getattr(self, "FinalLayerNorm", None)
         return final_norm(x) if final_norm is not None else x
 
@@ -203,27 +295,58 @@ class BertPooler(nn.Module):
 
 
 class BertModel(nn.Module):
-    """Embeddings + encoder + pooler; returns (sequence_output [B,S,H], pooled_output [B,H])."""
+    """Embeddings + encoder + pooler; returns (sequence_output [B,S,H], pooled_output [B,H]).
+
+    ``unpad=True`` runs the encoder on the real tokens only (see the module docstring); the
+    returned sequence output is then zero at padding. ``unpadded`` passes a precomputed
+    :func:`unpad_index` of ``attention_mask``.
+    """
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True,
-                 layer_factory: LayerFactory | None = None):
+                 layer_factory: LayerFactory | None = None, unpad: bool = False):
         super().__init__()
         self.config = config
+        self.unpad = unpad
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config, layer_factory)
         self.pooler = BertPooler(config) if add_pooling_layer else None
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        unpadded: Unpadded | None = None,
+    ) -> tuple[torch.Tensor, Unpadded | None]:
+        """The encoder output: [B, S, H] and None, or, when unpadding, packed [T, H] and its
+        Unpadded (padding rows never computed)."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if unpadded is None and self.unpad and attention_mask is not None:
+            unpadded = unpad_index(attention_mask)
+        if unpadded is None:
+            key_padding_mask = None if attention_mask is None else attention_mask.bool()
+            x = self.embeddings(input_ids, token_type_ids)
+            return self.encoder(x, key_padding_mask), None
+        seq_len = input_ids.shape[1]
+        if seq_len > self.embeddings.position_embeddings.num_embeddings:
+            raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings "
+                             f"{self.embeddings.position_embeddings.num_embeddings}")
+        idx = unpadded.indices
+        x = self.embeddings(input_ids.flatten().index_select(0, idx),
+                            token_type_ids.flatten().index_select(0, idx), idx % seq_len)
+        return self.encoder(x, unpadded), unpadded
 
     def forward(
         self,
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        unpadded: Unpadded | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        key_padding_mask = None if attention_mask is None else attention_mask.bool()
-        x = self.embeddings(input_ids, token_type_ids)
-        x = self.encoder(x, key_padding_mask)
+        x, layout = self.encode(input_ids, token_type_ids, attention_mask, unpadded)
+        if layout is not None:
+            x = pad_rows(x, layout)
         pooled = self.pooler(x) if self.pooler is not None else None
         return x, pooled
 
@@ -286,10 +409,10 @@ class BertForPreTraining(nn.Module):
     (what Hugging Face's ``prediction_logits`` holds).
     """
 
-    def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None):
+    def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None, unpad: bool = False):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, layer_factory=layer_factory)
+        self.bert = BertModel(config, layer_factory=layer_factory, unpad=unpad)
         self.cls = BertPreTrainingHeads(config)
         self.tie_weights()
         init_bert_weights(self, config.initializer_range)
@@ -303,11 +426,20 @@ class BertForPreTraining(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         masked_lm_positions: torch.Tensor | None = None,
+        unpadded: Unpadded | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        sequence_output, pooled = self.bert(input_ids, token_type_ids, attention_mask)
-        if masked_lm_positions is not None:
-            sequence_output = gather_positions(sequence_output, masked_lm_positions)
-        mlm_logits = self.cls.predictions(sequence_output)
+        x, layout = self.bert.encode(input_ids, token_type_ids, attention_mask, unpadded)
+        if layout is None:
+            pooled = self.bert.pooler(x)
+            if masked_lm_positions is not None:
+                x = gather_positions(x, masked_lm_positions)
+        else:  # packed rows: take the heads' inputs straight from them (position 0 for the pooler)
+            first = torch.zeros(layout.batch, 1, dtype=torch.long, device=x.device)
+            positions = first if masked_lm_positions is None else torch.cat([first, masked_lm_positions.long()], 1)
+            rows = packed_rows(layout, positions)
+            pooled = self.bert.pooler.dense(x[rows[:, 0]]).tanh()
+            x = pad_rows(x, layout) if masked_lm_positions is None else x[rows[:, 1:]]
+        mlm_logits = self.cls.predictions(x)
         nsp_logits = self.cls.seq_relationship(pooled)
         return mlm_logits, nsp_logits
 
@@ -352,6 +484,12 @@ __all__ = [
     "BertForPreTraining",
     "BertLayer",
     "LayerFactory",
+    "AttentionLayout",
+    "Unpadded",
+    "unpad_index",
+    "pad_rows",
+    "unpad_rows",
+    "packed_rows",
     "gather_positions",
     "init_bert_weights",
     "pretraining_loss",

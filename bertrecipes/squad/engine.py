@@ -40,6 +40,7 @@ from bertrecipes.data.tokenizer import load_tokenizer
 from bertrecipes.engine import (
     StopRequest,
     TrainState,
+    batch_to_device,
     build_from_config,
     build_layer_factory,
     build_model_config,
@@ -153,7 +154,8 @@ def build_model(cfg: DictConfig, initial: InitialModel, vocab_size: int) -> Bert
     if cfg.max_seq_length > model_config.max_position_embeddings:
         raise ConfigError(f"max_seq_length={cfg.max_seq_length} exceeds the model's "
                           f"max_position_embeddings={model_config.max_position_embeddings}")
-    model = BertForQuestionAnswering(model_config, layer_factory=build_layer_factory(cfg.kernel))
+    model = BertForQuestionAnswering(model_config, layer_factory=build_layer_factory(cfg.kernel),
+                                     unpad=cfg.kernel.unpad)
     if initial.state_dict is not None:
         has_head = load_qa_weights(model, initial.state_dict, initial.source)
         log.info("loaded %s from %s%s", "encoder and QA layer" if has_head else "encoder", initial.source,
@@ -316,10 +318,11 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                 loss_sum = torch.zeros((), device=device)
                 for _ in range(accum):
                     index = np.fromiter(itertools.islice(order, micro), dtype=np.int64, count=micro)
-                    mb = {k: torch.from_numpy(v[index]).to(device, torch.long) for k, v in arrays.items()}
+                    mb, layout = batch_to_device({k: torch.from_numpy(v[index]).long() for k, v in arrays.items()},
+                                                 device, cfg.kernel.unpad)
                     with autocast_context(precision, device):
                         start_logits, end_logits = model(mb["input_ids"], mb["token_type_ids"],
-                                                         mb["attention_mask"])
+                                                         mb["attention_mask"], unpadded=layout)
                     loss = qa_loss(start_logits, end_logits, mb["start_positions"], mb["end_positions"])
                     (loss * (scaler.scale / accum)).backward()
                     loss_sum += loss.detach()
@@ -387,11 +390,11 @@ def predict_logits(model: BertForQuestionAnswering, features: SquadFeatures, bat
     starts, ends = [], []
     try:
         for i in range(0, len(features), batch_size):
-            ids = torch.from_numpy(features.input_ids[i:i + batch_size]).long().to(device)
-            types = torch.from_numpy(features.token_type_ids[i:i + batch_size]).long().to(device)
-            mask = torch.from_numpy(features.attention_mask[i:i + batch_size]).long().to(device)
+            window = {name: torch.from_numpy(getattr(features, name)[i:i + batch_size]).long()
+                      for name in ("input_ids", "token_type_ids", "attention_mask")}
+            mb, layout = batch_to_device(window, device, model.bert.unpad)
             with autocast_context(precision, device):
-                start, end = model(ids, types, mask)
+                start, end = model(mb["input_ids"], mb["token_type_ids"], mb["attention_mask"], unpadded=layout)
             starts.append(start.float().cpu())
             ends.append(end.float().cpu())
     finally:

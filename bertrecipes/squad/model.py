@@ -12,17 +12,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertrecipes.model import BertConfig, BertModel, LayerFactory, init_bert_weights
+from bertrecipes.model import BertConfig, BertModel, LayerFactory, Unpadded, init_bert_weights
+
+
+# The start/end logit of a padding position when the encoder is unpadded: far below any real
+# logit (so out of the softmax and never a predicted span) yet finite in fp16.
+PADDING_LOGIT = -10000.0
 
 
 class BertForQuestionAnswering(nn.Module):
     """``forward(input_ids, token_type_ids, attention_mask) -> (start_logits, end_logits)``, each
-    [B, S] in the computation dtype."""
+    [B, S] in the computation dtype.
 
-    def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None):
+    ``unpad=True`` runs the encoder and the QA layer on real tokens only; padding positions then get
+    :data:`PADDING_LOGIT`, which takes them out of the loss's softmax. (The padded model scores
+    padding like any token, as Google's and Hugging Face's do; real-token logits are the same.)
+    """
+
+    def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None, unpad: bool = False):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False, layer_factory=layer_factory)
+        self.bert = BertModel(config, add_pooling_layer=False, layer_factory=layer_factory, unpad=unpad)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         init_bert_weights(self, config.initializer_range)
 
@@ -31,9 +41,14 @@ class BertForQuestionAnswering(nn.Module):
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        unpadded: Unpadded | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
-        start_logits, end_logits = self.qa_outputs(sequence_output).unbind(-1)
+        x, layout = self.bert.encode(input_ids, token_type_ids, attention_mask, unpadded)
+        logits = self.qa_outputs(x)
+        if layout is not None:  # [T, 2] -> [B, S, 2], padding at PADDING_LOGIT
+            full = logits.new_full((layout.batch * layout.seq_len, 2), PADDING_LOGIT)
+            logits = full.index_copy(0, layout.indices, logits).view(layout.batch, layout.seq_len, 2)
+        start_logits, end_logits = logits.unbind(-1)
         return start_logits, end_logits
 
 
