@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bertrecipes.model import BertConfig, BertForPreTraining, pretraining_loss
-from bertrecipes.model.bert import pad_rows, packed_rows, unpad_index, unpad_rows
+from bertrecipes.model.bert import packed_rows, pad_rows, unpad_index, unpad_rows
 
 transformers = pytest.importorskip("transformers")
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +114,7 @@ class Unpadded:
 
 # What a layer's forward takes besides the hidden states: a key-padding mask bool [B, S] (True =
 # real token) or None for the padded layout [B, S, H]; an Unpadded for the packed layout [T, H].
-AttentionLayout = Union[torch.Tensor, Unpadded, None]
+AttentionLayout = torch.Tensor | Unpadded | None
 
 
 def unpad_index(attention_mask: torch.Tensor) -> Unpadded:
@@ -409,7 +408,8 @@ class BertForPreTraining(nn.Module):
     (what Hugging Face's ``prediction_logits`` holds).
     """
 
-    def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None, unpad: bool = False):
+    def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None,
+                 unpad: bool = False):
         super().__init__()
         self.config = config
         self.bert = BertModel(config, layer_factory=layer_factory, unpad=unpad)
@@ -434,8 +434,9 @@ class BertForPreTraining(nn.Module):
             if masked_lm_positions is not None:
                 x = gather_positions(x, masked_lm_positions)
         else:  # packed rows: take the heads' inputs straight from them (position 0 for the pooler)
-            first = torch.zeros(layout.batch, 1, dtype=torch.long, device=x.device)
-            positions = first if masked_lm_positions is None else torch.cat([first, masked_lm_positions.long()], 1)
+            positions = torch.zeros(layout.batch, 1, dtype=torch.long, device=x.device)
+            if masked_lm_positions is not None:
+                positions = torch.cat([positions, masked_lm_positions.long()], 1)
             rows = packed_rows(layout, positions)
             pooled = self.bert.pooler.dense(x[rows[:, 0]]).tanh()
             x = pad_rows(x, layout) if masked_lm_positions is None else x[rows[:, 1:]]

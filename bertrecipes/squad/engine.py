@@ -318,8 +318,8 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                 loss_sum = torch.zeros((), device=device)
                 for _ in range(accum):
                     index = np.fromiter(itertools.islice(order, micro), dtype=np.int64, count=micro)
-                    mb, layout = batch_to_device({k: torch.from_numpy(v[index]).long() for k, v in arrays.items()},
-                                                 device, cfg.kernel.unpad)
+                    host = {k: torch.from_numpy(v[index]).long() for k, v in arrays.items()}
+                    mb, layout = batch_to_device(host, device, cfg.kernel.unpad)
                     with autocast_context(precision, device):
                         start_logits, end_logits = model(mb["input_ids"], mb["token_type_ids"],
                                                          mb["attention_mask"], unpadded=layout)
@@ -394,7 +394,8 @@ def predict_logits(model: BertForQuestionAnswering, features: SquadFeatures, bat
                       for name in ("input_ids", "token_type_ids", "attention_mask")}
             mb, layout = batch_to_device(window, device, model.bert.unpad)
             with autocast_context(precision, device):
-                start, end = model(mb["input_ids"], mb["token_type_ids"], mb["attention_mask"], unpadded=layout)
+                start, end = model(mb["input_ids"], mb["token_type_ids"], mb["attention_mask"],
+                                   unpadded=layout)
             starts.append(start.float().cpu())
             ends.append(end.float().cpu())
     finally:

@@ -14,7 +14,6 @@ from torch import nn
 
 from bertrecipes.model import BertConfig, BertModel, LayerFactory, Unpadded, init_bert_weights
 
-
 # The start/end logit of a padding position when the encoder is unpadded: far below any real
 # logit (so out of the softmax and never a predicted span) yet finite in fp16.
 PADDING_LOGIT = -10000.0
