@@ -58,6 +58,7 @@ class LambConfig:
     bias_correction: bool = True
     max_coeff: float = 10.0
     min_coeff: float = 0.01
+    fused: bool | None = None  # null = Triton step on CUDA when available; true = require; false = foreach
 
 
 @dataclass

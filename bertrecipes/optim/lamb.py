@@ -13,6 +13,11 @@ Norms are L2 norms over the whole tensor. The trust ratio is applied in every gr
 ``weight_decay == 0`` (DeepSpeed does the same; BERT's no-decay group of biases/LayerNorm weights is still
 trust-ratio scaled).
 
+``fused`` picks the implementation: ``None`` (default) uses the two-kernel Triton step
+(:mod:`kernels_triton.lamb`) for fp32 tensors on a CUDA device when Triton is installed, and the
+``torch._foreach_*`` ops otherwise; ``True`` requires the Triton step (an error says why it cannot
+run); ``False`` always uses foreach. Both keep the same state, so checkpoints move freely between them.
+
 The step is free of host<->device synchronisation: step counters are Python ints (so the bias corrections are
 host floats), and the per-tensor trust ratios stay on the device as one tensor that is applied through a
 foreach op taking a list of 0-d tensors.
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 # Only full-precision master weights are supported: optimizer state and math stay in fp32 (or fp64), because
@@ -179,6 +185,7 @@ class Lamb(_ForeachOptimizer):
         bias_correction: scale the step by ``sqrt(1 - b2^t) / (1 - b1^t)``.
         max_coeff, min_coeff: clamp range of the trust ratio ``||p|| / ||u||``,
             ``0 <= min_coeff <= max_coeff``.
+        fused: ``None`` (auto), ``True`` or ``False``: the Triton two-kernel step; see the module docstring.
 
     After each :meth:`step`, ``last_coeffs`` holds the trust ratios actually applied, as a 1-D fp32 tensor on
     the parameters' device, one entry per parameter tensor that had a gradient, in param-group then parameter
@@ -195,7 +202,11 @@ class Lamb(_ForeachOptimizer):
         bias_correction: bool = True,
         max_coeff: float = 10.0,
         min_coeff: float = 0.01,
+        fused: bool | None = None,
     ) -> None:
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be null (auto), true or false, got {fused!r}")
+        self.fused = fused
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -228,10 +239,31 @@ class Lamb(_ForeachOptimizer):
         for group in self.param_groups:
             buckets, n_stepped = _collect_buckets(self, group, n_stepped, type(self).__name__)
             for bucket in buckets:
-                coeff_pieces.append((bucket.order, self._step_bucket(group, bucket)))
+                step = self._fused_step_bucket if self._use_fused(bucket) else self._step_bucket
+                coeff_pieces.append((bucket.order, step(group, bucket)))
 
         self.last_coeffs = _in_param_order(coeff_pieces, n_stepped)
         return loss
+
+    def _use_fused(self, bucket: _Bucket) -> bool:
+        if self.fused is False:
+            return False
+        reason = _fused_unavailable(bucket, explicit=bool(self.fused))
+        if reason is None:
+            return True
+        if self.fused:
+            raise RuntimeError(f"Lamb(fused=True) cannot run: {reason} (use fused=null to fall back to foreach)")
+        return False
+
+    @staticmethod
+    def _fused_step_bucket(group: dict[str, Any], bucket: _Bucket) -> torch.Tensor:
+        from kernels_triton.lamb import fused_lamb_step
+
+        beta1, beta2 = group["betas"]
+        return fused_lamb_step(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
+                               beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                               step_size=_step_size(group, bucket.step), min_coeff=group["min_coeff"],
+                               max_coeff=group["max_coeff"])
 
     @staticmethod
     def _step_bucket(group: dict[str, Any], bucket: _Bucket) -> torch.Tensor:
@@ -256,11 +288,7 @@ class Lamb(_ForeachOptimizer):
         usable = (param_norms != 0) & (update_norms != 0)
         coeffs = torch.where(usable, ratio, torch.ones_like(ratio))
 
-        if group["bias_correction"]:
-            t = bucket.step
-            step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-        else:
-            step_size = group["lr"]
+        step_size = _step_size(group, bucket.step)
 
         # A list of 0-d tensors broadcasts per tensor in foreach ops, applying each tensor's own scale without
         # copying the coefficients to the host. (On CUDA this op takes torch's per-tensor fallback because
@@ -268,6 +296,33 @@ class Lamb(_ForeachOptimizer):
         scales = coeffs * (-step_size)
         torch._foreach_addcmul_(bucket.params, updates, list(scales.unbind()))
         return coeffs
+
+
+def _step_size(group: dict[str, Any], step: int) -> float:
+    if not group["bias_correction"]:
+        return group["lr"]
+    beta1, beta2 = group["betas"]
+    return group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+def _fused_unavailable(bucket: _Bucket, explicit: bool) -> str | None:
+    """Why the Triton step cannot take this bucket, or None if it can. Off CUDA it runs only when
+    asked for explicitly under ``TRITON_INTERPRET=1`` (the tests' way; far too slow otherwise)."""
+    device, dtype = bucket.params[0].device, bucket.params[0].dtype
+    if dtype != torch.float32:
+        return f"the Triton step takes fp32 parameters, these are {dtype}"
+    try:
+        from kernels_triton.utils import INTERPRET
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    if device.type != "cuda" and not (explicit and INTERPRET):
+        return f"the parameters are on {device}, not a CUDA device"
+    tensors = (*bucket.params, *bucket.grads, *bucket.exp_avgs, *bucket.exp_avg_sqs)
+    if any(isinstance(t, DTensor) for t in tensors):
+        return "the parameters are sharded DTensors (FSDP); their norms need collectives"
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        return "some gradients or parameters are not contiguous fp32 tensors"
+    return None
 
 
 def _in_param_order(pieces: list[tuple[list[int], torch.Tensor]], count: int) -> torch.Tensor | None:

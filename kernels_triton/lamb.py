@@ -1,0 +1,137 @@
+"""Fused multi-tensor LAMB step: every fp32 parameter tensor of a bucket in two kernel launches.
+
+The rule is :class:`bertrecipes.optim.Lamb`'s (DeepSpeed FusedLamb semantics)::
+
+    m = b1*m + (1 - b1)*g;  v = b2*v + (1 - b2)*g^2
+    u = m / (sqrt(v) + eps) + weight_decay*p
+    coeff = clamp(||p|| / ||u||, min_coeff, max_coeff)   (1 if either norm is 0)
+    p -= step_size * coeff * u
+
+* Pass 1 (one program per chunk of one tensor): read g, m, v, p; write m, v; each chunk's partial
+  sums of p^2 and u^2 (fp32) go to a [chunks, 2] buffer.
+* The per-tensor norms are the chunk partials summed in a fixed order (an fp64 running sum taken at
+  tensor boundaries, so the result never depends on scheduling), then the trust ratios and the
+  per-tensor scale ``-step_size * coeff`` are computed on the device: no host sync.
+* Pass 2 (one program per chunk): read p, m, v; recompute u exactly as pass 1 did; write p.
+
+That is 4 reads + 2 writes, then 3 reads + 1 write of the parameter-sized tensors, where the
+``torch._foreach_*`` version makes about 25 passes. The tensors are reached through a table of
+their addresses, so any set of tensors (any shapes, not one flat buffer) goes through one launch.
+
+Run its tests on a CPU: ``TRITON_INTERPRET=1 pytest tests/test_lamb_fused.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels_triton.utils import INTERPRET
+
+CHUNK = 4096  # elements per program
+
+
+@triton.jit
+def _chunk(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_ADDR, V_ADDR, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    t = tl.load(TENSOR_OF_CHUNK + c)
+    offs = tl.load(CHUNK_START + c) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < tl.load(NUMEL + t)
+    p_ptr = tl.load(P_ADDR + t).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(G_ADDR + t).to(tl.pointer_type(tl.float32))
+    m_ptr = tl.load(M_ADDR + t).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(V_ADDR + t).to(tl.pointer_type(tl.float32))
+    return c, t, offs, mask, p_ptr, g_ptr, m_ptr, v_ptr
+
+
+@triton.jit
+def _update(m, v, p, eps, weight_decay):
+    return tl.div_rn(m, tl.sqrt_rn(v) + eps) + weight_decay * p
+
+
+@triton.jit
+def _lamb_moments_kernel(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_ADDR, V_ADDR, PARTIAL,
+                         beta1, beta2, eps, weight_decay, BLOCK: tl.constexpr):
+    c, t, offs, mask, p_ptr, g_ptr, m_ptr, v_ptr = _chunk(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR,
+                                                          M_ADDR, V_ADDR, BLOCK)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    m = beta1 * tl.load(m_ptr + offs, mask=mask, other=0.0) + (1.0 - beta1) * g
+    v = beta2 * tl.load(v_ptr + offs, mask=mask, other=0.0) + (1.0 - beta2) * g * g
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    u = tl.where(mask, _update(m, v, p, eps, weight_decay), 0.0)
+    tl.store(PARTIAL + 2 * c, tl.sum(p * p, 0))
+    tl.store(PARTIAL + 2 * c + 1, tl.sum(u * u, 0))
+
+
+@triton.jit
+def _lamb_apply_kernel(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_ADDR, V_ADDR, SCALE,
+                       eps, weight_decay, BLOCK: tl.constexpr):
+    c, t, offs, mask, p_ptr, g_ptr, m_ptr, v_ptr = _chunk(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR,
+                                                          M_ADDR, V_ADDR, BLOCK)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    u = _update(m, v, p, eps, weight_decay)
+    tl.store(p_ptr + offs, p + tl.load(SCALE + t) * u, mask=mask)
+
+
+def _table(tensors: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The address, size and chunk tables of one call, built on the host and copied asynchronously
+    (pinned memory on CUDA, so the copy does not wait for the GPU)."""
+    numels = [t.numel() for t in tensors[0::4]]
+    chunks = [max(1, triton.cdiv(n, CHUNK)) for n in numels]
+    tensor_of_chunk = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
+                                              torch.tensor(chunks))
+    first_chunk = torch.tensor([0, *chunks[:-1]]).cumsum(0)
+    chunk_start = (torch.arange(int(sum(chunks))) - first_chunk.repeat_interleave(torch.tensor(chunks))) * CHUNK
+    addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).view(-1, 4).t()
+    host = {"tensor_of_chunk": tensor_of_chunk, "chunk_start": chunk_start.to(torch.int64),
+            "numel": torch.tensor(numels, dtype=torch.int64), "p": addresses[0].contiguous(),
+            "g": addresses[1].contiguous(), "m": addresses[2].contiguous(), "v": addresses[3].contiguous(),
+            "chunks": torch.tensor(chunks)}
+    if device.type != "cuda":
+        return host
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in host.items()}
+
+
+def _check(name: str, tensors: list[torch.Tensor], device: torch.device) -> None:
+    for t in tensors:
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device:
+            raise ValueError(f"fused LAMB takes contiguous fp32 {name} on {device}; got {t.dtype}, "
+                             f"shape {tuple(t.shape)}, contiguous={t.is_contiguous()}, on {t.device}")
+
+
+def fused_lamb_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                    exp_avg_sqs: list[torch.Tensor], *, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, step_size: float, min_coeff: float, max_coeff: float) -> torch.Tensor:
+    """One LAMB step of these tensors, in place (see the module docstring). Returns the trust ratios
+    (fp32 [tensors], on the device)."""
+    device = params[0].device
+    if device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"fused LAMB runs on CUDA tensors (or under TRITON_INTERPRET=1), got {device}")
+    for name, tensors in (("params", params), ("grads", grads), ("exp_avg", exp_avgs),
+                          ("exp_avg_sq", exp_avg_sqs)):
+        _check(name, tensors, device)
+    table = _table([t for four in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True) for t in four], device)
+    n_chunks = table["tensor_of_chunk"].numel()
+    args = (table["tensor_of_chunk"], table["chunk_start"], table["numel"], table["p"], table["g"], table["m"],
+            table["v"])
+    partial = torch.empty(n_chunks, 2, device=device, dtype=torch.float32)
+    _lamb_moments_kernel[(n_chunks,)](*args, partial, float(beta1), float(beta2), float(eps),
+                                      float(weight_decay), BLOCK=CHUNK)
+    # per-tensor sums of the chunk partials, in chunk order: fp64 running sum read at boundaries
+    running = torch.cat([partial.new_zeros(1, 2, dtype=torch.float64), partial.double().cumsum(0)])
+    ends = table["chunks"].to(device).cumsum(0)
+    sums = (running[ends] - running[ends - table["chunks"].to(device)]).clamp(min=0.0)
+    param_norms, update_norms = sums.sqrt().float().unbind(1)
+    ratio = (param_norms / update_norms).clamp(min=min_coeff, max=max_coeff)
+    coeffs = torch.where((param_norms != 0) & (update_norms != 0), ratio, torch.ones_like(ratio))
+    scale = (coeffs * -step_size).contiguous()
+    _lamb_apply_kernel[(n_chunks,)](*args, scale, float(eps), float(weight_decay), BLOCK=CHUNK)
+    return coeffs
+
+
+__all__ = ["CHUNK", "fused_lamb_step"]

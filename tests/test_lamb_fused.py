@@ -1,0 +1,120 @@
+"""The fused Triton LAMB step (``Lamb(fused=True)``, kernels_triton.lamb) against the same float64
+per-tensor reference as the foreach implementation: every test of tests/test_lamb.py runs again
+with the fused step, plus tensors spanning several chunks (the per-tensor norms are sums of chunk
+partials) and an empty tensor. Without a GPU the kernels run in Triton's interpreter."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import test_lamb
+import torch
+
+from bertrecipes.optim import Lamb
+
+if not torch.cuda.is_available():  # read when the kernels are decorated, so before the import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="kernels_triton needs triton (pip install -e '.[dev]')")
+kt = importlib.import_module("kernels_triton")
+if kt.utils.unavailable_reason():
+    pytest.skip(kt.utils.unavailable_reason(), allow_module_level=True)
+DEVICE = "cpu" if kt.INTERPRET else "cuda"
+
+from test_lamb import (  # noqa: E402  (collected here again, with the fused step patched in)
+    test_matches_float64_reference,
+    test_multiple_param_groups_with_different_settings_and_missing_grads,
+    test_no_grads_at_all_gives_no_coeffs,
+    test_param_without_grad_has_no_state_and_is_unchanged,
+    test_state_dict_round_trip_continues_identically,
+    test_trust_ratio_clamps,
+    test_zero_norm_param_uses_unclamped_unit_coeff,
+    test_zero_update_norm_uses_unit_coeff,
+)
+
+__all__ = [
+    "test_matches_float64_reference",
+    "test_multiple_param_groups_with_different_settings_and_missing_grads",
+    "test_no_grads_at_all_gives_no_coeffs",
+    "test_param_without_grad_has_no_state_and_is_unchanged",
+    "test_state_dict_round_trip_continues_identically",
+    "test_trust_ratio_clamps",
+    "test_zero_norm_param_uses_unclamped_unit_coeff",
+    "test_zero_update_norm_uses_unit_coeff",
+]
+
+
+class FusedLamb(Lamb):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, fused=True)
+
+
+@pytest.fixture(autouse=True)
+def fused_step(monkeypatch):
+    monkeypatch.setattr(test_lamb, "Lamb", FusedLamb)
+    calls = []
+    original = Lamb._fused_step_bucket
+
+    def counting(group, bucket):
+        calls.append(len(bucket.params))
+        return original(group, bucket)
+
+    monkeypatch.setattr(Lamb, "_fused_step_bucket", staticmethod(counting))
+    yield
+    # every test that stepped with gradients went through the Triton step
+    assert all(n > 0 for n in calls)
+
+
+def test_tensors_spanning_several_chunks_match_the_reference():
+    chunk = kt.lamb.CHUNK
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(3 * chunk + 17,), (2, chunk), (0,), (5,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
+    settings = test_lamb._defaults(weight_decay=0.01)
+    reference = test_lamb.ReferenceLamb(params, [settings] * len(params))
+    opt = FusedLamb(params, **settings)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        reference.step(grads)
+        test_lamb._assert_matches(params, reference)
+        torch.testing.assert_close(opt.last_coeffs.double(), torch.tensor(reference.coeffs, dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_fused_and_foreach_steps_agree_and_share_state():
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(kt.lamb.CHUNK + 3,), (7, 9), ()]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
+    runs = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = Lamb(params, lr=1e-2, weight_decay=0.01, fused=fused)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        runs[fused] = (params, opt)
+    for a, b in zip(runs[True][0], runs[False][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # the state layout is the same: the fused optimizer's state continues in a foreach one
+    foreach = Lamb([torch.nn.Parameter(p.detach().clone()) for p in runs[True][0]], fused=False)
+    foreach.load_state_dict(runs[True][1].state_dict())
+    assert all(foreach.state[p]["step"] == 4 for p in foreach.param_groups[0]["params"])
+
+
+def test_non_fp32_is_refused_naming_the_dtype():
+    param = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    param.grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="fp32 parameters, these are torch.float64"):
+        Lamb([param], fused=True).step()
+    Lamb([param], fused=None).step()  # auto falls back to foreach
+
+
+def test_fused_must_be_a_boolean_or_null():
+    with pytest.raises(ValueError, match="fused must be null.*'yes'"):
+        Lamb([torch.nn.Parameter(torch.ones(1))], fused="yes")
