@@ -78,20 +78,21 @@ def _lamb_apply_kernel(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_AD
     tl.store(p_ptr + offs, p + tl.load(SCALE + t) * u, mask=mask)
 
 
-def _table(tensors: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def _table(quads: list[tuple[torch.Tensor, ...]], device: torch.device) -> dict[str, torch.Tensor]:
     """The address, size and chunk tables of one call, built on the host and copied asynchronously
-    (pinned memory on CUDA, so the copy does not wait for the GPU)."""
-    numels = [t.numel() for t in tensors[0::4]]
+    (pinned memory on CUDA, so the copy does not wait for the GPU). ``quads``: (p, g, m, v) each."""
+    numels = [p.numel() for p, *_ in quads]
     chunks = [max(1, triton.cdiv(n, CHUNK)) for n in numels]
-    tensor_of_chunk = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
-                                              torch.tensor(chunks))
-    first_chunk = torch.tensor([0, *chunks[:-1]]).cumsum(0)
-    chunk_start = (torch.arange(int(sum(chunks))) - first_chunk.repeat_interleave(torch.tensor(chunks))) * CHUNK
-    addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).view(-1, 4).t()
-    host = {"tensor_of_chunk": tensor_of_chunk, "chunk_start": chunk_start.to(torch.int64),
-            "numel": torch.tensor(numels, dtype=torch.int64), "p": addresses[0].contiguous(),
-            "g": addresses[1].contiguous(), "m": addresses[2].contiguous(), "v": addresses[3].contiguous(),
-            "chunks": torch.tensor(chunks)}
+    host = {
+        "tensor_of_chunk": torch.repeat_interleave(torch.arange(len(quads), dtype=torch.int32),
+                                                   torch.tensor(chunks)),
+        "chunk_start": torch.cat([torch.arange(c, dtype=torch.int64) * CHUNK for c in chunks]),
+        "numel": torch.tensor(numels, dtype=torch.int64),
+        "chunks": torch.tensor(chunks, dtype=torch.int64),
+    }
+    addresses = torch.tensor([[t.data_ptr() for t in quad] for quad in quads], dtype=torch.int64)
+    for i, name in enumerate("pgmv"):
+        host[name] = addresses[:, i].contiguous()
     if device.type != "cuda":
         return host
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in host.items()}
@@ -106,7 +107,8 @@ def _check(name: str, tensors: list[torch.Tensor], device: torch.device) -> None
 
 def fused_lamb_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                     exp_avg_sqs: list[torch.Tensor], *, beta1: float, beta2: float, eps: float,
-                    weight_decay: float, step_size: float, min_coeff: float, max_coeff: float) -> torch.Tensor:
+                    weight_decay: float, step_size: float, min_coeff: float,
+                    max_coeff: float) -> torch.Tensor:
     """One LAMB step of these tensors, in place (see the module docstring). Returns the trust ratios
     (fp32 [tensors], on the device)."""
     device = params[0].device
@@ -115,17 +117,16 @@ def fused_lamb_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
     for name, tensors in (("params", params), ("grads", grads), ("exp_avg", exp_avgs),
                           ("exp_avg_sq", exp_avg_sqs)):
         _check(name, tensors, device)
-    table = _table([t for four in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True) for t in four], device)
+    table = _table(list(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)), device)
     n_chunks = table["tensor_of_chunk"].numel()
-    args = (table["tensor_of_chunk"], table["chunk_start"], table["numel"], table["p"], table["g"], table["m"],
-            table["v"])
+    args = tuple(table[k] for k in ("tensor_of_chunk", "chunk_start", "numel", "p", "g", "m", "v"))
     partial = torch.empty(n_chunks, 2, device=device, dtype=torch.float32)
     _lamb_moments_kernel[(n_chunks,)](*args, partial, float(beta1), float(beta2), float(eps),
                                       float(weight_decay), BLOCK=CHUNK)
     # per-tensor sums of the chunk partials, in chunk order: fp64 running sum read at boundaries
     running = torch.cat([partial.new_zeros(1, 2, dtype=torch.float64), partial.double().cumsum(0)])
-    ends = table["chunks"].to(device).cumsum(0)
-    sums = (running[ends] - running[ends - table["chunks"].to(device)]).clamp(min=0.0)
+    ends = table["chunks"].cumsum(0)
+    sums = (running[ends] - running[ends - table["chunks"]]).clamp(min=0.0)
     param_norms, update_norms = sums.sqrt().float().unbind(1)
     ratio = (param_norms / update_norms).clamp(min=min_coeff, max=max_coeff)
     coeffs = torch.where((param_norms != 0) & (update_norms != 0), ratio, torch.ones_like(ratio))

@@ -81,8 +81,8 @@ def test_tensors_spanning_several_chunks_match_the_reference():
         opt.step()
         reference.step(grads)
         test_lamb._assert_matches(params, reference)
-        torch.testing.assert_close(opt.last_coeffs.double(), torch.tensor(reference.coeffs, dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-6)
+        want = torch.tensor(reference.coeffs, dtype=torch.float64)
+        torch.testing.assert_close(opt.last_coeffs.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_and_foreach_steps_agree_and_share_state():

@@ -252,7 +252,8 @@ class Lamb(_ForeachOptimizer):
         if reason is None:
             return True
         if self.fused:
-            raise RuntimeError(f"Lamb(fused=True) cannot run: {reason} (use fused=null to fall back to foreach)")
+            raise RuntimeError(f"Lamb(fused=True) cannot run: {reason} "
+                               f"(use fused=null to fall back to foreach)")
         return False
 
     @staticmethod
