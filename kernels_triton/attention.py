@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels_triton.utils import INTERPRET, check_tensors, new_seed
+from kernels_triton.utils import check_tensors, interpreter_tiles, new_seed
 
 LOG2E = 1.4426950408889634
 
@@ -271,7 +271,7 @@ def _dropout_mask_kernel(OUT, seed, max_seqlen, dropout_p, BLOCK_M: tl.constexpr
 def _blocks(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. Small blocks under the interpreter so
     a 33-token test crosses a block border; on a GPU, sizes after the Triton fused-attention tutorial."""
-    if INTERPRET:
+    if interpreter_tiles():
         return {"fwd": (32, 32, 1, 1), "dkdv": (32, 32, 1, 1), "dq": (32, 32, 1, 1)}
     stages = 2 if dtype == torch.float32 or head_dim > 64 else 3
     if head_dim <= 64:
@@ -449,7 +449,7 @@ def attention_dropout_mask(seed: int, batch: int, nheads: int, seqlen: int, drop
     :func:`attention_ref`). For varlen calls, pass ``max_seqlen`` as ``seqlen``."""
     out = torch.empty(batch, nheads, seqlen, seqlen, device=device, dtype=torch.int8)
     check_tensors(out)
-    block = 32 if INTERPRET else 64
+    block = 32 if interpreter_tiles() else 64
     _dropout_mask_kernel[(triton.cdiv(seqlen, block), batch * nheads)](
         out, seed, seqlen, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return out.bool()

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels_triton.utils import INTERPRET, check_tensors, finish_column_sum, reduction_programs
+from kernels_triton.utils import check_tensors, finish_column_sum, interpreter_tiles, reduction_programs
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -84,7 +84,7 @@ def _bias_gelu_bwd_kernel(
 
 def _tile(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the elementwise tiles."""
-    if INTERPRET:
+    if interpreter_tiles():
         return 16, triton.next_power_of_2(n_cols), 1
     return 16, min(256, triton.next_power_of_2(n_cols)), 4
 

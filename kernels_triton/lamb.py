@@ -30,6 +30,7 @@ import triton.language as tl
 from kernels_triton.utils import INTERPRET
 
 CHUNK = 4096  # elements per program
+NUM_WARPS = 8  # 16 elements of each array per thread: keeps the pass-1 kernel's registers in check
 
 
 @triton.jit
@@ -122,7 +123,7 @@ def fused_lamb_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
     args = tuple(table[k] for k in ("tensor_of_chunk", "chunk_start", "numel", "p", "g", "m", "v"))
     partial = torch.empty(n_chunks, 2, device=device, dtype=torch.float32)
     _lamb_moments_kernel[(n_chunks,)](*args, partial, float(beta1), float(beta2), float(eps),
-                                      float(weight_decay), BLOCK=CHUNK)
+                                      float(weight_decay), BLOCK=CHUNK, num_warps=NUM_WARPS)
     # per-tensor sums of the chunk partials, in chunk order: fp64 running sum read at boundaries
     running = torch.cat([partial.new_zeros(1, 2, dtype=torch.float64), partial.double().cumsum(0)])
     ends = table["chunks"].cumsum(0)
@@ -131,7 +132,8 @@ def fused_lamb_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
     ratio = (param_norms / update_norms).clamp(min=min_coeff, max=max_coeff)
     coeffs = torch.where((param_norms != 0) & (update_norms != 0), ratio, torch.ones_like(ratio))
     scale = (coeffs * -step_size).contiguous()
-    _lamb_apply_kernel[(n_chunks,)](*args, scale, float(eps), float(weight_decay), BLOCK=CHUNK)
+    _lamb_apply_kernel[(n_chunks,)](*args, scale, float(eps), float(weight_decay), BLOCK=CHUNK,
+                                    num_warps=NUM_WARPS)
     return coeffs
 
 

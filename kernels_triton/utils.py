@@ -23,6 +23,15 @@ def _probe_kernel(x):
 # True when the kernels of this package run in Triton's CPU interpreter (slow; for tests).
 INTERPRET = type(_probe_kernel).__name__ == "InterpretedFunction"
 
+# Under the interpreter the launchers pick small tiles (so short test sequences cross tile borders)
+# unless this is set: scripts/compile_kernels.py sets it to record the launches a GPU would get.
+FORCE_GPU_TILES = False
+
+
+def interpreter_tiles() -> bool:
+    """True when launchers should use the interpreter's small tiles rather than the GPU's."""
+    return INTERPRET and not FORCE_GPU_TILES
+
 
 def _major_minor(package: str) -> tuple[int, ...]:
     try:
@@ -82,7 +91,7 @@ def row_tile(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) for a row-wise kernel over ``n_cols`` columns: the whole row in
     one block, several rows per tile while the tile stays small."""
     block_n = triton.next_power_of_2(n_cols)
-    if INTERPRET:
+    if interpreter_tiles():
         return block_n, 16, 1
     rows = max(1, min(16, 2048 // block_n))
     num_warps = 4 if block_n * rows <= 2048 else 8

@@ -82,7 +82,8 @@ def test_gold_answers_score_100(dev_examples, tmp_path):
 
 def hf_cfg(model_file, **overrides):
     base = dict(model_file=str(model_file), ckpt_type="HF", origin_bert_config_file=None, vocab_file=None,
-                dropout=0.1, max_seq_length=32, do_train=True, kernel={"name": "torch"}, model=None)
+                dropout=0.1, max_seq_length=32, do_train=True,
+                kernel={"name": "torch", "unpad": False}, model=None)
     base.update(overrides)
     return OmegaConf.create(base)
 
