@@ -44,7 +44,7 @@ def losses(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One 1-process run, one 2-process DDP run and one 2-process ZeRO-1 run, 5 steps each."""
+    """5 steps each: 1 process; 2 processes under DDP, ZeRO-1 and FSDP; DDP and FSDP unpadded."""
     base = tmp_path_factory.mktemp("dist")
     cache = base / "cache"
     out = {}
@@ -53,6 +53,8 @@ def runs(tmp_path_factory):
         ("ddp", 2, []),
         ("zero1", 2, ["distributed.zero_stage=1"]),
         ("fsdp", 2, ["distributed.strategy=fsdp"]),
+        ("ddp_unpad", 2, ["kernel.unpad=true"]),
+        ("fsdp_unpad", 2, ["distributed.strategy=fsdp", "kernel.unpad=true"]),
     ]:
         result = run([*TINY, "max_steps=5", f"output_dir={base / name}", *extra], cache, nproc)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -77,6 +79,14 @@ def test_zero1_and_fsdp_equal_plain_ddp(runs, sharded):
     for a, b in zip(ddp, zero, strict=True):
         for key in ("loss", "mlm_loss", "nsp_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.parametrize("unpadded", ["ddp_unpad", "fsdp_unpad"])
+def test_unpadded_encoder_under_ddp_and_fsdp_equals_one_padded_process(runs, unpadded):
+    single, other = losses(runs["single"]), losses(runs[unpadded])
+    for a, b in zip(single, other, strict=True):
+        for key in ("loss", "mlm_loss", "nsp_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
 def test_only_rank_zero_writes(runs):
