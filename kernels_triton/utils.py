@@ -1,8 +1,9 @@
 """Launch helpers shared by the fused ops: interpreter detection, device checks, seeds, grid sizes.
 
 Triton decides at *decoration* time whether a ``@triton.jit`` function is compiled for a GPU or
-run by its CPU interpreter (``TRITON_INTERPRET=1``), so that variable must be set before
-``kernels_triton`` is first imported. :data:`INTERPRET` records what was decided.
+run by its CPU interpreter (``TRITON_INTERPRET=1``), triton's own library functions (``tl.sum``,
+``tl.rand``) included, which it decorates when it is imported: so that variable must be set before
+``triton`` is first imported by anything. :data:`INTERPRET` records what was decided.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def unavailable_reason() -> str | None:
                     "pip install 'triton>=3.7' or 'numpy<2.3'")
         return None
     if not torch.cuda.is_available():
-        return "no CUDA device, and TRITON_INTERPRET=1 was not set before kernels_triton was imported"
+        return "no CUDA device, and TRITON_INTERPRET=1 was not set before triton was first imported"
     return None
 
 
@@ -60,7 +61,7 @@ def check_tensors(*tensors: torch.Tensor | None) -> None:
         if t.device.type != "cuda" and not INTERPRET:
             raise RuntimeError(
                 f"kernels_triton got a {t.device.type} tensor: the kernels need CUDA tensors, or "
-                "TRITON_INTERPRET=1 set before kernels_triton is imported to run (slowly) on the CPU"
+                "TRITON_INTERPRET=1 set before triton is first imported to run (slowly) on the CPU"
             )
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"kernels_triton needs a unit stride in the last dimension, got {t.stride()}")

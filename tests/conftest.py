@@ -1,13 +1,24 @@
-"""Shared test fixtures: Hydra composition of the project's configs with a private data cache."""
+"""Shared test fixtures: Hydra composition of the project's configs with a private data cache.
+
+Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before triton
+itself is first imported (triton's own library functions, ``tl.sum`` or ``tl.rand``, are decorated
+at its import), so it is chosen here, before any test module imports anything.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_dir
+import torch
 
-from bertrecipes.config import register_configs
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from bertrecipes.config import register_configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = str(ROOT / "conf")

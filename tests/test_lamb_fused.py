@@ -14,7 +14,7 @@ import torch
 
 from bertrecipes.optim import Lamb
 
-if not torch.cuda.is_available():  # read when the kernels are decorated, so before the import
+if not torch.cuda.is_available():  # read when triton decorates its functions (conftest.py sets it first)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="kernels_triton needs triton (pip install -e '.[dev]')")
 kt = importlib.import_module("kernels_triton")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from saved_tensors import saved_bytes
 
-if not torch.cuda.is_available():  # read when kernels_triton's kernels are decorated, so before the import
+if not torch.cuda.is_available():  # read when triton decorates its functions (conftest.py sets it first)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="kernels_triton needs triton (pip install -e '.[dev]')")
 kt = importlib.import_module("kernels_triton")
