@@ -147,7 +147,9 @@ def build_layer_factory(kernel_cfg: DictConfig) -> LayerFactory | None:
             from kernels_triton import make_layer_factory
         except ImportError as e:
             raise ConfigError(f"kernel=triton needs triton and kernels_triton's layer: {e}") from e
-        flags = {k: v for k, v in OmegaConf.to_container(kernel_cfg, resolve=True).items() if k != "name"}
+        # the layer's memory flags; `name` and `unpad` are read by the model, not the layer
+        flags = {k: v for k, v in OmegaConf.to_container(kernel_cfg, resolve=True).items()
+                 if k not in ("name", "unpad")}
         return make_layer_factory(**flags)
     raise ConfigError(f"kernel.name must be torch or triton, got {kernel_cfg.name!r}")
 

@@ -7,6 +7,7 @@ Without a GPU the kernels run in Triton's interpreter (set below, before kernels
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
 import pytest
@@ -225,6 +226,7 @@ def test_kernel_triton_config_builds_triton_layers(make_cfg):
 
     cfg = make_cfg("kernel=triton", "kernel.gelu_checkpoint=true", "model=bert_tiny")
     assert cfg.kernel.name == "triton" and cfg.kernel.gelu_checkpoint and not cfg.kernel.stochastic_mode
+    assert cfg.kernel.unpad  # kernel=triton packs real tokens by default
     factory = build_layer_factory(cfg.kernel)
     layer = factory(layer_config())
     assert isinstance(layer, kt.TritonBertLayer) and layer.gelu_checkpoint and not layer.normalize_invertible
@@ -257,3 +259,24 @@ def test_layer_under_fp16_autocast_within_twice_torch_error(pre_layer_norm):
         atol = 1e-3 * want[name].abs().max().item()
         torch_err = (torch_got[name].float() - want[name]).abs().max().item()
         assert (got[name].float() - want[name]).abs().max().item() <= 2 * torch_err + atol, name
+
+
+def test_pretraining_with_kernel_triton_follows_kernel_torch(make_cfg, tmp_path):
+    """The engine end to end with kernel=triton (unpadded, varlen attention): with dropout off, two
+    optimizer steps log the losses and gradient norms of kernel=torch (padded)."""
+    from bertrecipes.engine import train
+
+    tiny = ["data.num_documents=40", "data.vocab_size=300", "data.dupe_factor=1", "max_seq_length=48",
+            "max_predictions_per_seq=6", "model=bert_tiny", "model.hidden_size=32",
+            "model.intermediate_size=64", "model.num_attention_heads=2", "model.hidden_dropout_prob=0",
+            "model.attention_probs_dropout_prob=0", "train_batch_size=4", "train_micro_batch_size_per_gpu=2",
+            "max_steps=2", "steps_per_print=1", "device=cpu"]
+    runs = {}
+    for kernel in ("torch", "triton"):
+        out = tmp_path / kernel
+        train(make_cfg(*tiny, f"kernel={kernel}", output_dir=out))
+        runs[kernel] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "mlm_loss", "nsp_loss", "grad_norm"):
+        want = torch.tensor([r[key] for r in runs["torch"]], dtype=torch.float64)
+        got = torch.tensor([r[key] for r in runs["triton"]], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=key)
