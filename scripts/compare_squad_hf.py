@@ -79,7 +79,8 @@ def run_ours(args, train_json: Path, eval_json: Path, work: Path) -> dict:
         f"max_query_length={args.max_query_length}",
         f"train_batch_size={args.batch}", f"train_micro_batch_size_per_gpu={args.micro}",
         f"num_train_epochs={args.epochs}", f"optimizer.lr={args.lr}", f"precision={args.precision}",
-        f"kernel={args.kernel}", f"device={args.device}", f"seed={args.seed}", f"output_dir={out}",
+        f"kernel={args.kernel}", *([f"kernel.unpad={args.unpad}"] if args.unpad is not None else []),
+        f"device={args.device}", f"seed={args.seed}", f"output_dir={out}",
         f"steps_per_print={args.steps_per_print}", "progress_bar=false",
         *([f"max_steps={args.max_steps}"] if args.max_steps else []),
     ])
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--kernel", default="triton" if torch.cuda.is_available() else "torch",
                         choices=["torch", "triton"], help="our kernel group")
+    parser.add_argument("--unpad", choices=["true", "false"], default=None,
+                        help="our kernel.unpad (default: the kernel group's; true for triton, false "
+                             "for torch)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--json", type=Path)
