@@ -6,6 +6,8 @@ seq 128 x micro-batch 64 and seq 512 x micro-batch 8, training mode (dropout 0.1
 mask, fp32 weights under autocast (as ``bertrecipes.engine`` runs). Implementations:
 
 * ``triton``: ``kernels_triton.TritonBertLayer`` (``kernel=triton``; ``--flags`` sets its options);
+* ``triton-unpad``: the same layer on the batch's real tokens packed ``[tokens, hidden]`` (what
+  ``kernel.unpad=true`` runs: varlen attention, no work on padding);
 * ``torch``: ``bertrecipes``' ``BertLayer`` eager (``kernel=torch``, SDPA attention);
 * ``torch.compile``: the same layer through ``torch.compile``;
 * ``transformers``: Hugging Face's ``BertLayer`` (``attn_implementation="sdpa"``), same weights;
@@ -39,7 +41,7 @@ SHAPES = [  # name, hidden, heads, intermediate, seq, micro-batch
 CHECK_SHAPE = (768, 12, 3072, 128, 8)  # --check: BERT-base layer, seq 128, micro-batch 8
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICE = "cuda"
-IMPLS = ("triton", "torch", "torch.compile", "transformers")
+IMPLS = ("triton", "triton-unpad", "torch", "torch.compile", "transformers")
 FLAGS = ("normalize_invertible", "gelu_checkpoint", "attn_dropout_checkpoint", "stochastic_mode")
 
 
@@ -105,7 +107,7 @@ def build(impl: str, config, reference, flags):
     if impl == "torch.compile":
         module = copy.deepcopy(reference)
         return torch.compile(module), module
-    if impl == "triton":
+    if impl in ("triton", "triton-unpad"):
         from kernels_triton import TritonBertLayer
 
         module = TritonBertLayer(config, **dict.fromkeys(flags, True)).to(DEVICE)
@@ -172,6 +174,7 @@ def bench(args) -> list[dict]:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from bertrecipes.model.bert import unpad_index, unpad_rows
     from kernels_triton import flash_attention
 
     dtype = DTYPES[args.dtype]
@@ -188,8 +191,14 @@ def bench(args) -> list[dict]:
         for impl in args.impls:
             fn, module = build(impl, config, reference, args.flags)
             module.train()
-            result = time_fwd_bwd(lambda x, fn=fn, mask=mask: fn(x, mask), [module], [x], grad, dtype,
-                                  args.warmup, args.iters)
+            if impl == "triton-unpad":  # the batch's real tokens packed [T, H], varlen attention
+                layout = unpad_index(mask.cpu()).to(DEVICE)
+                packed = unpad_rows(x.detach(), layout).requires_grad_()
+                result = time_fwd_bwd(lambda xp, fn=fn, layout=layout: fn(xp, layout), [module], [packed],
+                                      unpad_rows(grad, layout), dtype, args.warmup, args.iters)
+            else:
+                result = time_fwd_bwd(lambda x, fn=fn, mask=mask: fn(x, mask), [module], [x], grad, dtype,
+                                      args.warmup, args.iters)
             rows.append(shape | {"impl": impl} | result)
             del fn, module
             torch.cuda.empty_cache()
