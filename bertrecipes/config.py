@@ -193,6 +193,9 @@ class PretrainConfig:
     rewarmup: bool = True  # with init_from: restart the LR schedule (warmup) at step 0
     peak_tflops: float | None = None  # for MFU; null = measured with a large matmul on GPU
     compile: bool = False  # torch.compile the model (speed only; results equal within rounding)
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs: fixed shapes, so kernel.unpad=false)
+    # | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 

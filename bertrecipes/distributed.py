@@ -77,9 +77,15 @@ def device_for_rank(device: torch.device, ctx: DistContext) -> torch.device:
     return device
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def wrap_model(model: nn.Module, ctx: DistContext, cfg: DistributedConfig,
-               compile: bool = False) -> nn.Module:
-    """DDP-wrap, or FSDP-shard in place (then the optimizer must be built afterwards), and compile."""
+               compile: bool = False, compile_mode: str = "default") -> nn.Module:
+    """DDP-wrap, or FSDP-shard in place (then the optimizer must be built afterwards), and compile
+    (``torch.compile`` with ``compile_mode``)."""
+    if compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
     if cfg.strategy not in ("ddp", "fsdp"):
         raise ConfigError(f"distributed.strategy must be ddp or fsdp, got {cfg.strategy!r}")
     if ctx.enabled and cfg.strategy == "fsdp":
@@ -91,9 +97,9 @@ def wrap_model(model: nn.Module, ctx: DistContext, cfg: DistributedConfig,
         for layer in model.bert.encoder.layer:
             fully_shard(layer)
         fully_shard(model)
-        return torch.compile(model) if compile else model
+        return torch.compile(model, mode=compile_mode) if compile else model
     if compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=compile_mode)
     if not ctx.enabled:
         return model
     device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None

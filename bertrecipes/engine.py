@@ -251,6 +251,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                                 cfg.gradient_accumulation_steps, ctx.world_size)
     if cfg.max_steps <= 0:
         raise ConfigError(f"max_steps must be positive, got {cfg.max_steps}")
+    if cfg.compile_mode not in dist.COMPILE_MODES:
+        raise ConfigError(f"compile_mode must be one of {', '.join(dist.COMPILE_MODES)}, "
+                          f"got {cfg.compile_mode!r}")
     total_steps = cfg.total_training_steps or cfg.max_steps
     precision = cfg.precision.dtype
     autocast_dtype(precision)  # validates the name
@@ -299,7 +302,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         load_model_weights(raw_model, resume_from, resume_from["path"])
 
     # DDP wraps the model; FSDP shards its parameters in place, so the optimizer comes after.
-    model = dist.wrap_model(raw_model, ctx, cfg.distributed, compile=cfg.compile)
+    model = dist.wrap_model(raw_model, ctx, cfg.distributed, compile=cfg.compile,
+                            compile_mode=cfg.compile_mode)
     make_optimizer = build_from_config("optimizer", cfg.optimizer, _partial_=True)
     optimizer = dist.build_optimizer(make_optimizer,
                                      build_param_groups(raw_model, cfg.optimizer.weight_decay),

@@ -8,6 +8,7 @@ data loader, for each implementation:
 * ``torch``         - ``kernel=torch`` (PyTorch eager, SDPA attention)
 * ``torch_unpad``   - ``kernel=torch kernel.unpad=true`` (projections/FFN on real tokens only)
 * ``compile``       - ``kernel=torch compile=true`` (``torch.compile`` of the model)
+* ``compile_graphs`` - ``compile=true compile_mode=reduce-overhead`` (the same, replayed as CUDA graphs)
 * ``hf``      - ``transformers.BertForPreTraining`` (``attn_implementation="sdpa"``) with
   ``torch.optim.AdamW(fused=True)``: what a user would pick instead; same batches, same precision.
 
@@ -51,6 +52,7 @@ IMPLS = {  # the overrides of each implementation of ours ("hf" is run by run_hf
     "torch": ["kernel=torch"],
     "torch_unpad": ["kernel=torch", "kernel.unpad=true"],
     "compile": ["kernel=torch", "compile=true"],
+    "compile_graphs": ["kernel=torch", "compile=true", "compile_mode=reduce-overhead"],
 }
 
 

@@ -180,6 +180,12 @@ def test_bad_batch_sizes_fail_before_any_work(make_cfg, tmp_path):
         train(make_cfg(*TINY, "train_batch_size=10", output_dir=tmp_path))
 
 
+def test_unknown_compile_mode_fails_before_any_work_naming_the_modes(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="compile_mode must be one of default, reduce-overhead.*'fast'"):
+        train(make_cfg(*TINY, "compile=true", "compile_mode=fast", output_dir=tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_wandb_logger_runs_offline_without_api_key(make_cfg, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
