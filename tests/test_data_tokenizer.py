@@ -129,3 +129,35 @@ def test_cached_encoder_equals_the_tokenizer_on_many_random_strings(demo_vocab: 
     want = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
     assert lengths.tolist() == [len(w) for w in want]
     assert flat.tolist() == [i for w in want for i in w]
+
+
+def test_trainer_follows_the_merge_rule_worked_by_hand(tmp_path: Path) -> None:
+    """Sennrich et al.'s example corpus (low x5, lower x2, newest x6, widest x3), worked by hand:
+    pieces start as first character + ##continuations; the alphabet is ordered by count (ties by
+    text); each step merges the most frequent adjacent pair, ties going to the smaller text."""
+    words = ["low"] * 5 + ["lower"] * 2 + ["newest"] * 6 + ["widest"] * 3
+    alphabet = ["##e", "##w", "##s", "##t", "##o", "l", "n", "##d", "##i", "w", "##r"]
+    # (##e,##s)=9 ties (##s,##t)=9 -> "##es"; (##es,##t)=9 -> "##est"; (##o,##w)=7 ties (l,##o)=7
+    # -> "##ow"; (l,##ow)=7 -> "low".
+    merges = ["##es", "##est", "##ow", "low"]
+    vocab = train_wordpiece([[" ".join(words)]], 5 + len(alphabet) + len(merges), True, tmp_path / "v.txt")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert vocab.read_text().splitlines() == [*specials, *alphabet, *merges]
+    # min_frequency: with a large budget, merging stops once no pair occurs twice
+    big = train_wordpiece([[" ".join(words)]], 1000, True, tmp_path / "big.txt").read_text().splitlines()
+    assert {"newest", "widest", "low", "lower"} <= set(big) and len(big) < 1000
+
+
+def test_trained_vocabulary_is_the_same_file_in_every_process(tmp_path: Path) -> None:
+    """The `tokenizers` trainer breaks ties in hash order (a different file per process); ours must not."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from bertrecipes.data import generate_demo_corpus, "
+            "train_wordpiece; train_wordpiece(generate_demo_corpus(300, 0), 700, True, Path(sys.argv[1]))")
+    files = []
+    for i in range(2):
+        out = tmp_path / f"vocab{i}.txt"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, timeout=120)
+        files.append(out.read_bytes())
+    assert files[0] == files[1] and len(files[0].splitlines()) == 700

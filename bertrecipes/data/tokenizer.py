@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import heapq
 import itertools
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import BertWordPieceTokenizer, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
 
 from bertrecipes.atomic import write_text_atomic
@@ -43,7 +45,8 @@ __all__ = [
 ]
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
-# Order matters: the trainer assigns ids in this order, so [PAD] is 0 and zero-padding is [PAD].
+# Order matters: the vocabulary file lists them first, in this order, so [PAD] is 0 and zero-padding
+# is [PAD].
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK)
 
 # Same limit as BERT's reference WordpieceTokenizer; longer words become [UNK].
@@ -66,8 +69,17 @@ class SpecialTokens:
 
 
 
-def train_wordpiece(documents: list[list[str]], vocab_size: int, lower_case: bool, out_path: Path) -> Path:
+def train_wordpiece(documents: list[list[str]], vocab_size: int, lower_case: bool, out_path: Path,
+                    min_frequency: int = 2, limit_alphabet: int = 1000) -> Path:
     """Learn a BERT WordPiece vocabulary from `documents` (lists of sentences) and write `vocab.txt`.
+
+    The algorithm of `tokenizers`' WordPiece trainer: words are normalised and pre-tokenised as BERT
+    does; every word starts as its first character plus ``##``-prefixed continuation characters (the
+    ``limit_alphabet`` most frequent characters; rarer ones are left out and become [UNK]); then the
+    most frequent adjacent pair of pieces is merged, again and again, until the vocabulary holds
+    `vocab_size` tokens or no pair occurs `min_frequency` times. Unlike that trainer, ties are broken
+    by the pieces' text rather than by hash order, so the same corpus gives the same file in every
+    process.
 
     `out_path` is the file to write, or an existing directory to write `vocab.txt` into. Returns the
     file's path. The vocabulary may come out smaller than `vocab_size` when the corpus has fewer
@@ -80,28 +92,90 @@ def train_wordpiece(documents: list[list[str]], vocab_size: int, lower_case: boo
         out_path = out_path / "vocab.txt"
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    trainer_tokenizer = BertWordPieceTokenizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lower_case
-    )
-    sentences = (sentence for doc in documents for sentence in doc)
-    trainer_tokenizer.train_from_iterator(
-        sentences,
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
-        wordpieces_prefix="##",
-        show_progress=False,
-    )
-    vocab = trainer_tokenizer.get_vocab()
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    if [vocab[t] for t in tokens] != list(range(len(tokens))):
-        raise RuntimeError(f"trained vocabulary ids are not contiguous 0..{len(tokens) - 1}")
-    if tuple(tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-        raise RuntimeError(f"special tokens not at ids 0-4: {tokens[: len(SPECIAL_TOKENS)]}")
-    if len(tokens) == len(SPECIAL_TOKENS):
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                            lowercase=lower_case)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts: Counter[str] = Counter()
+    for doc in documents:
+        for sentence in doc:
+            words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(sentence))
+            word_counts.update(w for w, _ in words)
+    tokens = _learn_pieces(word_counts, vocab_size - len(SPECIAL_TOKENS), min_frequency, limit_alphabet)
+    if not tokens:
         raise ValueError("the documents contain no text to learn a vocabulary from")
-    write_text_atomic(out_path, "".join(t + "\n" for t in tokens))
+    write_text_atomic(out_path, "".join(t + "\n" for t in (*SPECIAL_TOKENS, *tokens)))
     return out_path
+
+
+def _learn_pieces(word_counts: Counter[str], size: int, min_frequency: int, limit_alphabet: int) -> list[str]:
+    """The alphabet, then merged pieces in merge order, at most `size` tokens (see train_wordpiece)."""
+    char_counts: Counter[str] = Counter()
+    for word, count in word_counts.items():
+        for ch in word:
+            char_counts[ch] += count
+    alphabet = {ch for ch, _ in sorted(char_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit_alphabet]}
+    words: list[list[str]] = []
+    counts: list[int] = []
+    initial: Counter[str] = Counter()
+    for word, count in sorted(word_counts.items()):
+        if len(word) > _MAX_INPUT_CHARS_PER_WORD or any(ch not in alphabet for ch in word):
+            continue  # tokenised as [UNK] anyway
+        pieces = [word[0], *("##" + ch for ch in word[1:])]
+        words.append(pieces)
+        counts.append(count)
+        for piece in pieces:
+            initial[piece] += count
+    vocab = [t for t, _ in sorted(initial.items(), key=lambda kv: (-kv[1], kv[0]))][:size]
+    known = set(vocab)
+
+    pair_counts: Counter[tuple[str, str]] = Counter()
+    where: dict[tuple[str, str], set[int]] = {}
+    for index, (pieces, count) in enumerate(zip(words, counts, strict=True)):
+        for pair in zip(pieces, pieces[1:], strict=False):
+            pair_counts[pair] += count
+            where.setdefault(pair, set()).add(index)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+    while len(vocab) < size and heap:
+        negative, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -negative:
+            continue  # stale entry: the pair's count changed since it was pushed
+        if -negative < min_frequency:
+            break
+        first, second = pair
+        merged = first + second[2:]
+        if merged not in known:
+            vocab.append(merged)
+            known.add(merged)
+        changed: set[tuple[str, str]] = set()
+        for index in sorted(where.pop(pair, ())):
+            pieces, count = words[index], counts[index]
+            if len(pieces) < 2:
+                continue
+            for old in zip(pieces, pieces[1:], strict=False):
+                pair_counts[old] -= count
+                changed.add(old)
+            out, i = [], 0
+            while i < len(pieces):
+                if i + 1 < len(pieces) and pieces[i] == first and pieces[i + 1] == second:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(pieces[i])
+                    i += 1
+            words[index] = out
+            for new in zip(out, out[1:], strict=False):
+                pair_counts[new] += count
+                where.setdefault(new, set()).add(index)
+                changed.add(new)
+        pair_counts.pop(pair, None)
+        for p in changed:
+            c = pair_counts.get(p, 0)
+            if c > 0 and p != pair:
+                heapq.heappush(heap, (-c, p))
+            elif c <= 0:
+                pair_counts.pop(p, None)
+    return vocab
 
 
 def read_vocab(vocab_file: str | Path) -> dict[str, int]:
