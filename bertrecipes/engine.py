@@ -144,13 +144,11 @@ def build_layer_factory(kernel_cfg: DictConfig) -> LayerFactory | None:
         return None
     if kernel_cfg.name == "triton":
         try:
-            from kernels_triton import make_layer_factory
+            from kernels_triton import LAYER_FLAGS, make_layer_factory
         except ImportError as e:
             raise ConfigError(f"kernel=triton needs triton and kernels_triton's layer: {e}") from e
-        # the layer's memory flags; `name` and `unpad` are read by the model, not the layer
-        flags = {k: v for k, v in OmegaConf.to_container(kernel_cfg, resolve=True).items()
-                 if k not in ("name", "unpad")}
-        return make_layer_factory(**flags)
+        # the layer's own options (the rest of the group, such as unpad, is the model's)
+        return make_layer_factory(**{name: bool(kernel_cfg[name]) for name in LAYER_FLAGS})
     raise ConfigError(f"kernel.name must be torch or triton, got {kernel_cfg.name!r}")
 
 

@@ -35,13 +35,14 @@ from kernels_triton.bias_gelu import (
     bias_gelu_linear_ref,
     bias_gelu_ref,
 )
-from kernels_triton.layer import TritonBertLayer, make_layer_factory
+from kernels_triton.layer import LAYER_FLAGS, TritonBertLayer, make_layer_factory
 from kernels_triton.utils import INTERPRET
 
 __all__ = [
     "INTERPRET",
     "TritonBertLayer",
     "make_layer_factory",
+    "LAYER_FLAGS",
     "FlashAttentionFunction",
     "FlashSelfAttention",
     "attention_dropout_mask",

@@ -139,6 +139,10 @@ class TritonBertLayer(nn.Module):
                                                p_ffn_out, **norm)
 
 
+# The DeepSpeed-named memory/speed options of TritonBertLayer (and of ``conf/kernel/triton.yaml``).
+LAYER_FLAGS = ("normalize_invertible", "gelu_checkpoint", "attn_dropout_checkpoint", "stochastic_mode")
+
+
 def make_layer_factory(normalize_invertible: bool = False, gelu_checkpoint: bool = False,
                        attn_dropout_checkpoint: bool = False,
                        stochastic_mode: bool = False) -> Callable[[object], TritonBertLayer]:

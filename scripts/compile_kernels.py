@@ -144,8 +144,7 @@ def record(mode: str) -> Recorder:
     quick = mode == "quick"
     widths = [(1024, 16, 4096)] if quick else [(1024, 16, 4096), (768, 12, 3072)]
     dtypes = [torch.bfloat16, torch.float16] if quick else [torch.bfloat16, torch.float16, torch.float32]
-    flag_sets = [{}] + [{name: True} for name in ("normalize_invertible", "gelu_checkpoint",
-                                                   "attn_dropout_checkpoint", "stochastic_mode")]
+    flag_sets = [{}] + [{name: True} for name in kernels_triton.LAYER_FLAGS]
     with Recorder() as recorder:
         for (hidden, heads, ffn), pre_ln in itertools.product(widths, (False, True)):
             config = BertConfig(vocab_size=100, hidden_size=hidden, num_attention_heads=heads,

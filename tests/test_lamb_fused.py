@@ -5,22 +5,14 @@ partials) and an empty tensor. Without a GPU the kernels run in Triton's interpr
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import test_lamb
 import torch
+from triton_kernels import load_kernels
 
 from bertrecipes.optim import Lamb
 
-if not torch.cuda.is_available():  # read when triton decorates its functions (conftest.py sets it first)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="kernels_triton needs triton (pip install -e '.[dev]')")
-kt = importlib.import_module("kernels_triton")
-if kt.utils.unavailable_reason():
-    pytest.skip(kt.utils.unavailable_reason(), allow_module_level=True)
-DEVICE = "cpu" if kt.INTERPRET else "cuda"
+kt, DEVICE = load_kernels()
 
 from test_lamb import (  # noqa: E402  (collected here again, with the fused step patched in)
     test_matches_float64_reference,

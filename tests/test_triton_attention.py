@@ -1,24 +1,16 @@
 """Flash attention (kernels_triton.attention) against its PyTorch reference: outputs and dq/dk/dv,
 padding masks, ragged blocks, dropout replay and statistics, varlen == padded, the
 ``recompute_output`` and ``deterministic`` options. Without a GPU the kernels run in Triton's
-interpreter (set below, before kernels_triton is imported), on small shapes."""
+interpreter (conftest.py selects it), on small shapes."""
 
 from __future__ import annotations
-
-import importlib
-import os
 
 import pytest
 import torch
 from saved_tensors import saved_bytes
+from triton_kernels import load_kernels
 
-if not torch.cuda.is_available():  # read when triton decorates its functions (conftest.py sets it first)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="kernels_triton needs triton (pip install -e '.[dev]')")
-kt = importlib.import_module("kernels_triton")
-if kt.utils.unavailable_reason():
-    pytest.skip(kt.utils.unavailable_reason(), allow_module_level=True)
-DEVICE = "cpu" if kt.INTERPRET else "cuda"
+kt, DEVICE = load_kernels()
 
 
 def qkv_inputs(batch, seq, heads, head_dim, dtype=torch.float32, seed=0):

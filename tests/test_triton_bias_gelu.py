@@ -1,24 +1,16 @@
 """Bias + exact GELU (kernels_triton.bias_gelu) against ``F.gelu(x + b)``: output, dx and dbias on
 odd shapes, both reductions, fp16/bf16 within twice torch's own error, and ``gelu_checkpoint``
 (:func:`bias_gelu_linear` with ``checkpoint``) changing what is saved, not what is computed. Without
-a GPU the kernels run in Triton's interpreter (set below, before kernels_triton is imported)."""
+a GPU the kernels run in Triton's interpreter (conftest.py selects it)."""
 
 from __future__ import annotations
-
-import importlib
-import os
 
 import pytest
 import torch
 from saved_tensors import saved_bytes
+from triton_kernels import load_kernels
 
-if not torch.cuda.is_available():  # read when triton decorates its functions (conftest.py sets it first)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="kernels_triton needs triton (pip install -e '.[dev]')")
-kt = importlib.import_module("kernels_triton")
-if kt.utils.unavailable_reason():
-    pytest.skip(kt.utils.unavailable_reason(), allow_module_level=True)
-DEVICE = "cpu" if kt.INTERPRET else "cuda"
+kt, DEVICE = load_kernels()
 
 
 def randn(*shape, seed=0, dtype=torch.float32):

@@ -2,30 +2,23 @@
 mask): outputs, the input gradient and every parameter gradient; a whole bert_tiny-like
 BertForPreTraining built with ``make_layer_factory()``; the memory flags changing what autograd
 keeps, not what is computed; ``kernel=triton`` composing and reaching the layer through the engine.
-Without a GPU the kernels run in Triton's interpreter (set below, before kernels_triton is imported)."""
+Without a GPU the kernels run in Triton's interpreter (conftest.py selects it)."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from saved_tensors import saved_bytes
+from triton_kernels import load_kernels
 
 from bertrecipes.model import BertConfig, BertForPreTraining, pretraining_loss
 from bertrecipes.model.bert import BertLayer, unpad_index, unpad_rows
 
-if not torch.cuda.is_available():  # read when triton decorates its functions (conftest.py sets it first)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="kernels_triton needs triton (pip install -e '.[dev]')")
-kt = importlib.import_module("kernels_triton")
-if kt.utils.unavailable_reason():
-    pytest.skip(kt.utils.unavailable_reason(), allow_module_level=True)
-DEVICE = "cpu" if kt.INTERPRET else "cuda"
-FLAGS = ("normalize_invertible", "gelu_checkpoint", "attn_dropout_checkpoint", "stochastic_mode")
+kt, DEVICE = load_kernels()
+FLAGS = kt.LAYER_FLAGS
 
 
 def layer_config(hidden=96, heads=3, pre_layer_norm=False, dropout=0.0, **overrides):
@@ -60,6 +53,26 @@ def run_layer(layer, x, mask, grad):
     out.backward(grad)
     grads = {name: p.grad for name, p in layer.named_parameters()}
     return out.detach(), x.grad, grads
+
+
+def pretraining_step(model, ids, types, mask, positions, labels, nsp_labels):
+    """MLM logits, NSP logits, loss and every parameter gradient of one pre-training step."""
+    mlm, nsp = model(ids, types, mask, positions)
+    loss, _, _ = pretraining_loss(mlm, nsp, labels, nsp_labels)
+    loss.backward()
+    return {"mlm": mlm.detach(), "nsp": nsp.detach(), "loss": loss.detach()}, \
+        {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_step(got, want):
+    (outputs, grads), (want_outputs, want_grads) = got, want
+    for key, value in want_outputs.items():
+        torch.testing.assert_close(outputs[key], value, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, k=key: f"{k}: {m}")
+    assert grads.keys() == want_grads.keys()
+    for name, value in want_grads.items():
+        torch.testing.assert_close(grads[name], value, atol=1e-6, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_same_parameter_names_and_shapes_as_bert_layer():
@@ -106,19 +119,8 @@ def test_bert_tiny_model_matches_torch_kernel(pre_layer_norm):
     positions = torch.tensor([[1, 4, 9], [2, 3, 10]], device=DEVICE)
     labels = torch.randint(5, 99, (2, 3), generator=g).to(DEVICE)
     nsp_labels = torch.tensor([0, 1], device=DEVICE)
-    results = []
-    for model in (reference, ours):
-        mlm, nsp = model(ids, types, mask.to(DEVICE), positions)
-        loss, _, _ = pretraining_loss(mlm, nsp, labels, nsp_labels)
-        loss.backward()
-        results.append((mlm.detach(), nsp.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (want_mlm, want_nsp, want_grads), (mlm, nsp, grads) = results
-    torch.testing.assert_close(mlm, want_mlm, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(nsp, want_nsp, atol=1e-5, rtol=1e-5)
-    assert grads.keys() == want_grads.keys()
-    for name, want in want_grads.items():
-        torch.testing.assert_close(grads[name], want, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
-
+    assert_same_step(pretraining_step(ours, ids, types, mask.to(DEVICE), positions, labels, nsp_labels),
+                     pretraining_step(reference, ids, types, mask.to(DEVICE), positions, labels, nsp_labels))
 
 
 @pytest.mark.parametrize("pre_layer_norm", [False, True])
@@ -157,17 +159,8 @@ def test_unpadded_triton_model_matches_padded_torch_model():
     positions = torch.tensor([[1, 4, 9], [2, 3, 0]], device=DEVICE)
     labels = torch.tensor([[7, 8, 9], [10, 11, -100]], device=DEVICE)
     nsp_labels = torch.tensor([0, 1], device=DEVICE)
-    results = []
-    for model in (reference, ours):
-        mlm, nsp = model(ids, None, mask.to(DEVICE), positions)
-        loss, _, _ = pretraining_loss(mlm, nsp, labels, nsp_labels)
-        loss.backward()
-        results.append((loss.detach(), nsp.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (want_loss, want_nsp, want_grads), (loss, nsp, grads) = results
-    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(nsp, want_nsp, atol=1e-5, rtol=1e-5)
-    for name, want in want_grads.items():
-        torch.testing.assert_close(grads[name], want, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_step(pretraining_step(ours, ids, None, mask.to(DEVICE), positions, labels, nsp_labels),
+                     pretraining_step(reference, ids, None, mask.to(DEVICE), positions, labels, nsp_labels))
 
 
 @pytest.mark.parametrize("pre_layer_norm", [False, True])

@@ -2,25 +2,17 @@
 PyTorch: the post-LN form, the pre-LN form returning the sum and the next LayerNorm, the plain
 residual form and the plain LayerNorm; every output and gradient, dropout replay and statistics,
 ``normalize_invertible`` and the deterministic reductions. Without a GPU the kernels run in Triton's
-interpreter (set below, before kernels_triton is imported)."""
+interpreter (conftest.py selects it)."""
 
 from __future__ import annotations
-
-import importlib
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from saved_tensors import saved_bytes
+from triton_kernels import load_kernels
 
-if not torch.cuda.is_available():  # read when triton decorates its functions (conftest.py sets it first)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="kernels_triton needs triton (pip install -e '.[dev]')")
-kt = importlib.import_module("kernels_triton")
-if kt.utils.unavailable_reason():
-    pytest.skip(kt.utils.unavailable_reason(), allow_module_level=True)
-DEVICE = "cpu" if kt.INTERPRET else "cuda"
+kt, DEVICE = load_kernels()
 EPS = 1e-12
 NAMES = ["out", "dx", "dbias", "dresidual", "dgamma", "dbeta"]
 

@@ -1,0 +1,23 @@
+"""kernels_triton for the test modules that run its kernels.
+
+``kt, DEVICE = load_kernels()`` at a module's top skips the whole module, with the reason, when the
+kernels cannot run here. Without a GPU they run in Triton's interpreter, which conftest.py selects
+before anything imports triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import pytest
+
+
+def load_kernels() -> tuple[ModuleType, str]:
+    """(the kernels_triton module, the device its kernels run on: "cuda", or "cpu" interpreted)."""
+    pytest.importorskip("triton", reason="kernels_triton needs triton (pip install -e '.[dev]')")
+    kt = importlib.import_module("kernels_triton")
+    reason = kt.utils.unavailable_reason()
+    if reason:
+        pytest.skip(reason, allow_module_level=True)
+    return kt, "cpu" if kt.INTERPRET else "cuda"
