@@ -1,5 +1,5 @@
 """The BERT model against independent references: Hugging Face transformers on the same weights
-(post-LN), a float64 functional re-implementation (pre-LN), and the analytic FLOP formula."""
+(post-LN), a float64 functional re-implementation (pre-LN), and PyTorch's FLOP counter."""
 
 from __future__ import annotations
 
@@ -145,12 +145,42 @@ def test_pretraining_loss_ignores_padding_predictions():
     assert total.item() == pytest.approx((expected_mlm + expected_nsp).item(), rel=1e-6)
 
 
-def test_training_flops_bert_large_seq128():
-    # 6 * N * tokens is the usual estimate for the encoder's dense layers; ours adds attention
-    # scores and the heads. BERT-large encoder: 24 * 12 * 1024^2 = 302M dense weights.
-    cfg = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
-    flops = training_flops_per_sample(cfg, seq_len=128, num_predictions=20)
-    dense = 6 * 24 * 12 * 1024**2 * 128
-    attention = 3 * 24 * 128 * 4 * 128 * 1024
-    heads = 3 * (20 * 2 * (1024**2 + 1024 * 30522) + 2 * (1024**2 + 2 * 1024))
-    assert flops == pytest.approx(dense + attention + heads, rel=1e-12)
+@pytest.mark.parametrize("shape", [
+    dict(hidden=64, layers=2, heads=4, inter=256, vocab=96, seq=16, preds=4),
+    dict(hidden=48, layers=3, heads=3, inter=80, vocab=131, seq=23, preds=7),
+])
+def test_training_flops_equal_pytorchs_flop_counter(shape):
+    """The analytic count behind TFLOP/s and MFU equals what torch.utils.flop_counter counts for one
+    real forward + backward of the model (every matmul, attention included, gradients of both
+    operands), on a padded batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = BertConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+                     num_attention_heads=shape["heads"], intermediate_size=shape["inter"],
+                     max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = BertForPreTraining(cfg)
+    batch, seq, preds = 3, shape["seq"], shape["preds"]
+    ids, types, mask = padded_batch(batch, seq, shape["vocab"])
+    positions = torch.randint(1, 4, (batch, preds))
+    labels = torch.randint(0, shape["vocab"], (batch, preds))
+    with FlopCounterMode(display=False) as counter:
+        mlm_logits, nsp_logits = model(ids, types, mask, positions)
+        loss, _, _ = pretraining_loss(mlm_logits, nsp_logits, labels, torch.tensor([0, 1, 0]))
+        loss.backward()
+    assert counter.get_total_flops() == batch * training_flops_per_sample(cfg, seq, preds)
+
+
+def test_qa_training_flops_equal_pytorchs_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bertrecipes.squad.model import BertForQuestionAnswering, qa_loss, qa_training_flops_per_sample
+
+    cfg = BertConfig(**SMALL)
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(cfg)
+    ids, types, mask = padded_batch(3, 17)
+    with FlopCounterMode(display=False) as counter:
+        start_logits, end_logits = model(ids, types, mask)
+        qa_loss(start_logits, end_logits, torch.tensor([1, 2, 3]), torch.tensor([2, 2, 3])).backward()
+    assert counter.get_total_flops() == 3 * qa_training_flops_per_sample(cfg, 17)
