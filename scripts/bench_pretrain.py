@@ -20,8 +20,18 @@ shape (``seq`` tokens per sample) whichever implementation runs, so an unpadded 
 padding shows its saving as more samples/s (and a higher MFU by this count); the ``real`` column
 is the fraction of token slots that hold real tokens in the measured batches.
 
+The largest micro-batch (``--find-max-micro``) is bracketed, not guessed: peak memory is measured
+at two micro-batches, the linear fit (memory = fixed + per-sample x micro) predicts the largest that
+fits the card, and short probes (``--probe-steps`` optimizer steps each) move from there until one
+micro-batch runs and the next one up (the step is ``--micro-resolution`` of it) runs out of memory.
+The row reports both (``max_micro``, ``oom_micro``).
+
+The JSON is rewritten (atomically) after every row, and ``--time-budget`` skips the rows that would
+start after it, so a run cut short still leaves every finished row on disk.
+
     python scripts/bench_pretrain.py --json bench_pretrain.json                    # the full table (GPU)
     python scripts/bench_pretrain.py --find-max-micro --models large --seqs 512    # micro-batch limit
+    python scripts/bench_pretrain.py --data "data=text_files data.paths=[wiki.txt] data.vocab_file=vocab.txt"
     python scripts/bench_pretrain.py --device cpu --models tiny --seqs 64 --dtypes fp32 --steps 2 \\
         --impls torch,hf                                                           # smoke test on CPU
 """
@@ -31,16 +41,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shlex
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 MODELS = {"tiny": "bert_tiny", "base": "bert_base", "large": "bert_large"}
 # micro-batch per seq length: DeepSpeed's BERT-large recipe (64 at 128, 8 at 512)
 DEFAULT_MICRO = {128: 64, 512: 8}
@@ -54,6 +68,8 @@ IMPLS = {  # the overrides of each implementation of ours ("hf" is run by run_hf
     "compile": ["kernel=torch", "compile=true"],
     "compile_graphs": ["kernel=torch", "compile=true", "compile_mode=reduce-overhead"],
 }
+FLOPS_FORMULA = ("3 x forward matmul FLOPs per sample (bertrecipes.model.training_flops_per_sample): "
+                 "layers x seq x [2(4H^2 + 2HI) + 4 seq H] + preds x 2(H^2 + HV) + 2(H^2 + 2H)")
 
 
 def compose(overrides: list[str]):
@@ -68,7 +84,7 @@ def compose(overrides: list[str]):
 
 
 def overrides_for(model: str, seq: int, micro: int, dtype: str, impl: str, steps: int, device: str,
-                  peak: float | None, out: Path, cache: Path) -> list[str]:
+                  peak: float | None, out: Path, cache: Path, data: list[str] = ()) -> list[str]:
     preds = PREDICTIONS.get(seq, max(1, round(seq * 0.15)))
     ov = [
         f"model={MODELS[model]}", f"model.vocab_size={VOCAB}", f"precision={dtype}",
@@ -78,19 +94,19 @@ def overrides_for(model: str, seq: int, micro: int, dtype: str, impl: str, steps
         # compilation); the second is the measurement
         f"max_steps={2 * steps}", f"steps_per_print={steps}", "checkpoint_at_end=false",
         "progress_bar=false", f"device={device}", f"output_dir={out}", f"data.cache_dir={cache}",
-        *IMPLS[impl],
+        *data, *IMPLS[impl],
     ]
     if peak:
         ov.append(f"peak_tflops={peak}")
     return ov
 
 
-def run_ours(args, model, seq, micro, *, dtype, impl, peak, workdir: Path) -> dict:
+def run_ours(args, model, seq, micro, steps=None, *, dtype, impl, peak, workdir: Path) -> dict:
     from bertrecipes.engine import train
 
     out = Path(tempfile.mkdtemp(dir=workdir))
-    cfg = compose(overrides_for(model, seq, micro, dtype, impl, args.steps, args.device, peak, out,
-                                workdir / "cache"))
+    cfg = compose(overrides_for(model, seq, micro, dtype, impl, steps or args.steps, args.device, peak, out,
+                                args.cache_dir or workdir / "cache", args.data))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     train(cfg, out)
@@ -100,7 +116,7 @@ def run_ours(args, model, seq, micro, *, dtype, impl, peak, workdir: Path) -> di
             "real_token_fraction": last["tokens_per_sec"] / (last["samples_per_sec"] * seq)}
 
 
-def run_hf(args, model, seq, micro, *, dtype, peak, workdir: Path) -> dict:
+def run_hf(args, model, seq, micro, steps=None, *, dtype, peak, workdir: Path) -> dict:
     """transformers BertForPreTraining + fused AdamW on the same loader and batches."""
     import transformers
 
@@ -110,8 +126,9 @@ def run_hf(args, model, seq, micro, *, dtype, peak, workdir: Path) -> dict:
     from bertrecipes.model import training_flops_per_sample
     from bertrecipes.precision import DTYPES
 
-    cfg = compose(overrides_for(model, seq, micro, dtype, "torch", args.steps, args.device, peak,
-                                workdir / "hf", workdir / "cache"))
+    steps = steps or args.steps
+    cfg = compose(overrides_for(model, seq, micro, dtype, "torch", steps, args.device, peak,
+                                workdir / "hf", args.cache_dir or workdir / "cache", args.data))
     device = torch.device(args.device)
     dataset = build_pretraining_dataset(cfg)
     ours = build_model_config(cfg.model, dataset.vocab_size, seq)
@@ -120,15 +137,21 @@ def run_hf(args, model, seq, micro, *, dtype, peak, workdir: Path) -> dict:
         num_attention_heads=ours.num_attention_heads, intermediate_size=ours.intermediate_size,
         max_position_embeddings=ours.max_position_embeddings, attn_implementation="sdpa",
     )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     net = transformers.BertForPreTraining(hf_config).to(device).train()
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
     amp_dtype = DTYPES[dtype]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
-    batches = iter(PretrainingLoader(dataset, micro, seed=0, pin_memory=device.type == "cuda"))
+    batches = iter(PretrainingLoader(dataset, micro, seed=cfg.seed, pin_memory=device.type == "cuda"))
+    real_tokens = 0
 
     def step() -> None:
-        b = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        nonlocal real_tokens
+        host = next(batches)
+        real_tokens += int(host["length"].sum())
+        b = {k: v.to(device, non_blocking=True) for k, v in host.items()}
         # HF takes MLM labels at every position (-100 = not predicted); padded predictions point at
         # position 0 ([CLS], never predicted) and carry -100 already.
         labels = torch.full_like(b["input_ids"], -100)
@@ -144,21 +167,22 @@ def run_hf(args, model, seq, micro, *, dtype, peak, workdir: Path) -> dict:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    real_tokens = 0
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
     sync(device)
-    samples_per_sec = args.steps * micro / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    samples_per_sec = steps * micro / elapsed
     flops = training_flops_per_sample(ours, seq, cfg.max_predictions_per_seq)
     tflops = samples_per_sec * flops / 1e12 if device.type == "cuda" else None
     return {"samples_per_sec": samples_per_sec, "tflops": tflops,
             "mfu": tflops / peak if tflops and peak else None,
-            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            "real_token_fraction": real_tokens / (steps * micro * seq)}
 
 
 def sync(device: torch.device) -> None:
@@ -166,27 +190,71 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fits(fn, micro: int) -> bool:
+def peak_or_oom(fn: Callable[[int], dict], micro: int) -> float | None:
+    """Peak memory (GB) of ``fn(micro)``, or None when it runs out of memory."""
     try:
-        fn(micro)
-        return True
+        return fn(micro).get("peak_memory_gb") or 0.0
     except torch.cuda.OutOfMemoryError:
-        return False
+        return None
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def largest_micro(fn, start: int = 8, limit: int = 4096) -> int:
-    """Largest micro-batch for which ``fn(micro)`` runs without running out of memory (doubling, then
-    bisection)."""
-    lo, hi = 0, start
-    while hi <= limit and fits(fn, hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(fn, mid) else (lo, mid)
-    return lo
+def largest_micro(peak_at: Callable[[int], float | None], start: int, capacity_gb: float | None,
+                  resolution: float = 0.05, max_probes: int = 12,
+                  out_of_time: Callable[[], bool] = lambda: False) -> dict:
+    """Bracket the largest micro-batch that runs: ``peak_at(m)`` is the peak memory (GB) of a short
+    run at micro-batch ``m``, or None when it runs out of memory. Upwards from ``start`` each next
+    probe is the linear fit's prediction for ``capacity_gb`` (memory grows linearly with the batch),
+    else a doubling; then it closes in until ``oom_micro - max_micro <= max(1, resolution *
+    max_micro)``. Returns max_micro, oom_micro (None if never reached), the probes in order and
+    whether the bracket closed."""
+    probes: list[tuple[int, float | None]] = []
+
+    def fits(m: int) -> bool:
+        peak = peak_at(m)
+        probes.append((m, peak))
+        return peak is not None
+
+    def step(m: int) -> int:
+        return max(1, int(m * resolution))
+
+    def predicted() -> int | None:  # the linear fit through the two largest micro-batches that ran
+        ran = sorted((m, p) for m, p in probes if p is not None)
+        if capacity_gb is None or len(ran) < 2 or ran[-1][1] <= ran[-2][1]:
+            return None
+        (m1, p1), (m2, p2) = ran[-2:]
+        per_sample = (p2 - p1) / (m2 - m1)
+        return int(m2 + (capacity_gb - p2) / per_sample)
+
+    lo, hi = 0, None
+    m = start
+    while m >= 1 and len(probes) < max_probes and not out_of_time():  # downwards if start fails
+        if fits(m):
+            lo = m
+            break
+        hi, m = m, m // 2
+    if lo == 0:
+        return {"max_micro": 0, "oom_micro": hi, "probes": probes, "closed": False}
+    while hi is None and len(probes) < max_probes and not out_of_time():  # upwards
+        guess = predicted()
+        m = max(guess, lo + step(lo)) if guess is not None else 2 * lo
+        if fits(m):
+            lo = m
+        else:
+            hi = m
+    tried_below_hi = False
+    while hi is not None and hi - lo > step(lo) and len(probes) < max_probes and not out_of_time():
+        # the prediction (or the OOM next to it) is usually close: try just below the OOM first
+        m = hi - step(hi) if not tried_below_hi and hi - step(hi) > lo else (lo + hi) // 2
+        tried_below_hi = True
+        if fits(m):
+            lo = m
+        else:
+            hi = m
+    closed = hi is not None and hi - lo <= step(lo)
+    return {"max_micro": lo, "oom_micro": hi, "probes": probes, "closed": closed}
 
 
 def measure_peak(device: str, dtype: str) -> float | None:
@@ -200,7 +268,17 @@ def measure_peak(device: str, dtype: str) -> float | None:
     return statistics.median(rates)
 
 
-def main() -> int:
+def versions() -> dict:
+    found = {"torch": torch.__version__}
+    for name in ("triton", "transformers"):
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            found[name] = None
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="large,base", help="comma list of tiny, base, large")
@@ -212,49 +290,87 @@ def main() -> int:
                         help="micro-batch (default 64 at seq128, 8 at seq512)")
     parser.add_argument("--steps", type=int, default=10, help="steps per window (one warm-up, one measured)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--find-max-micro", action="store_true", help="also search the largest micro-batch")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--data", default="", help="Hydra data overrides, one string (default: the demo "
+                        "corpus), e.g. \"data=text_files data.paths=[wiki.txt] data.vocab_file=vocab.txt\"")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="data cache to reuse across runs (default: a fresh temporary one)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="MFU denominator (default: a large matmul measured in this run)")
+    parser.add_argument("--find-max-micro", action="store_true", help="also bracket the largest micro-batch")
+    parser.add_argument("--probe-steps", type=int, default=1, help="optimizer steps per window of a probe")
+    parser.add_argument("--micro-resolution", type=float, default=0.05,
+                        help="--find-max-micro closes the bracket to this fraction of the micro-batch")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="start no row (and no probe) after this many seconds; later rows are skipped")
+    parser.add_argument("--json", type=Path, default=None, help="rewritten after every row")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("CUDA is not available; use --device cpu for a smoke test", file=sys.stderr)
         return 2
-
+    if args.device == "cpu":  # kernel=triton runs in Triton's interpreter (chosen before triton loads)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    args.data = shlex.split(args.data)
     unknown = sorted(set(args.impls.split(",")) - {*IMPLS, "hf"})
     if unknown:
         print(f"unknown --impls {unknown}; choose from {[*IMPLS, 'hf']}", file=sys.stderr)
         return 2
+    unknown = sorted(set(args.models.split(",")) - set(MODELS))
+    if unknown:
+        print(f"unknown --models {unknown}; choose from {list(MODELS)}", file=sys.stderr)
+        return 2
 
-    rows = []
+    def out_of_time() -> bool:
+        return args.time_budget is not None and time.monotonic() - started > args.time_budget
+
+    rows: list[dict] = []
     workdir = Path(tempfile.mkdtemp(prefix="bench_pretrain_"))
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    on_cuda = args.device.startswith("cuda")
+    device_name = torch.cuda.get_device_name() if on_cuda else "cpu"
+    capacity = (torch.cuda.get_device_properties(torch.device(args.device)).total_memory / 2**30
+                if on_cuda else None)
+    meta = {"device": device_name, "memory_gb": capacity, **versions(), "flops": FLOPS_FORMULA,
+            "command": shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+            "steps": args.steps}
+
+    def save() -> None:
+        if args.json:
+            from bertrecipes.atomic import write_json_atomic
+
+            write_json_atomic(args.json, {"meta": meta, "rows": rows})
+
     for dtype in args.dtypes.split(","):
-        peak = measure_peak(args.device, dtype)
+        peak = args.peak_tflops or (None if out_of_time() else measure_peak(args.device, dtype))
+        meta.setdefault("matmul_peak_tflops", {})[dtype] = peak
         for model in args.models.split(","):
             for seq in map(int, args.seqs.split(",")):
                 micro = args.micro or DEFAULT_MICRO.get(seq, 8)
                 for impl in args.impls.split(","):
                     row = {"device": device_name, "dtype": dtype, "model": model, "seq": seq, "micro": micro,
                            "impl": impl, "matmul_peak_tflops": peak}
-
                     if impl == "hf":
                         once = partial(run_hf, args, model, seq, dtype=dtype, peak=peak, workdir=workdir)
                     else:
                         once = partial(run_ours, args, model, seq, dtype=dtype, impl=impl, peak=peak,
                                        workdir=workdir)
-
-                    try:
-                        row.update(once(micro))
-                    except torch.cuda.OutOfMemoryError:
-                        row["error"] = "OOM"
-                    except Exception as e:  # one failing implementation must not hide the others
-                        row["error"] = f"{type(e).__name__}: {e}"[:200]
-                    if args.find_max_micro and "error" not in row:
-                        row["max_micro"] = largest_micro(once, start=micro)
+                    if out_of_time():
+                        row["skipped"] = f"time budget ({args.time_budget:g} s) spent"
+                    else:
+                        try:
+                            row.update(once(micro))
+                        except torch.cuda.OutOfMemoryError:
+                            row["error"] = "OOM"
+                        except Exception as e:  # one failing implementation must not hide the others
+                            row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    if args.find_max_micro and "samples_per_sec" in row:
+                        found = largest_micro(partial(peak_or_oom, partial(once, steps=args.probe_steps)),
+                                              micro, capacity, args.micro_resolution, out_of_time=out_of_time)
+                        row.update(max_micro=found["max_micro"], oom_micro=found["oom_micro"],
+                                   max_micro_closed=found["closed"], max_micro_probes=found["probes"])
                     rows.append(row)
                     print_row(row, header=len(rows) == 1)
+                    save()
     if args.json:
-        record = {"rows": rows, "args": vars(args) | {"json": str(args.json)}}
-        args.json.write_text(json.dumps(record, indent=2))
         print(f"wrote {args.json}")
     return 0
 
@@ -266,16 +382,19 @@ def fmt(value, spec: str, width: int) -> str:
 
 def print_row(row: dict, header: bool) -> None:
     if header:
-        print(f"{'device':<24} {'dtype':<5} {'model':<6} {'seq':>4} {'micro':>5} {'impl':<13} "
+        print(f"{'device':<24} {'dtype':<5} {'model':<6} {'seq':>4} {'micro':>5} {'impl':<14} "
               f"{'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7} {'real':>5} {'max micro':>9}")
     key = (f"{row['device'][:24]:<24} {row['dtype']:<5} {row['model']:<6} {row['seq']:>4} "
-           f"{row['micro']:>5} {row['impl']:<13}")
-    if "error" in row:
-        print(f"{key} {row['error']}")
+           f"{row['micro']:>5} {row['impl']:<14}")
+    if "samples_per_sec" not in row:
+        print(f"{key} {row.get('error') or row.get('skipped')}", flush=True)
         return
+    limit = row.get("max_micro")
+    if limit is not None:
+        limit = f"{limit}" + ("" if row.get("max_micro_closed") else "?")
     print(f"{key} {fmt(row['samples_per_sec'], '10.1f', 10)} {fmt(row['tflops'], '8.1f', 8)} "
           f"{fmt(row['mfu'], '6.1%', 6)} {fmt(row['peak_memory_gb'], '7.2f', 7)} "
-          f"{fmt(row.get('real_token_fraction'), '5.2f', 5)} {fmt(row.get('max_micro'), '9d', 9)}")
+          f"{fmt(row.get('real_token_fraction'), '5.2f', 5)} {fmt(limit, '>9', 9)}", flush=True)
 
 
 if __name__ == "__main__":
