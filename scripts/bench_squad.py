@@ -1,46 +1,57 @@
-"""SQuAD fine-tuning throughput and peak memory per micro-batch size, kernel and model (CUDA only).
+"""SQuAD fine-tuning throughput, model TFLOP/s, MFU and peak memory per micro-batch size and kernel.
 
     python scripts/bench_squad.py                                    # BERT-base and -large, all kernels
-    python scripts/bench_squad.py --models large --kernels torch --micro-batches 4,8 --json out.json
+    python scripts/bench_squad.py --models large --kernels torch,hf --micro-batches 4,8 --json out.json
     python scripts/bench_squad.py --squad-file dev-v1.1.json --vocab-file vocab.txt   # real padding
+    python scripts/bench_squad.py --device cpu --models tiny --micro-batches 2 --seq 64   # smoke test
 
 Each cell times full training steps of ``BertForQuestionAnswering`` as ``python -m bertrecipes.squad``
 runs them (forward under autocast, QA loss, scaled backward, unscale, global-norm clip, Adam step,
 zero) after ``--warmup`` untimed steps. Kernels: ``torch``, ``torch_unpad`` (``kernel.unpad=true``),
-``triton`` (unpadded, varlen attention) and ``triton_padded``. The windows hold random token ids;
-without ``--squad-file`` every window is full (``--seq`` real tokens, so unpadding has nothing to
-skip); with it, each micro-batch takes the attention masks of real SQuAD windows (features built as
-``python -m bertrecipes.squad`` builds them, shuffled), so the padding is what training meets. It
-reports samples/s and the peak memory PyTorch allocated; a micro-batch that runs out of memory is
-marked OOM (and the larger ones are not tried). A kernel that cannot be built (``kernel=triton``
-without triton or kernels_triton) is marked unavailable. Prints a table; ``--json`` writes every cell
-with the device, dtype and shapes, so a quoted figure can name what produced it.
+``triton`` (unpadded, varlen attention), ``triton_padded``, ``compile`` (``torch.compile`` of the
+torch model), and ``hf``: transformers' ``BertForQuestionAnswering`` (sdpa) with
+``torch.optim.AdamW`` (fused on CUDA) and ``GradScaler``, the reference user's choice, on the same
+windows. The windows hold random token ids; without ``--squad-file`` every window is full (``--seq``
+real tokens, so unpadding has nothing to skip); with it, each micro-batch takes the attention masks of
+real SQuAD windows (features built as ``python -m bertrecipes.squad`` builds them, shuffled), so the
+padding is what training meets. TFLOP/s counts ``qa_training_flops_per_sample`` on the padded shape
+for every kernel (so skipped padding shows as more samples/s); MFU divides by a large matmul measured
+in the same run (or ``--peak-tflops``). A micro-batch that runs out of memory is marked OOM (and the
+larger ones are not tried); a kernel that cannot be built (``kernel=triton`` without triton) is marked
+unavailable. Prints a table; ``--json`` is rewritten after every cell with the device, dtype and
+shapes, so a quoted figure can name what produced it and a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
+import os
+import shlex
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from bertrecipes.atomic import write_json_atomic
 from bertrecipes.config import KernelConfig, ModelConfig
 from bertrecipes.engine import batch_to_device, build_layer_factory
 from bertrecipes.errors import ConfigError
+from bertrecipes.metrics import measure_peak_tflops
 from bertrecipes.model import BertConfig
 from bertrecipes.optim import Adam, build_param_groups
-from bertrecipes.precision import autocast_context
-from bertrecipes.squad.model import BertForQuestionAnswering, qa_loss
+from bertrecipes.precision import DTYPES, autocast_context
+from bertrecipes.squad.model import BertForQuestionAnswering, qa_loss, qa_training_flops_per_sample
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 VOCAB_SIZE = 30522  # bert-base/large-uncased
 KERNELS = {"torch": ("torch", False), "torch_unpad": ("torch", True), "triton": ("triton", True),
-           "triton_padded": ("triton", False)}  # name -> (kernel.name, kernel.unpad)
+           "triton_padded": ("triton", False), "compile": ("torch", False),
+           "hf": None}  # name -> (kernel.name, kernel.unpad); hf is transformers'
 
 
 def real_window_masks(squad_file: Path, vocab_file: Path, seq: int) -> torch.Tensor:
@@ -63,91 +74,162 @@ def model_config(name: str) -> BertConfig:
     return BertConfig(**fields)
 
 
-def time_cell(config: BertConfig, kernel: str, micro_batch: int, seq: int, precision: str, steps: int,
-              warmup: int, device: torch.device, masks: torch.Tensor | None = None) -> dict:
-    """samples/s and peak memory of ``steps`` training steps, or status OOM / unavailable."""
+def make_inputs(config: BertConfig, micro_batch: int, seq: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Random windows of ``seq`` tokens ([CLS] question [SEP] context) and answer positions."""
+    g = torch.Generator().manual_seed(0)
+    question = min(64, seq // 2)  # [CLS] question [SEP] tokens, then the context
+    host = {"input_ids": torch.randint(5, config.vocab_size, (micro_batch, seq), generator=g),
+            "token_type_ids": (torch.arange(seq) >= question).long().expand(micro_batch, -1).contiguous(),
+            "attention_mask": torch.ones(micro_batch, seq, dtype=torch.long)}
+    starts = torch.randint(question, question + 16, (micro_batch,), generator=g)
+    return host, starts, starts + 3
+
+
+def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, precision: str,
+              device: torch.device, next_masks) -> Callable[[], None]:
+    """One training step of ours as ``python -m bertrecipes.squad`` runs it: forward under autocast,
+    QA loss, scaled backward, unscale, global-norm clip, Adam step, zero."""
     kernel_name, unpad = KERNELS[kernel]
-    try:
-        layer_factory = build_layer_factory(OmegaConf.structured(KernelConfig(name=kernel_name)))
-    except (ConfigError, ImportError) as e:
-        return {"status": "unavailable", "error": str(e)}
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    model = optimizer = None
-    try:
-        model = BertForQuestionAnswering(config, layer_factory=layer_factory, unpad=unpad).to(device).train()
-        optimizer = Adam(build_param_groups(model, 0.0), lr=3e-5, bias_correction=False)
-        params = [p for p in model.parameters() if p.requires_grad]
-        scale = 2.0**16 if precision == "fp16" else 1.0
-        g = torch.Generator().manual_seed(0)
-        question = min(64, seq // 2)  # [CLS] question [SEP] tokens, then the context
-        host = {"input_ids": torch.randint(5, config.vocab_size, (micro_batch, seq), generator=g),
-                "token_type_ids": (torch.arange(seq) >= question).long().expand(micro_batch, -1),
-                "attention_mask": torch.ones(micro_batch, seq, dtype=torch.long)}
-        starts = torch.randint(question, question + 16, (micro_batch,), generator=g).to(device)
-        ends = starts + 3
-        windows = 0
+    layer_factory = build_layer_factory(OmegaConf.structured(KernelConfig(name=kernel_name)))
+    model = BertForQuestionAnswering(config, layer_factory=layer_factory, unpad=unpad).to(device).train()
+    forward = torch.compile(model) if kernel == "compile" else model
+    optimizer = Adam(build_param_groups(model, 0.0), lr=3e-5, bias_correction=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    scale = 2.0**16 if precision == "fp16" else 1.0
+    host, starts, ends = make_inputs(config, micro_batch, seq)
+    starts, ends = starts.to(device), ends.to(device)
 
-        def step() -> None:
-            nonlocal windows
-            if masks is not None:  # the next real windows' padding
-                rows = torch.arange(windows, windows + micro_batch) % len(masks)
-                host["attention_mask"] = masks[rows]
-                windows += micro_batch
-            batch, layout = batch_to_device(host, device, unpad)
-            with autocast_context(precision, device):
-                start_logits, end_logits = model(batch["input_ids"], batch["token_type_ids"],
-                                                 batch["attention_mask"], unpadded=layout)
-            (qa_loss(start_logits, end_logits, starts, ends) * scale).backward()
-            grads = [p.grad for p in params if p.grad is not None]
-            torch._foreach_mul_(grads, 1.0 / scale)
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            torch._foreach_mul_(grads, torch.clamp(1.0 / (norm + 1e-6), max=1.0))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def step() -> None:
+        host["attention_mask"] = next_masks(host["attention_mask"])
+        batch, layout = batch_to_device(host, device, unpad)
+        with autocast_context(precision, device):
+            start_logits, end_logits = forward(batch["input_ids"], batch["token_type_ids"],
+                                               batch["attention_mask"], unpadded=layout)
+        (qa_loss(start_logits, end_logits, starts, ends) * scale).backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / scale)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_mul_(grads, torch.clamp(1.0 / (norm + 1e-6), max=1.0))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def hf_step(config: BertConfig, micro_batch: int, seq: int, precision: str, device: torch.device,
+            next_masks) -> Callable[[], None]:
+    """transformers' BertForQuestionAnswering (sdpa attention) with torch.optim.AdamW (fused on CUDA) and
+    GradScaler: what a Hugging Face user runs; the same windows, precision and clipping."""
+    import transformers
+
+    hf_config = transformers.BertConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_position_embeddings, attn_implementation="sdpa",
+    )
+    model = transformers.BertForQuestionAnswering(hf_config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.0, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    host, starts, ends = make_inputs(config, micro_batch, seq)
+    starts, ends = starts.to(device), ends.to(device)
+
+    def step() -> None:
+        host["attention_mask"] = next_masks(host["attention_mask"])
+        batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+        with autocast_context(precision, device):
+            out = model(**batch, start_positions=starts, end_positions=ends)
+        scaler.scale(out.loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_cell(config: BertConfig, kernel: str, micro_batch: int, seq: int, precision: str, steps: int,
+              warmup: int, device: torch.device, masks: torch.Tensor | None = None,
+              peak_tflops: float | None = None) -> dict:
+    """samples/s, TFLOP/s, MFU and peak memory of ``steps`` training steps, or status OOM / unavailable."""
+    on_cuda = device.type == "cuda"
+    windows = 0
+
+    def next_masks(current: torch.Tensor) -> torch.Tensor:
+        nonlocal windows
+        if masks is None:  # every window full
+            return current
+        rows = torch.arange(windows, windows + micro_batch) % len(masks)  # the next real windows' padding
+        windows += micro_batch
+        return masks[rows]
+
+    if on_cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    step = None
+    try:
+        try:
+            step = (hf_step(config, micro_batch, seq, precision, device, next_masks) if kernel == "hf" else
+                    ours_step(config, kernel, micro_batch, seq, precision, device, next_masks))
+        except (ConfigError, ImportError) as e:
+            return {"status": "unavailable", "error": str(e)}
         for _ in range(warmup):
             step()
-        torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        return {"status": "ok", "samples_per_sec": micro_batch * steps / elapsed,
-                "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+        sync(device)
+        samples_per_sec = micro_batch * steps / (time.perf_counter() - t0)
+        tflops = samples_per_sec * qa_training_flops_per_sample(config, seq) / 1e12
+        return {"status": "ok", "samples_per_sec": samples_per_sec, "tflops": tflops,
+                "mfu": tflops / peak_tflops if peak_tflops else None,
+                "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None}
     except torch.cuda.OutOfMemoryError:
         return {"status": "OOM", "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
     except RuntimeError as e:  # a kernel that fails to compile or launch: record it, time the rest
         return {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
     finally:
-        model = optimizer = None  # free the memory before the next cell
+        step = None  # free the memory before the next cell
         gc.collect()
-        torch.cuda.empty_cache()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cell_text(r: dict) -> str:
+    if r["status"] != "ok":
+        return r["status"]
+    text = f"{r['samples_per_sec']:.1f}/s"
+    if r.get("mfu") is not None:
+        text += f" {r['mfu']:.0%}"
+    if r.get("peak_memory_gb") is not None:
+        text += f" {r['peak_memory_gb']:.1f}G"
+    return text
 
 
 def print_table(results: list[dict], micro_batches: list[int]) -> None:
-    header = f"{'model':<7}{'kernel':<14}" + "".join(f"{f'mb={m}':>18}" for m in micro_batches)
+    header = f"{'model':<7}{'kernel':<14}" + "".join(f"{f'mb={m}':>22}" for m in micro_batches)
     print(header)
     print("-" * len(header))
     rows: dict[tuple[str, str], dict[int, dict]] = {}
     for r in results:
         rows.setdefault((r["model"], r["kernel"]), {})[r["micro_batch"]] = r
     for (name, kernel), cells in rows.items():
-        line = f"{name:<7}{kernel:<14}"
-        for m in micro_batches:
-            r = cells.get(m, {"status": "-"})
-            text = (f"{r['samples_per_sec']:.1f}/s {r['peak_memory_gb']:.1f}G" if r["status"] == "ok"
-                    else r["status"])
-            line += f"{text:>18}"
-        print(line)
-    print("cells: samples/s and peak allocated GiB per micro-batch (training step incl. Adam)")
+        print(f"{name:<7}{kernel:<14}" + "".join(f"{cell_text(cells.get(m, {'status': '-'})):>22}"
+                                                 for m in micro_batches))
+    print("cells: samples/s, MFU and peak allocated GiB per micro-batch (training step incl. the optimizer)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="base,large", help="comma list of base, large (default: both)")
+    parser.add_argument("--models", default="base,large", help="comma list of tiny, base, large")
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {', '.join(KERNELS)}")
     parser.add_argument("--squad-file", type=Path, help="take the windows' padding from this SQuAD json")
     parser.add_argument("--vocab-file", type=Path, help="WordPiece vocabulary for --squad-file")
@@ -157,45 +239,69 @@ def main(argv: list[str] | None = None) -> int:
                         help="autocast dtype (BingBertSquad: fp16)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per cell")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--json", type=Path, help="write every cell here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda (default when there is one) or cpu (a smoke test: no memory or MFU)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="MFU denominator (default: a large matmul measured in this run, CUDA only)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="start no cell after this many seconds; later cells are marked skipped")
+    parser.add_argument("--json", type=Path, help="write every cell here (rewritten after each)")
     args = parser.parse_args(argv)
+    started = time.monotonic()
 
     unknown = sorted(set(args.kernels.split(",")) - set(KERNELS))
     if unknown:
         parser.error(f"unknown --kernels {unknown}; choose from {list(KERNELS)}")
+    unknown = sorted(set(args.models.split(",")) - {"tiny", "base", "large"})
+    if unknown:
+        parser.error(f"unknown --models {unknown}; choose from ['tiny', 'base', 'large']")
     if (args.squad_file is None) != (args.vocab_file is None):
         parser.error("--squad-file and --vocab-file go together")
-    if not torch.cuda.is_available():
-        print("bench_squad.py measures GPU training steps and needs CUDA; torch.cuda.is_available() is "
-              "False here. Nothing measured.", file=sys.stderr)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {args.device} but torch.cuda.is_available() is False here; use --device cpu for a "
+              "smoke test. Nothing measured.", file=sys.stderr)
         return 2
-    device = torch.device("cuda")
+    if args.device == "cpu":  # kernel=triton runs in Triton's interpreter (chosen before triton loads)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = torch.device(args.device)
     micro_batches = [int(m) for m in args.micro_batches.split(",")]
     masks = real_window_masks(args.squad_file, args.vocab_file, args.seq) if args.squad_file else None
     real_fraction = float(masks.float().mean()) if masks is not None else 1.0
-    results = []
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda":
+        peak = statistics.median(measure_peak_tflops(device, DTYPES[args.precision]) for _ in range(3))
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "precision": args.precision, "seq_len": args.seq, "steps": args.steps,
+            "warmup": args.warmup, "real_token_fraction": real_fraction, "matmul_peak_tflops": peak,
+            "flops": "3 x forward matmul FLOPs per window "
+                     "(bertrecipes.squad.model.qa_training_flops_per_sample)",
+            "command": shlex.join(["bench_squad.py", *(sys.argv[1:] if argv is None else argv)])}
+    results: list[dict] = []
     for name in args.models.split(","):
         config = model_config(name)
         for kernel in args.kernels.split(","):
             oom = False
             for micro_batch in micro_batches:
-                cell = ({"status": "OOM", "note": "a smaller micro-batch ran out of memory"} if oom else
-                        time_cell(config, kernel, micro_batch, args.seq, args.precision, args.steps,
-                                  args.warmup, device, masks))
+                if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+                    cell = {"status": "skipped", "note": f"time budget ({args.time_budget:g} s) spent"}
+                elif oom:
+                    cell = {"status": "OOM", "note": "a smaller micro-batch ran out of memory"}
+                else:
+                    cell = time_cell(config, kernel, micro_batch, args.seq, args.precision, args.steps,
+                                     args.warmup, device, masks, peak)
                 oom = oom or cell["status"] == "OOM"
                 results.append({"model": name, "kernel": kernel, "micro_batch": micro_batch, **cell})
-                print(f"bert-{name} kernel={kernel} micro_batch={micro_batch}: {cell}", file=sys.stderr)
+                print(f"bert-{name} kernel={kernel} micro_batch={micro_batch}: {cell}", file=sys.stderr,
+                      flush=True)
+                if args.json:
+                    write_json_atomic(args.json, {"meta": meta, "results": results})
                 if cell["status"] == "unavailable":
                     results.extend({"model": name, "kernel": kernel, "micro_batch": m, **cell}
                                    for m in micro_batches if m > micro_batch)
                     break
     print_table(results, micro_batches)
     if args.json:
-        meta = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                "precision": args.precision, "seq_len": args.seq, "steps": args.steps, "warmup": args.warmup,
-                "real_token_fraction": real_fraction,
-                "command": " ".join(sys.argv)}
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+        write_json_atomic(args.json, {"meta": meta, "results": results})
         print(f"wrote {args.json}")
     return 0
 

@@ -155,8 +155,9 @@ def test_training_flops_equal_pytorchs_flop_counter(shape):
     operands), on a padded batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = BertConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
-                     num_attention_heads=shape["heads"], intermediate_size=shape["inter"],
+    cfg = BertConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
+                     num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                     intermediate_size=shape["inter"],
                      max_position_embeddings=64)
     torch.manual_seed(0)
     model = BertForPreTraining(cfg)
