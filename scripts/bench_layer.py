@@ -15,7 +15,8 @@ mask, fp32 weights under autocast (as ``bertrecipes.engine`` runs). Implementati
   which that backend cannot take), same q/k/v and dropout.
 
 ``--check`` instead runs the low-precision correctness rule for fp16 and bf16, post-LN and pre-LN,
-flags off and on: for the output and every gradient,
+flags off and on, padded and unpadded (packed real tokens, varlen attention): for the output and
+every gradient,
 ``|triton - fp32 ref| <= 2 * |torch same dtype - fp32 ref| + atol * max|fp32 ref|``.
 
     python scripts/bench_layer.py --dtype bf16 --json bench_bf16.json
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import os
 import statistics
 import sys
 
@@ -39,6 +40,7 @@ SHAPES = [  # name, hidden, heads, intermediate, seq, micro-batch
     ("bert-base", 768, 12, 3072, 512, 8),
 ]
 CHECK_SHAPE = (768, 12, 3072, 128, 8)  # --check: BERT-base layer, seq 128, micro-batch 8
+CPU_CHECK_SHAPE = (64, 2, 128, 16, 3)  # --check --device cpu: the same rule in Triton's interpreter
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICE = "cuda"
 IMPLS = ("triton", "triton-unpad", "torch", "torch.compile", "transformers")
@@ -61,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--check", action="store_true", help="run the fp16/bf16 correctness rule instead")
     parser.add_argument("--atol", type=float, default=1e-3, help="--check: atol, relative to max|fp32 ref|")
+    parser.add_argument("--check-dtypes", nargs="+", choices=sorted(DTYPES), default=list(DTYPES),
+                        help="--check: the autocast dtypes to check")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: --check only, at a tiny shape in Triton's interpreter (slow; a smoke "
+                             "test of this script, not of the GPU)")
     return parser.parse_args(argv)
 
 
@@ -250,13 +257,22 @@ def _three_way(name, got, same_dtype, ref, atol) -> dict:
 
 
 def _layer_grads(layer, x, mask, grad, autocast_dtype) -> dict[str, torch.Tensor]:
-    """Output, input gradient and parameter gradients; autocast_dtype None = plain fp32."""
+    """Output, input gradient and parameter gradients; autocast_dtype None = plain fp32. ``mask`` is
+    the key-padding mask of a padded ``x`` [batch, seq, hidden], or the layout of a packed one."""
     layer.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
     with torch.autocast(DEVICE, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         out = layer(x, mask)
     out.backward(grad.to(out.dtype))
     return {"out": out.detach(), "dx": x.grad} | {n: p.grad for n, p in layer.named_parameters()}
+
+
+def _at_real_rows(grads: dict[str, torch.Tensor], layout) -> dict[str, torch.Tensor]:
+    """A padded layer's output and input gradient at the real tokens, packed as the unpadded layer
+    returns them; parameter gradients as they are."""
+    from bertrecipes.model.bert import unpad_rows
+
+    return grads | {name: unpad_rows(grads[name], layout) for name in ("out", "dx")}
 
 
 def _attention_grads(fn, qkv, mask, grad, dtype, **kwargs) -> dict[str, torch.Tensor]:
@@ -269,16 +285,18 @@ def _attention_grads(fn, qkv, mask, grad, dtype, **kwargs) -> dict[str, torch.Te
 def check(args) -> list[dict]:
     """The three-way rule on a BERT-base layer (padding mask, dropout off: the RNGs differ) and on
     attention alone with dropout, its mask replayed in the reference."""
+    from bertrecipes.model.bert import unpad_index, unpad_rows
     from kernels_triton import TritonBertLayer, attention_dropout_mask, attention_ref, flash_attention
 
-    hidden, heads, intermediate, seq, batch = CHECK_SHAPE
+    hidden, heads, intermediate, seq, batch = CHECK_SHAPE if DEVICE == "cuda" else CPU_CHECK_SHAPE
     g = torch.Generator(device=DEVICE).manual_seed(2)
     x, grad = (torch.randn(batch, seq, hidden, device=DEVICE, generator=g) for _ in range(2))
     qkv = [torch.randn(batch, seq, heads, hidden // heads, device=DEVICE, generator=g) for _ in range(3)]
     grad_attn = torch.randn(batch, seq, heads, hidden // heads, device=DEVICE, generator=g)
     mask = padding_mask(batch, seq)
     results = []
-    for dtype_name, dtype in DTYPES.items():
+    for dtype_name in args.check_dtypes:
+        dtype = DTYPES[dtype_name]
         for pre_layer_norm in (False, True):
             order = "pre" if pre_layer_norm else "post"
             config = bert_config(hidden, heads, intermediate, 0.0, pre_layer_norm)
@@ -291,6 +309,17 @@ def check(args) -> list[dict]:
                 got = _layer_grads(ours, x, mask, grad, dtype)
                 case = f"{dtype_name} {order}-LN flags={'all' if flags else 'none'}"
                 results += [{"case": case} | _three_way(n, got[n], same[n], ref[n], args.atol) for n in ref]
+            # unpadded (kernel.unpad=true, the pre-training default): packed real tokens through varlen
+            # attention against the padded references at the real rows
+            layout = unpad_index(mask.cpu()).to(DEVICE)
+            real_grad = grad * mask[..., None]  # padding rows carry no gradient in either layout
+            ref, same = (_at_real_rows(_layer_grads(reference, x, mask, real_grad, d), layout)
+                         for d in (None, dtype))
+            ours = TritonBertLayer(config).to(DEVICE).eval()
+            ours.load_state_dict(reference.state_dict())
+            got = _layer_grads(ours, unpad_rows(x, layout), layout, unpad_rows(real_grad, layout), dtype)
+            case = f"{dtype_name} {order}-LN unpadded"
+            results += [{"case": case} | _three_way(n, got[n], same[n], ref[n], args.atol) for n in ref]
 
         keep = attention_dropout_mask(1234, batch, heads, seq, 0.1, DEVICE)
         ref = _attention_grads(attention_ref, qkv, mask, grad_attn, torch.float32, dropout_mask=keep)
@@ -311,12 +340,20 @@ def print_check(results: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
+    global DEVICE
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_layer.py needs a CUDA GPU (torch.cuda.is_available() is False). On a CPU, run the "
-              "kernels' tests instead: TRITON_INTERPRET=1 pytest tests/test_triton_*.py", file=sys.stderr)
+    if args.device == "cpu":
+        if not args.check:
+            print("--device cpu runs --check only (timings on Triton's interpreter mean nothing)",
+                  file=sys.stderr)
+            return 2
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
+        print("bench_layer.py needs a CUDA GPU (torch.cuda.is_available() is False). On a CPU, run "
+              "--check --device cpu, or the kernels' tests: pytest tests/test_triton_*.py", file=sys.stderr)
         return 2
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    meta = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
             "triton": __import__("triton").__version__, "args": vars(args)}
     if args.check:
         results = check(args)
@@ -329,8 +366,9 @@ def main(argv=None) -> int:
         rows, status = bench(args), 0
         print_table(rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(meta | {"rows": rows}, f, indent=1)
+        from bertrecipes.atomic import write_json_atomic
+
+        write_json_atomic(args.json, meta | {"rows": rows})
     return status
 
 
