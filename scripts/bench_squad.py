@@ -55,12 +55,13 @@ KERNELS = {"torch": ("torch", False), "torch_unpad": ("torch", True), "triton": 
 
 
 def real_window_masks(squad_file: Path, vocab_file: Path, seq: int) -> torch.Tensor:
-    """Attention masks [windows, seq] of the file's training windows (doc_stride 128, query 64), shuffled."""
+    """Attention masks [windows, seq] of the file's training windows, shuffled: doc_stride 128 and
+    max_query_length 64 as BingBertSquad (each at most half the window, for short test windows)."""
     from bertrecipes.data.tokenizer import load_tokenizer
     from bertrecipes.squad.data import build_features, read_squad_examples
 
-    features = build_features(read_squad_examples(squad_file), load_tokenizer(vocab_file), seq, 128, 64,
-                              is_training=True)
+    features = build_features(read_squad_examples(squad_file), load_tokenizer(vocab_file), seq,
+                              min(128, seq // 2), min(64, seq // 2), is_training=True)
     masks = torch.from_numpy(features.attention_mask).long()
     return masks[torch.randperm(len(masks), generator=torch.Generator().manual_seed(0))]
 

@@ -1,45 +1,141 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks, in stages that each fit a 10-minute command, writing their logs and
-# JSON into one folder (default: $OUT when set, else ./gpu_results).
+# The GPU checks and benchmarks, as one run that fits a short lease, most important first.
 #
-#   scripts/gpu_checks.sh correctness   # Triton/fused-LAMB tests on CUDA, bench_layer --check (fp16/bf16)
-#   scripts/gpu_checks.sh pretrain      # bench_pretrain: BERT-large bf16, seq128 x 64 and seq512 x 8
-#   scripts/gpu_checks.sh squad DEV VOCAB   # bench_squad at seq384 with real SQuAD padding
-#   scripts/gpu_checks.sh layer         # bench_layer timings, bf16
+#   scripts/gpu_checks.sh [all]         # every stage below, in this order, within $GPU_BUDGET seconds
+#   scripts/gpu_checks.sh STAGE         # one stage
+#   scripts/gpu_checks.sh all --smoke   # the same run on the CPU at toy sizes: proves the script, no figures
 #
-# Needs torch with CUDA, triton, transformers, and the project's Python dependencies importable
-# (pip install -e ".[dev]", or wheels on PYTHONPATH).
-set -euo pipefail
+#   check        bench_layer --check: fp16/bf16 three-way rule, padded and unpadded, every flag
+#   pretrain128  bench_pretrain BERT-large seq128 x 64 bf16: triton, torch, hf (+ fused AdamW)
+#   pretrain512  the same at seq512 x 8
+#   maxmicro     the largest micro-batch at seq512, triton and hf
+#   compile      torch.compile at seq128 x 64
+#   squad        bench_squad BERT-large seq384 x 32 bf16, real SQuAD dev padding: triton, torch, hf
+#   tests        the Triton kernels' pytest suite on CUDA
+#   extra        fp16 and BERT-base rows, the layer timings
+#
+# Each stage runs under a timeout of min(its cap, what is left of GPU_BUDGET, default 480 s), so `all`
+# always ends and packs what it has; STAGES="squad tests" runs only those. Logs and JSON go to
+# $RESULTS (default /tmp/gpu_results); `all` packs them into gpu_results.tar.gz in $OUT (or the
+# project root), with the whole log (gpu_checks.log) and the chart (bench_pretrain.png) beside it.
+#
+# Needs torch with CUDA, triton and transformers. On the lent GPU machine, after
+# `scripts/gpu_bundle.sh` here (wheels into .whl/, vocabulary, Wikipedia and SQuAD into .gpu/), carry
+# .whl and .gpu and run `bash scripts/gpu_checks.sh all`: the wheels are installed into /tmp/site.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-results="${RESULTS:-${OUT:-gpu_results}}"
-mkdir -p "$results"
+root=$PWD
+stage="${1:-all}"
+smoke=false
+[ "${2:-}" = "--smoke" ] && smoke=true
+dest="${OUT:-$root}"
+results="${RESULTS:-/tmp/gpu_results}"
+budget="${GPU_BUDGET:-480}"
+mkdir -p "$results" "$dest"
 export PYTHONUNBUFFERED=1
-stage="${1:-correctness}"
-log() { tee "$results/$1.log"; }
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+start=$SECONDS
+[ "$stage" = all ] && exec > >(tee "$dest/gpu_checks.log") 2>&1
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$results/device.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    | tee -a "$results/device.txt"
+if [ -d .whl ] && ! python3 -c "import hydra, omegaconf" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || { echo "installing the carried wheels failed" >&2; exit 2; }
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 
-case "$stage" in
-  correctness)
-    python3 -m pytest -q -x tests/test_triton_attention.py tests/test_triton_bias_gelu.py \
-        tests/test_triton_layernorm.py tests/test_triton_layer.py tests/test_lamb_fused.py 2>&1 | log pytest_triton
-    python3 scripts/bench_layer.py --check --json "$results/layer_check.json" 2>&1 | log layer_check
-    ;;
-  pretrain)
-    python3 scripts/bench_pretrain.py --models large --seqs 128,512 --dtypes bf16 \
-        --impls triton,triton_padded,torch,hf --steps 5 --json "$results/bench_pretrain.json" 2>&1 | log bench_pretrain
-    ;;
-  squad)
-    python3 scripts/bench_squad.py --models large --precision bf16 --micro-batches 8,16,32 \
-        --squad-file "$2" --vocab-file "$3" --json "$results/bench_squad.json" 2>&1 | log bench_squad
-    ;;
-  layer)
-    python3 scripts/bench_layer.py --dtype bf16 --json "$results/bench_layer.json" 2>&1 | log bench_layer
-    ;;
-  *)
-    echo "unknown stage '$stage': correctness, pretrain, squad DEV VOCAB or layer" >&2
-    exit 2
-    ;;
-esac
+# the data: the carried Wikipedia subset and BERT's vocabulary when there, else the demo corpus
+data=""
+if [ -f .gpu/wiki.txt ] && [ -f .gpu/vocab.txt ]; then
+  data="data=text_files data.paths=[$root/.gpu/wiki.txt] data.vocab_file=$root/.gpu/vocab.txt"
+  data+=" data.dupe_factor=1 data.documents_per_shard=100"
+fi
+squad=""
+[ -f .gpu/dev-v1.1.json ] && squad="--squad-file .gpu/dev-v1.1.json --vocab-file .gpu/vocab.txt"
+
+# the sizes: the issue's, or toys on the CPU
+if $smoke; then
+  large=tiny base=tiny s128=32 s512=64 s384=64 dev="--device cpu" micro="--micro 2 --steps 1"
+  squad_steps="--micro-batches 2 --steps 1 --warmup 1" check_dev="--device cpu --check-dtypes fp16"
+else
+  large=large base=base s128=128 s512=512 s384=384 dev="" micro="" squad_steps="--micro-batches 32"
+  check_dev=""
+fi
+export root results data squad large base s128 s512 s384 dev micro squad_steps check_dev
+bench() {
+  # shellcheck disable=SC2086  # $dev and $micro are lists of options
+  python3 scripts/bench_pretrain.py --data "$data" --cache-dir "$results/data_cache" $dev $micro "$@"
+}
+
+# shellcheck disable=SC2086
+stage_check()       { python3 scripts/bench_layer.py --check $check_dev --json "$results/layer_check.json"; }
+stage_pretrain128() { bench --models $large --seqs $s128 --dtypes bf16 --impls triton,torch,hf \
+                        --json "$results/pretrain_large_seq128_bf16.json"; }
+stage_pretrain512() { bench --models $large --seqs $s512 --dtypes bf16 --impls triton,torch,hf \
+                        --json "$results/pretrain_large_seq512_bf16.json"; }
+stage_maxmicro()    { bench --models $large --seqs $s512 --dtypes bf16 --impls triton,hf --steps 2 \
+                        --find-max-micro --time-budget "$((cap - 30))" \
+                        --json "$results/pretrain_large_seq512_maxmicro.json"; }
+stage_compile()     { bench --models $large --seqs $s128 --dtypes bf16 --impls compile \
+                        --json "$results/pretrain_large_seq128_compile.json"; }
+stage_squad() {
+  # shellcheck disable=SC2086
+  python3 scripts/bench_squad.py --models $large --precision bf16 --kernels triton,torch,hf $dev \
+    --seq $s384 $squad_steps $squad --time-budget "$((cap - 20))" \
+    --json "$results/squad_large_bf16.json"
+}
+stage_tests() {
+  python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py tests/test_triton_bias_gelu.py \
+    tests/test_triton_layernorm.py tests/test_triton_layer.py tests/test_lamb_fused.py
+}
+stage_extra() {
+  bench --models $large --seqs $s128 --dtypes fp16 --impls triton,torch,hf --time-budget "$((cap / 3))" \
+    --json "$results/pretrain_large_seq128_fp16.json"
+  bench --models $base --seqs $s128,$s512 --dtypes bf16 --impls triton,torch,hf --time-budget "$((cap / 3))" \
+    --json "$results/pretrain_base_bf16.json"
+  $smoke || python3 scripts/bench_layer.py --dtype bf16 --shapes 0 1 --json "$results/layer_bf16.json"
+}
+declare -A caps=([check]=90 [pretrain128]=150 [pretrain512]=90 [maxmicro]=150 [compile]=180 [squad]=100
+                 [tests]=150 [extra]=300)
+
+run_stage() {  # run_stage NAME: under a timeout of min(its cap, what is left of the budget)
+  local name=$1 left=$((budget - (SECONDS - start))) rc
+  local cap=$(( caps[$name] < left ? caps[$name] : left ))
+  if [ "$cap" -lt 20 ]; then
+    echo "=== $name: skipped, ${left}s of the ${budget}s budget left"
+    return
+  fi
+  echo "=== $name (at $((SECONDS - start))s, up to ${cap}s)"
+  timeout --kill-after=10 "$cap" \
+    bash -c "$(declare -f bench "stage_$name"); smoke=$smoke; cap=$cap; stage_$name" 2>&1 \
+    | tee "$results/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc$([ "$rc" = 124 ] && echo ' (timed out)'), $((SECONDS - start))s in all"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "no nvidia-smi"
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', \
+triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda, \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+} > "$results/device.txt" 2>&1
+cat "$results/device.txt"
+
+if [ "$stage" = all ]; then
+  default_stages="check pretrain128 pretrain512 maxmicro compile squad tests extra"
+  $smoke && default_stages="check pretrain128 pretrain512 compile squad extra"  # no OOM, no CUDA tests
+  for name in ${STAGES:-$default_stages}; do
+    run_stage "$name"
+  done
+  jsons=("$results"/pretrain_*.json)
+  if [ -e "${jsons[0]}" ] && python3 -c "import matplotlib" 2>/dev/null; then
+    python3 scripts/plot_bench.py "${jsons[@]}" "$dest/bench_pretrain.png"
+  fi
+  tar czf "$dest/gpu_results.tar.gz" -C "$results" --exclude ./data_cache .
+  echo "packed $(tar tzf "$dest/gpu_results.tar.gz" | grep -c -v '/$') files into $dest/gpu_results.tar.gz"
+elif [ -n "${caps[$stage]+x}" ]; then
+  budget=100000
+  run_stage "$stage"
+else
+  echo "unknown stage '$stage': all, ${!caps[*]}" >&2
+  exit 2
+fi
