@@ -6,6 +6,7 @@
 #   scripts/gpu_checks.sh all --smoke   # the same run on the CPU at toy sizes: proves the script, no figures
 #
 #   check        bench_layer --check: fp16/bf16 three-way rule, padded and unpadded, every flag
+#   syncs        host-device synchronisations per optimizer step (sync_check.py), triton and torch
 #   pretrain128  bench_pretrain BERT-large seq128 x 64 bf16: triton, torch, hf (+ fused AdamW)
 #   pretrain512  the same at seq512 x 8
 #   maxmicro     the largest micro-batch at seq512, triton and hf
@@ -68,6 +69,10 @@ bench() {
 
 # shellcheck disable=SC2086
 stage_check()       { python3 scripts/bench_layer.py --check $check_dev --json "$results/layer_check.json"; }
+stage_syncs() {
+  python3 scripts/sync_check.py --kernel triton --precision bf16 --json "$results/syncs_triton_bf16.json"
+  python3 scripts/sync_check.py --kernel torch --precision fp16 --json "$results/syncs_torch_fp16.json"
+}
 stage_pretrain128() { bench --models $large --seqs $s128 --dtypes bf16 --impls triton,torch,hf \
                         --json "$results/pretrain_large_seq128_bf16.json"; }
 stage_pretrain512() { bench --models $large --seqs $s512 --dtypes bf16 --impls triton,torch,hf \
@@ -94,8 +99,8 @@ stage_extra() {
     --json "$results/pretrain_base_bf16.json"
   $smoke || python3 scripts/bench_layer.py --dtype bf16 --shapes 0 1 --json "$results/layer_bf16.json"
 }
-declare -A caps=([check]=90 [pretrain128]=150 [pretrain512]=90 [maxmicro]=150 [compile]=180 [squad]=100
-                 [tests]=150 [extra]=300)
+declare -A caps=([check]=90 [syncs]=60 [pretrain128]=150 [pretrain512]=90 [maxmicro]=150 [compile]=180
+                 [squad]=100 [tests]=150 [extra]=300)
 
 run_stage() {  # run_stage NAME: under a timeout of min(its cap, what is left of the budget)
   local name=$1 left=$((budget - (SECONDS - start))) rc
@@ -121,7 +126,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 cat "$results/device.txt"
 
 if [ "$stage" = all ]; then
-  default_stages="check pretrain128 pretrain512 maxmicro compile squad tests extra"
+  default_stages="check syncs pretrain128 pretrain512 maxmicro compile squad tests extra"
   $smoke && default_stages="check pretrain128 pretrain512 compile squad extra"  # no OOM, no CUDA tests
   for name in ${STAGES:-$default_stages}; do
     run_stage "$name"
