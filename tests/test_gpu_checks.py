@@ -4,6 +4,7 @@ results are packed, and a spent budget skips stages instead of overrunning."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -46,6 +47,8 @@ def test_smoke_run_measures_packs_and_logs(tmp_path):
     assert all(r["samples_per_sec"] > 0 for r in rows), rows
     cells = packed_json(out, "squad_large_bf16.json")["results"]
     assert [c["status"] for c in cells] == ["ok", "ok", "ok"], cells
+    if importlib.util.find_spec("matplotlib"):  # the chart of the pretraining rows
+        assert (out / "bench_pretrain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_spent_budget_skips_stages_and_still_packs(tmp_path):
