@@ -18,7 +18,8 @@
 # Each stage runs under a timeout of min(its cap, what is left of GPU_BUDGET, default 480 s), so `all`
 # always ends and packs what it has; STAGES="squad tests" runs only those. Logs and JSON go to
 # $RESULTS (default /tmp/gpu_results); `all` packs them into gpu_results.tar.gz in $OUT (or the
-# project root), with the whole log (gpu_checks.log) and the chart (bench_pretrain.png) beside it.
+# project root), with the whole log (gpu_checks.log), the targets against what was measured
+# (summary.md, scripts/bench_summary.py) and the chart (bench_pretrain.png) beside it.
 #
 # Needs torch with CUDA, triton and transformers. On the lent GPU machine, after
 # `scripts/gpu_bundle.sh` here (wheels into .whl/, vocabulary, Wikipedia and SQuAD into .gpu/), carry
@@ -135,6 +136,7 @@ if [ "$stage" = all ]; then
   if [ -e "${jsons[0]}" ] && python3 -c "import matplotlib" 2>/dev/null; then
     python3 scripts/plot_bench.py "${jsons[@]}" "$dest/bench_pretrain.png"
   fi
+  python3 scripts/bench_summary.py "$results" --markdown "$dest/summary.md"
   tar czf "$dest/gpu_results.tar.gz" -C "$results" --exclude ./data_cache .
   echo "packed $(tar tzf "$dest/gpu_results.tar.gz" | grep -c -v '/$') files into $dest/gpu_results.tar.gz"
 elif [ -n "${caps[$stage]+x}" ]; then
