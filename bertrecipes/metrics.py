@@ -132,13 +132,14 @@ class Throughput:
 
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192,
-                        iters: int = 10) -> float | None:
-    """Large-matmul TFLOP/s on ``device`` (the denominator of MFU). None on CPU."""
+                        iters: int = 30, warmup: int = 5) -> float | None:
+    """Large-matmul TFLOP/s on ``device`` (the denominator of MFU): ``iters`` products of two n x n
+    matrices after ``warmup`` untimed ones (which also bring the clocks up). None on CPU."""
     if device.type != "cuda":
         return None
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
+    for _ in range(warmup):
         a @ b
     torch.cuda.synchronize(device)
     t0 = time.perf_counter()
