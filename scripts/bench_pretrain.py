@@ -9,6 +9,8 @@ data loader, for each implementation:
 * ``torch_unpad``   - ``kernel=torch kernel.unpad=true`` (projections/FFN on real tokens only)
 * ``compile``       - ``kernel=torch compile=true`` (``torch.compile`` of the model)
 * ``compile_graphs`` - ``compile=true compile_mode=reduce-overhead`` (the same, replayed as CUDA graphs)
+* ``triton_compile`` - ``kernel=triton compile=true`` (the Triton layers as they are, ``torch.compile``
+  around them: embeddings, unpadding, the heads and the loss)
 * ``hf``      - ``transformers.BertForPreTraining`` (``attn_implementation="sdpa"``) with
   ``torch.optim.AdamW(fused=True)``: what a user would pick instead; same batches, same precision.
 
@@ -67,6 +69,7 @@ IMPLS = {  # the overrides of each implementation of ours ("hf" is run by run_hf
     "torch_unpad": ["kernel=torch", "kernel.unpad=true"],
     "compile": ["kernel=torch", "compile=true"],
     "compile_graphs": ["kernel=torch", "compile=true", "compile_mode=reduce-overhead"],
+    "triton_compile": ["kernel=triton", "compile=true"],
 }
 FLOPS_FORMULA = ("3 x forward matmul FLOPs per sample (bertrecipes.model.training_flops_per_sample): "
                  "layers x seq x [2(4H^2 + 2HI) + 4 seq H] + preds x 2(H^2 + HV) + 2(H^2 + 2H)")
