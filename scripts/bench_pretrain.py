@@ -206,19 +206,25 @@ def peak_or_oom(fn: Callable[[int], dict], micro: int) -> float | None:
 
 def largest_micro(peak_at: Callable[[int], float | None], start: int, capacity_gb: float | None,
                   resolution: float = 0.05, max_probes: int = 12,
-                  out_of_time: Callable[[], bool] = lambda: False) -> dict:
+                  out_of_time: Callable[[], bool] = lambda: False,
+                  known: dict[int, float | None] | None = None) -> dict:
     """Bracket the largest micro-batch that runs: ``peak_at(m)`` is the peak memory (GB) of a short
     run at micro-batch ``m``, or None when it runs out of memory. Upwards from ``start`` each next
     probe is the linear fit's prediction for ``capacity_gb`` (memory grows linearly with the batch),
     else a doubling; then it closes in until ``oom_micro - max_micro <= max(1, resolution *
-    max_micro)``. Returns max_micro, oom_micro (None if never reached), the probes in order and
-    whether the bracket closed."""
-    probes: list[tuple[int, float | None]] = []
+    max_micro)``. ``known`` holds peaks already measured (not run again). Returns max_micro, oom_micro
+    (None if never reached), the probes in order (known ones first) and whether the bracket closed."""
+    peaks = dict(known or {})
+    probes: list[tuple[int, float | None]] = list(peaks.items())
 
     def fits(m: int) -> bool:
-        peak = peak_at(m)
-        probes.append((m, peak))
-        return peak is not None
+        if m not in peaks:
+            peaks[m] = peak_at(m)
+            probes.append((m, peaks[m]))
+        return peaks[m] is not None
+
+    def can_probe(m: int) -> bool:  # known for free, or a probe still allowed
+        return m in peaks or (len(probes) < max_probes and not out_of_time())
 
     def step(m: int) -> int:
         return max(1, int(m * resolution))
@@ -233,7 +239,7 @@ def largest_micro(peak_at: Callable[[int], float | None], start: int, capacity_g
 
     lo, hi = 0, None
     m = start
-    while m >= 1 and len(probes) < max_probes and not out_of_time():  # downwards if start fails
+    while m >= 1 and can_probe(m):  # downwards if start fails
         if fits(m):
             lo = m
             break
@@ -367,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                             row["error"] = f"{type(e).__name__}: {e}"[:300]
                     if args.find_max_micro and "samples_per_sec" in row:
                         found = largest_micro(partial(peak_or_oom, partial(once, steps=args.probe_steps)),
-                                              micro, capacity, args.micro_resolution, out_of_time=out_of_time)
+                                              micro, capacity, args.micro_resolution, out_of_time=out_of_time,
+                                              known={micro: row.get("peak_memory_gb") or 0.0})
                         row.update(max_micro=found["max_micro"], oom_micro=found["oom_micro"],
                                    max_micro_closed=found["closed"], max_micro_probes=found["probes"])
                     rows.append(row)

@@ -5,7 +5,6 @@ disk after every row; a spent time budget skips rows instead of running them).""
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ def memory_model(fixed: float, per_sample: float, capacity: float, curve: float 
 def test_exact_bracket_with_unit_resolution(fixed, per_sample, capacity, start):
     peak_at, calls = memory_model(fixed, per_sample, capacity)
     found = bench.largest_micro(peak_at, start, capacity, resolution=0.0, max_probes=40)
-    expected = math.floor((capacity - fixed) / per_sample)
+    expected = max(m for m in range(1, 10000) if fixed + per_sample * m <= capacity)
     assert found["closed"]
     assert (found["max_micro"], found["oom_micro"]) == (expected, expected + 1)
     assert [m for m, _ in found["probes"]] == calls
@@ -46,7 +45,7 @@ def test_exact_bracket_with_unit_resolution(fixed, per_sample, capacity, start):
 def test_linear_memory_needs_few_probes():
     peak_at, calls = memory_model(6.0, 0.37, 80.0)
     found = bench.largest_micro(peak_at, 8, 80.0, resolution=0.05)
-    expected = math.floor((80.0 - 6.0) / 0.37)
+    expected = max(m for m in range(1, 1000) if 6.0 + 0.37 * m <= 80.0)
     assert found["closed"] and found["max_micro"] <= expected < found["oom_micro"]
     assert found["oom_micro"] - found["max_micro"] <= max(1, int(0.05 * found["max_micro"]))
     assert len(calls) <= 5
@@ -102,3 +101,11 @@ def test_spent_time_budget_skips_rows_and_still_writes(tmp_path):
 def test_unknown_choices_are_refused_by_name(option, value, capsys):
     assert bench.main(["--device", "cpu", option, value]) == 2
     assert value.split(",")[-1] in capsys.readouterr().err
+
+
+def test_known_peaks_are_not_run_again():
+    peak_at, calls = memory_model(6.0, 0.37, 80.0)
+    found = bench.largest_micro(peak_at, 8, 80.0, resolution=0.0, max_probes=40, known={8: 6.0 + 0.37 * 8})
+    assert 8 not in calls and found["probes"][0] == (8, 6.0 + 0.37 * 8)
+    expected = max(m for m in range(1, 1000) if 6.0 + 0.37 * m <= 80.0)
+    assert (found["max_micro"], found["oom_micro"]) == (expected, expected + 1)
