@@ -1,8 +1,9 @@
 """The performance targets against what the benchmark JSON files measured, as a Markdown table.
 
-Reads the JSON of ``bench_pretrain.py`` (rows), ``bench_squad.py`` (results), ``sync_check.py``
-and ``bench_layer.py --check`` from files or folders, and prints (or writes, ``--markdown``) one
-line per target with the measured value, the reference it is compared with and whether it is met.
+Reads the JSON of ``bench_pretrain.py`` (rows), ``bench_squad.py`` (results), ``sync_check.py``,
+``profile_step.py`` and ``bench_layer.py --check`` from files or folders, and prints (or writes,
+``--markdown``) one line per target with the measured value, the reference it is compared with and
+whether it is met.
 A target whose rows are missing (not run, skipped, failed) says so instead of guessing.
 
     python scripts/bench_summary.py gpu_results/                    # every *.json in the folder
@@ -25,7 +26,7 @@ OURS = "triton"
 
 def load(paths: list[Path]) -> dict[str, list[dict]]:
     """Every JSON under ``paths``, sorted by kind: pretrain rows, squad cells, sync counts, checks."""
-    found: dict[str, list[dict]] = {"pretrain": [], "squad": [], "syncs": [], "check": []}
+    found: dict[str, list[dict]] = {"pretrain": [], "squad": [], "syncs": [], "check": [], "profile": []}
     files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
     for path in files:
         record = json.loads(path.read_text())
@@ -35,6 +36,8 @@ def load(paths: list[Path]) -> dict[str, list[dict]]:
             found["squad"] += [cell | {"device": record["meta"]["device"]} for cell in record["results"]]
         elif "total_per_step" in record:
             found["syncs"].append(record)
+        elif "wall_ms_per_step" in record:
+            found["profile"].append(record)
         elif "rows" in record and record["rows"] and "case" in record["rows"][0]:
             found["check"] += record["rows"]
     return found
@@ -111,6 +114,13 @@ def markdown(found: dict[str, list[dict]]) -> str:
         args = record["args"]
         out.append(f"\nSynchronisations per optimizer step ({args['kernel']}, {args['precision']}): "
                    f"{record['total_per_step']:g}")
+    for record in found["profile"]:
+        line = (f"\nProfile, BERT-{record['model']} seq{record['seq']} x {record['micro']} {record['dtype']} "
+                f"{record['impl']}: {record['wall_ms_per_step']:.1f} ms per optimizer step")
+        if record.get("gpu_busy") is not None:
+            line += (f", kernels {record['kernel_ms_per_step']:.1f} ms ({record['gpu_busy']:.0%} busy), "
+                     f"{record['kernel_launches_per_step']:.0f} launches")
+        out.append(line)
     if found["check"]:
         ok = sum(r["ok"] for r in found["check"])
         out.append(f"\nLayer check: {ok}/{len(found['check'])} tensors within 2 x torch's error + atol")

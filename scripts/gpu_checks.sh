@@ -9,6 +9,7 @@
 #   syncs        host-device synchronisations per optimizer step (sync_check.py), triton and torch
 #   pretrain128  bench_pretrain BERT-large seq128 x 64 bf16: triton, torch, hf (+ fused AdamW)
 #   pretrain512  the same at seq512 x 8
+#   profile      where a step's time goes (profile_step.py): BERT-large triton at seq128 and seq512
 #   maxmicro     the largest micro-batch at seq512, triton and hf
 #   compile      torch.compile at seq128 x 64 (of the torch model; around the Triton layers)
 #   squad        bench_squad BERT-large seq384 x 32 bf16, real SQuAD dev padding: triton, torch, hf
@@ -57,12 +58,14 @@ squad=""
 # the sizes: the issue's, or toys on the CPU
 if $smoke; then
   large=tiny base=tiny s128=32 s512=64 s384=64 dev="--device cpu" micro="--micro 2 --steps 1"
+  micro_only="--micro 2 --skip 1 --steps 1"
   squad_steps="--micro-batches 2 --steps 1 --warmup 1" check_dev="--device cpu --check-dtypes fp16"
 else
-  large=large base=base s128=128 s512=512 s384=384 dev="" micro="" squad_steps="--micro-batches 32"
+  large=large base=base s128=128 s512=512 s384=384 dev="" micro="" micro_only=""
+  squad_steps="--micro-batches 32"
   check_dev=""
 fi
-export root results data squad large base s128 s512 s384 dev micro squad_steps check_dev
+export root results data squad large base s128 s512 s384 dev micro micro_only squad_steps check_dev
 bench() {
   # shellcheck disable=SC2086  # $dev and $micro are lists of options
   python3 scripts/bench_pretrain.py --data "$data" --cache-dir "$results/data_cache" $dev $micro "$@"
@@ -78,6 +81,14 @@ stage_pretrain128() { bench --models $large --seqs $s128 --dtypes bf16 --impls t
                         --json "$results/pretrain_large_seq128_bf16.json"; }
 stage_pretrain512() { bench --models $large --seqs $s512 --dtypes bf16 --impls triton,torch,hf \
                         --json "$results/pretrain_large_seq512_bf16.json"; }
+stage_profile() {
+  # shellcheck disable=SC2086
+  python3 scripts/profile_step.py --model $large --seq $s128 --impl triton $dev $micro_only --data "$data" \
+    --cache-dir "$results/data_cache" --json "$results/profile_large_seq128_triton.json"
+  # shellcheck disable=SC2086
+  python3 scripts/profile_step.py --model $large --seq $s512 --impl triton $dev $micro_only --data "$data" \
+    --cache-dir "$results/data_cache" --json "$results/profile_large_seq512_triton.json"
+}
 stage_maxmicro()    { bench --models $large --seqs $s512 --dtypes bf16 --impls triton,hf --steps 2 \
                         --find-max-micro --time-budget "$((cap - 30))" \
                         --json "$results/pretrain_large_seq512_maxmicro.json"; }
@@ -100,8 +111,8 @@ stage_extra() {
     --json "$results/pretrain_base_bf16.json"
   $smoke || python3 scripts/bench_layer.py --dtype bf16 --shapes 0 1 --json "$results/layer_bf16.json"
 }
-declare -A caps=([check]=90 [syncs]=60 [pretrain128]=150 [pretrain512]=90 [maxmicro]=150 [compile]=180
-                 [squad]=100 [tests]=150 [extra]=300)
+declare -A caps=([check]=90 [syncs]=60 [pretrain128]=150 [pretrain512]=90 [profile]=60 [maxmicro]=150
+                 [compile]=180 [squad]=100 [tests]=150 [extra]=300)
 
 run_stage() {  # run_stage NAME: under a timeout of min(its cap, what is left of the budget)
   local name=$1 left=$((budget - (SECONDS - start))) rc
@@ -127,8 +138,8 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 cat "$results/device.txt"
 
 if [ "$stage" = all ]; then
-  default_stages="check syncs pretrain128 pretrain512 maxmicro compile squad tests extra"
-  $smoke && default_stages="check pretrain128 pretrain512 compile squad extra"  # no OOM, no CUDA tests
+  default_stages="check syncs pretrain128 pretrain512 profile maxmicro compile squad tests extra"
+  $smoke && default_stages="check pretrain128 pretrain512 profile compile squad extra"  # no OOM, no CUDA tests
   for name in ${STAGES:-$default_stages}; do
     run_stage "$name"
   done

@@ -32,6 +32,9 @@ def results(tmp_path):
                                                 "status": "OOM"}]}))
     (tmp_path / "syncs.json").write_text(json.dumps({"args": {"kernel": "triton", "precision": "bf16"},
                                                      "total_per_step": 1.0}))
+    (tmp_path / "profile.json").write_text(json.dumps({
+        "model": "large", "seq": 128, "micro": 64, "dtype": "bf16", "impl": "triton",
+        "wall_ms_per_step": 100.0, "kernel_ms_per_step": 92.0, "gpu_busy": 0.92, "kernel_launches_per_step": 1234.0, "top": []}))
     (tmp_path / "check.json").write_text(json.dumps({"rows": [{"case": "c", "tensor": "out", "ok": True},
                                                               {"case": "c", "tensor": "dx", "ok": False}]}))
     return tmp_path
@@ -66,6 +69,8 @@ def test_markdown_names_device_tables_syncs_and_check(results, tmp_path):
     assert "| large | triton | 32 | 300.0 | 40.0% | 20.0 |" in text
     assert "Synchronisations per optimizer step (triton, bf16): 1" in text
     assert "Layer check: 1/2 tensors" in text
+    assert ("Profile, BERT-large seq128 x 64 bf16 triton: 100.0 ms per optimizer step, kernels 92.0 ms "
+            "(92% busy), 1234 launches") in text
 
 
 def test_missing_path_is_named(capsys, tmp_path):
