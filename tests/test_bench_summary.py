@@ -34,7 +34,8 @@ def results(tmp_path):
                                                      "total_per_step": 1.0}))
     (tmp_path / "profile.json").write_text(json.dumps({
         "model": "large", "seq": 128, "micro": 64, "dtype": "bf16", "impl": "triton",
-        "wall_ms_per_step": 100.0, "kernel_ms_per_step": 92.0, "gpu_busy": 0.92, "kernel_launches_per_step": 1234.0, "top": []}))
+        "wall_ms_per_step": 100.0, "kernel_ms_per_step": 92.0, "gpu_busy": 0.92,
+        "kernel_launches_per_step": 1234.0, "top": []}))
     (tmp_path / "check.json").write_text(json.dumps({"rows": [{"case": "c", "tensor": "out", "ok": True},
                                                               {"case": "c", "tensor": "dx", "ok": False}]}))
     return tmp_path
