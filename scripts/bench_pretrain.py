@@ -122,6 +122,7 @@ def run_ours(args, model, seq, micro, steps=None, *, dtype, impl, peak, workdir:
 def run_hf(args, model, seq, micro, steps=None, *, dtype, peak, workdir: Path) -> dict:
     """transformers BertForPreTraining + fused AdamW on the same loader and batches."""
     import transformers
+    from hf_reference import HFUserStep, hf_bert_config
 
     from bertrecipes.data import PretrainingLoader
     from bertrecipes.data.build import build_pretraining_dataset
@@ -135,18 +136,11 @@ def run_hf(args, model, seq, micro, steps=None, *, dtype, peak, workdir: Path) -
     device = torch.device(args.device)
     dataset = build_pretraining_dataset(cfg)
     ours = build_model_config(cfg.model, dataset.vocab_size, seq)
-    hf_config = transformers.BertConfig(
-        vocab_size=ours.vocab_size, hidden_size=ours.hidden_size, num_hidden_layers=ours.num_hidden_layers,
-        num_attention_heads=ours.num_attention_heads, intermediate_size=ours.intermediate_size,
-        max_position_embeddings=ours.max_position_embeddings, attn_implementation="sdpa",
-    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    net = transformers.BertForPreTraining(hf_config).to(device).train()
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
+    net = transformers.BertForPreTraining(hf_bert_config(ours)).to(device).train()
+    user = HFUserStep(net, device, dtype, lr=1e-4, weight_decay=0.01)
     amp_dtype = DTYPES[dtype]
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     batches = iter(PretrainingLoader(dataset, micro, seed=cfg.seed, pin_memory=device.type == "cuda"))
     real_tokens = 0
 
@@ -163,12 +157,7 @@ def run_hf(args, model, seq, micro, steps=None, *, dtype, peak, workdir: Path) -
             out = net(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
                       attention_mask=b["attention_mask"], labels=labels,
                       next_sentence_label=b["next_sentence_labels"])
-        scaler.scale(out.loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        user.update(out.loss)
 
     for _ in range(steps):
         step()

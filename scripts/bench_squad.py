@@ -122,16 +122,10 @@ def hf_step(config: BertConfig, micro_batch: int, seq: int, precision: str, devi
     """transformers' BertForQuestionAnswering (sdpa attention) with torch.optim.AdamW (fused on CUDA) and
     GradScaler: what a Hugging Face user runs; the same windows, precision and clipping."""
     import transformers
+    from hf_reference import HFUserStep, hf_bert_config
 
-    hf_config = transformers.BertConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        max_position_embeddings=config.max_position_embeddings, attn_implementation="sdpa",
-    )
-    model = transformers.BertForQuestionAnswering(hf_config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.0, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    model = transformers.BertForQuestionAnswering(hf_bert_config(config)).to(device).train()
+    user = HFUserStep(model, device, precision, lr=3e-5, weight_decay=0.0)
     host, starts, ends = make_inputs(config, micro_batch, seq)
     starts, ends = starts.to(device), ends.to(device)
 
@@ -140,12 +134,7 @@ def hf_step(config: BertConfig, micro_batch: int, seq: int, precision: str, devi
         batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
         with autocast_context(precision, device):
             out = model(**batch, start_positions=starts, end_positions=ends)
-        scaler.scale(out.loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        user.update(out.loss)
 
     return step
 
