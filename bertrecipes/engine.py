@@ -335,7 +335,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
 
     flops_per_sample = training_flops_per_sample(model_config, cfg.max_seq_length,
                                                  cfg.max_predictions_per_seq)
-    peak_tflops = cfg.peak_tflops or measure_peak_tflops(device)
+    peak_tflops = cfg.peak_tflops or measure_peak_tflops(device, autocast_dtype(precision))
     params = [p for p in model.parameters() if p.requires_grad]
     accum = batch.gradient_accumulation_steps
     log.info(

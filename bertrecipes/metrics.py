@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -132,21 +133,25 @@ class Throughput:
 
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192,
-                        iters: int = 30, warmup: int = 5) -> float | None:
+                        iters: int = 30, warmup: int = 5, repeats: int = 1) -> float | None:
     """Large-matmul TFLOP/s on ``device`` (the denominator of MFU): ``iters`` products of two n x n
-    matrices after ``warmup`` untimed ones (which also bring the clocks up). None on CPU."""
+    matrices after ``warmup`` untimed ones (which also bring the clocks up); the median of
+    ``repeats`` such timings. None on CPU."""
     if device.type != "cuda":
         return None
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(warmup):
         a @ b
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+    rates = []
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        torch.cuda.synchronize(device)
+        rates.append(2 * n**3 * iters / (time.perf_counter() - t0) / 1e12)
+    return statistics.median(rates)
 
 
 def finite_or_none(x: float) -> float | None:

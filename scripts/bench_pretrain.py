@@ -45,7 +45,6 @@ import json
 import math
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -261,9 +260,7 @@ def measure_peak(device: str, dtype: str) -> float | None:
 
     if not device.startswith("cuda"):
         return None
-    rates = [measure_peak_tflops(torch.device(device), DTYPES[dtype] if dtype != "fp32" else torch.float32)
-             for _ in range(3)]
-    return statistics.median(rates)
+    return measure_peak_tflops(torch.device(device), DTYPES[dtype], repeats=3)
 
 
 def versions() -> dict:

@@ -28,7 +28,6 @@ import argparse
 import gc
 import os
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -39,12 +38,12 @@ from omegaconf import OmegaConf
 
 from bertrecipes.atomic import write_json_atomic
 from bertrecipes.config import KernelConfig, ModelConfig
-from bertrecipes.engine import batch_to_device, build_layer_factory
+from bertrecipes.engine import TrainState, batch_to_device, build_layer_factory, optimizer_step
 from bertrecipes.errors import ConfigError
 from bertrecipes.metrics import measure_peak_tflops
 from bertrecipes.model import BertConfig
 from bertrecipes.optim import Adam, build_param_groups
-from bertrecipes.precision import DTYPES, autocast_context
+from bertrecipes.precision import DTYPES, LossScaler, autocast_context
 from bertrecipes.squad.model import BertForQuestionAnswering, qa_loss, qa_training_flops_per_sample
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -89,14 +88,16 @@ def make_inputs(config: BertConfig, micro_batch: int, seq: int) -> tuple[dict, t
 def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, precision: str,
               device: torch.device, next_masks) -> Callable[[], None]:
     """One training step of ours as ``python -m bertrecipes.squad`` runs it: forward under autocast,
-    QA loss, scaled backward, unscale, global-norm clip, Adam step, zero."""
+    QA loss, scaled backward, then the engine's ``optimizer_step`` (unscale, overflow check, clip to
+    1.0, Adam step, zero)."""
     kernel_name, unpad = KERNELS[kernel]
     layer_factory = build_layer_factory(OmegaConf.structured(KernelConfig(name=kernel_name)))
     model = BertForQuestionAnswering(config, layer_factory=layer_factory, unpad=unpad).to(device).train()
     forward = torch.compile(model) if kernel == "compile" else model
     optimizer = Adam(build_param_groups(model, 0.0), lr=3e-5, bias_correction=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    scale = 2.0**16 if precision == "fp16" else 1.0
+    scaler = LossScaler(scale=2.0**16 if precision == "fp16" else 1.0, dynamic=False)
+    state = TrainState()
     host, starts, ends = make_inputs(config, micro_batch, seq)
     starts, ends = starts.to(device), ends.to(device)
 
@@ -106,13 +107,8 @@ def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
         with autocast_context(precision, device):
             start_logits, end_logits = forward(batch["input_ids"], batch["token_type_ids"],
                                                batch["attention_mask"], unpadded=layout)
-        (qa_loss(start_logits, end_logits, starts, ends) * scale).backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        torch._foreach_mul_(grads, 1.0 / scale)
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        torch._foreach_mul_(grads, torch.clamp(1.0 / (norm + 1e-6), max=1.0))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        (qa_loss(start_logits, end_logits, starts, ends) * scaler.scale).backward()
+        optimizer_step(params, optimizer, scaler, lambda _: 3e-5, state, max_grad_norm=1.0)
 
     return step
 
@@ -259,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     real_fraction = float(masks.float().mean()) if masks is not None else 1.0
     peak = args.peak_tflops
     if peak is None and device.type == "cuda":
-        peak = statistics.median(measure_peak_tflops(device, DTYPES[args.precision]) for _ in range(3))
+        peak = measure_peak_tflops(device, DTYPES[args.precision], repeats=3)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "precision": args.precision, "seq_len": args.seq, "steps": args.steps,
             "warmup": args.warmup, "real_token_fraction": real_fraction, "matmul_peak_tflops": peak,
