@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="profile_step_"))
     micro = args.micro or DEFAULT_MICRO.get(args.seq, 8)
     steps = args.skip + 1 + args.steps  # skipped, one profiler warm-up, recorded
-    cfg = compose(overrides_for(args.model, args.seq, micro, args.dtype, args.impl, steps, args.device, 1.0,
-                                workdir / "run", args.cache_dir or workdir / "cache", shlex.split(args.data)))
-    cfg.max_steps = steps
+    overrides = overrides_for(args.model, args.seq, micro, args.dtype, args.impl, steps, args.device, 1.0,
+                              workdir / "run", args.cache_dir or workdir / "cache", shlex.split(args.data))
+    cfg = compose([*overrides, f"max_steps={steps}"])  # one log, at the end, after the recorded window
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     marks: list[float] = []
     window = schedule(wait=args.skip, warmup=1, active=args.steps)
