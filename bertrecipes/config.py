@@ -70,6 +70,7 @@ class AdamConfig:
     weight_decay: float = 0.01
     bias_correction: bool = True
     adam_w_mode: bool = True
+    fused: bool | None = None  # null = Triton step on CUDA when available; true = require; false = foreach
 
 
 # --------------------------------------------------------------------------- scheduler

@@ -21,6 +21,7 @@ import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -217,13 +218,36 @@ def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any (for a coordinated stop)."""
-    if not ctx.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+class StopVote:
+    """Agree across ranks on stopping (a signal on any rank stops every rank at the same step)
+    without a host sync per step: each call starts an all-reduce (MAX) of this rank's flag and
+    returns the previous call's result, which the devices finished long before. Every rank reads the
+    same results in the same order, so all stop together, one step after the first rank asked."""
+
+    def __init__(self, ctx: DistContext, device: torch.device) -> None:
+        self.ctx, self.device = ctx, device
+        self._pending: tuple[torch.Tensor, Any] | None = None
+
+    def __call__(self, flag: bool) -> bool:
+        if not self.ctx.enabled:
+            return flag
+        decided = False
+        if self._pending is not None:
+            host, done = self._pending
+            if done is not None:
+                done.synchronize()
+            decided = host.tolist()[0] > 0  # the host copy: no device read
+        on_cuda = self.device.type == "cuda"
+        vote = torch.tensor([1.0 if flag else 0.0], pin_memory=on_cuda).to(self.device, non_blocking=True)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        host = torch.empty(1, pin_memory=on_cuda)
+        host.copy_(vote, non_blocking=on_cuda)
+        done = None
+        if on_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self._pending = (host, done)
+        return decided
 
 
 def barrier(ctx: DistContext) -> None:

@@ -2,12 +2,14 @@
 
 ``train(cfg)`` is what ``python -m bertrecipes.pretrain`` calls. The optimizer step reads top to
 bottom in :func:`train`: micro-batches (forward, scaled backward), then at the accumulation
-boundary unscale, global-norm check (an fp16 overflow skips the step), clip, LR update, step,
-zero. Logging and checkpointing are "if due" lines around it.
+boundary :class:`OptimizerStep`: unscale, global-norm check (an fp16 overflow skips the step), clip,
+LR update, step, zero, all without the host waiting for the GPU. Logging and checkpointing are
+"if due" lines around it.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -21,6 +23,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from bertrecipes import distributed as dist
@@ -164,29 +167,109 @@ def build_from_config(group: str, node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scaler: LossScaler,
-                   schedule, state: TrainState, max_grad_norm: float) -> tuple[torch.Tensor, bool]:
-    """The accumulation boundary: unscale, global gradient norm (non-finite = fp16 overflow: the step
-    is skipped, weights, optimizer state and schedule untouched, and the scale backs off), clip to
-    ``max_grad_norm``, set the LR for ``state.schedule_step``, step, zero. Returns (norm, overflow)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if scaler.scale != 1.0:
-        torch._foreach_mul_(grads, 1.0 / scaler.scale)
-    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    overflow = not bool(torch.isfinite(dist.full(grad_norm)))  # the step's one host sync
-    scaler.update(overflow)
-    if overflow:
-        state.skipped_steps += 1
-        log.warning("step %d: gradient overflow, step skipped; loss scale now %g",
-                    state.global_step, scaler.scale)
-    else:
-        if max_grad_norm > 0:
-            torch._foreach_mul_(grads, torch.clamp(max_grad_norm / (grad_norm + 1e-6), max=1.0))
-        set_lr(optimizer, float(schedule(state.schedule_step)))
-        optimizer.step()
-        state.schedule_step += 1
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, overflow
+class OptimizerStep:
+    """The accumulation boundary, without the host waiting for the GPU.
+
+    Each call: unscale the gradients by the loss scale (a device tensor), take the global gradient
+    norm, flag an overflow (a non-finite norm) on the device, clip to ``max_grad_norm``, set the LR
+    for ``state.schedule_step``, step the optimizer with the flag, update the loss scale from the
+    flag on the device, zero the gradients. An overflowed step is skipped: weights, optimizer state
+    and LR schedule as if it had not happened, and the scale backs off (DeepSpeed's rules).
+
+    Unscaling and clipping are one factor per step, computed on the device; an optimizer whose
+    ``step`` takes ``grad_scale`` (this package's, fused) applies it as it reads the gradients, so
+    neither costs a pass over them.
+
+    The host learns the flag one step late: it is copied to pinned memory behind the step and read
+    at the start of the next call (or by :meth:`resolve`, before logs and checkpoints), by which time
+    the GPU has long finished it, so the next step's work is already queued and the GPU never drains.
+    Only then do ``state.schedule_step``/``skipped_steps`` move and the optimizer's counters of a
+    skipped step go back, so every step is computed with exactly the values a synchronous loop would
+    use. The skip itself needs an optimizer whose ``step`` takes ``found_inf`` and honours it on the
+    device (this package's LAMB with its fused Triton step); others read the flag at once (one sync).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scaler: LossScaler,
+                 schedule, state: TrainState, max_grad_norm: float) -> None:
+        self.params, self.optimizer, self.scaler = params, optimizer, scaler
+        self.schedule, self.state, self.max_grad_norm = schedule, state, max_grad_norm
+        self.local = dist.local_optimizer(optimizer)
+        accepted = inspect.signature(self.local.step).parameters
+        self.takes_flag = "found_inf" in accepted
+        self.takes_grad_scale = self.takes_flag and "grad_scale" in accepted
+        self.last_overflow = False
+        self._pending: tuple[torch.Tensor, Any, int] | None = None
+        self._host: torch.Tensor | None = None
+
+    @property
+    def loss_scale(self) -> torch.Tensor | float:
+        """Multiply the loss by this before backward (a device tensor unless the scale is static)."""
+        static = self.scaler.static_scale
+        return static if static is not None else self.scaler.scale_tensor
+
+    def __call__(self) -> torch.Tensor:
+        """Run the step; returns the global gradient norm (a device tensor; non-finite on overflow)."""
+        self.resolve()  # the previous step's outcome, already computed on the GPU
+        grads = [p.grad for p in self.params if p.grad is not None]
+        sharded = isinstance(grads[0], DTensor)  # FSDP: scalars must be DTensors or host numbers
+        # The norm of the scaled gradients, unscaled after: the same value bit for bit while the scale
+        # is a power of two (dynamic scales always are), and one pass over the gradients fewer.
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        found_inf = ~torch.isfinite(dist.full(grad_norm))
+        factor: torch.Tensor | float = 1.0  # what every gradient gets multiplied by: unscale, clip
+        if self.scaler.enabled:
+            factor = (1.0 / self.scaler.static_scale if self.scaler.static_scale is not None
+                      else torch.reciprocal(self.scaler.scale_tensor))
+            if sharded and isinstance(factor, torch.Tensor):
+                factor = float(factor)  # a host read; FSDP's foreach LAMB reads the flag anyway
+            grad_norm = grad_norm * factor
+        if self.max_grad_norm > 0:
+            factor = factor * torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
+        set_lr(self.optimizer, float(self.schedule(self.state.schedule_step)))
+        if self.takes_grad_scale and not sharded and isinstance(factor, torch.Tensor):
+            self.optimizer.step(found_inf=found_inf, grad_scale=factor)  # folded into the kernel's read
+        else:
+            if isinstance(factor, torch.Tensor) or factor != 1.0:
+                torch._foreach_mul_(grads, factor)
+            if self.takes_flag:
+                self.optimizer.step(found_inf=found_inf)
+            elif not bool(found_inf):  # an optimizer that cannot skip on the device: read the flag now
+                self.optimizer.step()
+        self.scaler.update(found_inf)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._post(torch.stack([found_inf.to(torch.float32), self.scaler.scale_tensor]))
+        return grad_norm
+
+    def _post(self, outcome: torch.Tensor) -> None:
+        """Start copying (overflow flag, scale) to the host behind the step's kernels."""
+        if outcome.device.type != "cuda":
+            self._pending = (outcome.cpu(), None, self.state.global_step)
+            return
+        if self._host is None:
+            self._host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+        self._host.copy_(outcome, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._pending = (self._host, done, self.state.global_step)
+
+    def resolve(self) -> None:
+        """Account for the last step on the host: advance the schedule, or count the skip, take the
+        optimizer's counters back and warn. Waits only for that step's own kernels."""
+        if self._pending is None:
+            return
+        host, done, step = self._pending
+        self._pending = None
+        if done is not None:
+            done.synchronize()
+        overflow, scale = host.tolist()  # the host copy: no device read
+        self.last_overflow = bool(overflow)
+        if not self.last_overflow:
+            self.state.schedule_step += 1
+            return
+        self.state.skipped_steps += 1
+        if self.takes_flag and hasattr(self.local, "undo_skipped_step"):
+            self.local.undo_skipped_step()
+        log.warning("step %d: gradient overflow, step skipped; loss scale now %g", step, scale)
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device,
@@ -284,7 +367,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                                    unpad=cfg.kernel.unpad).to(device)
     schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,
                                  total_steps=total_steps)
-    scaler = LossScaler.from_config(cfg.precision)
+    scaler = LossScaler.from_config(cfg.precision, device)
     state = TrainState()
 
     if init_from is not None:
@@ -337,6 +420,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                                                  cfg.max_predictions_per_seq)
     peak_tflops = cfg.peak_tflops or measure_peak_tflops(device, autocast_dtype(precision))
     params = [p for p in model.parameters() if p.requires_grad]
+    step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm)
     accum = batch.gradient_accumulation_steps
     log.info(
         "model: %.1fM parameters; batch %d = micro %d x accumulation %d x world %d; %d steps on %s, %s",
@@ -345,6 +429,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     )
 
     def checkpoint(tag: str) -> None:
+        step_optimizer.resolve()  # the last step's outcome decides the counters saved
         # collectives under ZeRO/FSDP: every rank gathers, rank 0 writes
         model_state = dist.model_state_for_checkpoint(raw_model)
         optimizer_state = dist.optimizer_state_for_checkpoint(raw_model, optimizer, ctx)
@@ -375,8 +460,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     try:
         with StopRequest() as stop:
             stopping = False  # a signal on any rank stops every rank at the same step
+            vote = dist.StopVote(ctx, device)
             while state.global_step < cfg.max_steps:
-                if dist.any_rank(stop.requested, ctx, device):
+                if vote(stop.requested):
                     stopping = True
                     break
                 # ---- one optimizer step: accumulate `accum` micro-batches (gradients are
@@ -395,20 +481,20 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                         loss, mlm_loss, nsp_loss = pretraining_loss(
                             mlm_logits, nsp_logits, micro["masked_lm_labels"], micro["next_sentence_labels"]
                         )
-                        (loss * (scaler.scale / accum)).backward()
+                        (loss * (step_optimizer.loss_scale / accum)).backward()
                     loss_sum += torch.stack([loss, mlm_loss, nsp_loss]).detach()
                 state.last_global_data_samples += batch.train_batch_size
                 state.epoch = loader.epoch
                 state.global_step += 1
 
-                # ---- unscale, overflow check, clip, LR, step, zero
-                grad_norm, overflow = optimizer_step(params, optimizer, scaler, schedule, state,
-                                                     cfg.max_grad_norm)
+                # ---- unscale, overflow check, clip, LR, step, zero (no host sync; see OptimizerStep)
+                grad_norm = step_optimizer()
                 progress.update(1)
 
                 # ---- logging and checkpoints, when due
                 is_last = state.global_step >= cfg.max_steps
-                if state.global_step % cfg.steps_per_print == 0 or is_last or overflow:
+                if state.global_step % cfg.steps_per_print == 0 or is_last:
+                    step_optimizer.resolve()  # this step's skip decides skipped_steps
                     # losses averaged over ranks; tokens summed over ranks
                     reduced = torch.cat([loss_sum / accum,
                                          torch.tensor([real_tokens - tokens_at_last_log], device=device)])
@@ -452,6 +538,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                 if cfg.checkpoint_steps and state.global_step % cfg.checkpoint_steps == 0:
                     checkpoint(f"global_step{state.global_step}")
                     last_saved_step = state.global_step
+            step_optimizer.resolve()
             if last_saved_step != state.global_step and (cfg.checkpoint_at_end or stopping):
                 checkpoint(f"global_step{state.global_step}")
             if stopping:

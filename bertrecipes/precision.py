@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 
@@ -35,36 +34,42 @@ def autocast_context(name: str, device: torch.device) -> contextlib.AbstractCont
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@dataclass
 class LossScaler:
-    """DeepSpeed's dynamic loss scaler (``dynamic=True``) or a static scale.
+    """DeepSpeed's dynamic loss scaler (``dynamic=True``) or a static scale, kept on the device.
 
-    The scaler only keeps the scale; the engine multiplies the loss by ``scale``, detects an
-    overflow from the (non-finite) global gradient norm and calls :meth:`update`.
+    The running state (scale, hysteresis budget, clean steps since the last overflow, overflow count)
+    lives in 0-d tensors on the training device, and :meth:`update` takes the step's ``found_inf`` flag
+    as a device tensor, so the scale for the next backward is known without the host ever reading a
+    gradient. Host reads (the ``scale`` property, :meth:`state_dict`) are for logs and checkpoints.
+    :meth:`update` also accepts a Python bool (tests, tools).
     """
 
-    scale: float = 1.0
-    dynamic: bool = False
-    scale_window: int = 1000
-    hysteresis: int = 2
-    min_scale: float = 1.0
-    scale_factor: float = 2.0
-    # running state
-    hysteresis_left: int = 2
-    steps_since_overflow: int = 0
-    overflows: int = 0
+    def __init__(self, scale: float = 1.0, dynamic: bool = False, scale_window: int = 1000,
+                 hysteresis: int = 2, min_scale: float = 1.0, scale_factor: float = 2.0,
+                 device: torch.device | str = "cpu") -> None:
+        self.dynamic = dynamic
+        self.scale_window = int(scale_window)
+        self.hysteresis = int(hysteresis)
+        self.min_scale = float(min_scale)
+        self.scale_factor = float(scale_factor)
+        self.static_scale = None if dynamic else float(scale)
+        device = torch.device(device)
+        self._scale = torch.tensor(float(scale), dtype=torch.float32, device=device)
+        self._hysteresis_left = torch.tensor(self.hysteresis, dtype=torch.int64, device=device)
+        self._steps_since_overflow = torch.zeros((), dtype=torch.int64, device=device)
+        self._overflows = torch.zeros((), dtype=torch.int64, device=device)
 
     @classmethod
-    def from_config(cls, cfg) -> LossScaler:
+    def from_config(cls, cfg, device: torch.device | str = "cpu") -> LossScaler:
         """Build from a precision config (fp16 only scales; other dtypes get scale 1, static)."""
         if cfg.dtype != "fp16":
-            return cls(scale=1.0, dynamic=False)
+            return cls(scale=1.0, dynamic=False, device=device)
         if cfg.loss_scale < 0:
             raise ValueError(
                 f"precision.loss_scale must be 0 (dynamic) or > 0 (static), got {cfg.loss_scale}"
             )
         if cfg.loss_scale > 0:
-            return cls(scale=float(cfg.loss_scale), dynamic=False)
+            return cls(scale=float(cfg.loss_scale), dynamic=False, device=device)
         for name in ("loss_scale_window", "hysteresis"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"precision.{name} must be >= 1, got {getattr(cfg, name)}")
@@ -76,43 +81,58 @@ class LossScaler:
             scale_window=cfg.loss_scale_window,
             hysteresis=cfg.hysteresis,
             min_scale=float(cfg.min_loss_scale),
-            hysteresis_left=cfg.hysteresis,
+            device=device,
         )
 
     @property
     def enabled(self) -> bool:
-        return self.dynamic or self.scale != 1.0
+        """Whether gradients need unscaling (known on the host: dynamic, or a static scale != 1)."""
+        return self.dynamic or self.static_scale != 1.0
 
-    def update(self, overflow: bool) -> None:
-        """Record one optimizer step's outcome and adjust the scale."""
-        if overflow:
-            self.overflows += 1
-            self.steps_since_overflow = 0
-            if not self.dynamic:
-                return
-            if self.hysteresis_left > 1:
-                self.hysteresis_left -= 1  # tolerate this one; the scale stays
-            else:
-                self.scale = max(self.scale / self.scale_factor, self.min_scale)
-            return
-        if not self.dynamic:
-            return
-        self.steps_since_overflow += 1
-        if self.steps_since_overflow % self.scale_window == 0:
-            self.scale *= self.scale_factor
-            self.hysteresis_left = self.hysteresis
+    @property
+    def scale_tensor(self) -> torch.Tensor:
+        """The current scale as a 0-d fp32 device tensor (multiply the loss by it; no host sync)."""
+        return self._scale
+
+    @property
+    def scale(self) -> float:
+        """The current scale on the host (a device read unless the scale is static)."""
+        return self.static_scale if self.static_scale is not None else float(self._scale)
+
+    @property
+    def overflows(self) -> int:
+        return int(self._overflows)
+
+    def update(self, overflow: torch.Tensor | bool) -> None:
+        """Record one optimizer step's outcome (``overflow``: any non-finite gradient, as a bool or a
+        device tensor) and adjust the scale, entirely on the device."""
+        found = torch.as_tensor(overflow, device=self._scale.device).to(torch.bool)
+        self._overflows.add_(found.to(torch.int64))
+        clean_steps = torch.where(found, 0, self._steps_since_overflow + 1)
+        if self.dynamic:
+            tolerate = found & (self._hysteresis_left > 1)  # spend hysteresis; the scale stays
+            back_off = found & ~tolerate
+            grow = ~found & (clean_steps % self.scale_window == 0)
+            scale = torch.where(back_off, torch.clamp(self._scale / self.scale_factor, min=self.min_scale),
+                                self._scale)
+            self._scale.copy_(torch.where(grow, scale * self.scale_factor, scale))
+            hysteresis = torch.where(tolerate, self._hysteresis_left - 1, self._hysteresis_left)
+            self._hysteresis_left.copy_(torch.where(grow, self.hysteresis, hysteresis))
+        self._steps_since_overflow.copy_(clean_steps)
 
     def state_dict(self) -> dict:
         return {
             "scale": self.scale,
             "dynamic": self.dynamic,
-            "hysteresis_left": self.hysteresis_left,
-            "steps_since_overflow": self.steps_since_overflow,
+            "hysteresis_left": int(self._hysteresis_left),
+            "steps_since_overflow": int(self._steps_since_overflow),
             "overflows": self.overflows,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale = float(state["scale"])
-        self.hysteresis_left = int(state["hysteresis_left"])
-        self.steps_since_overflow = int(state["steps_since_overflow"])
-        self.overflows = int(state["overflows"])
+        if self.static_scale is not None:
+            self.static_scale = float(state["scale"])
+        self._scale.fill_(float(state["scale"]))
+        self._hysteresis_left.fill_(int(state["hysteresis_left"]))
+        self._steps_since_overflow.fill_(int(state["steps_since_overflow"]))
+        self._overflows.fill_(int(state["overflows"]))

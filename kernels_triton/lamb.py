@@ -13,6 +13,8 @@ The rule is :class:`bertrecipes.optim.Lamb`'s (DeepSpeed FusedLamb semantics)::
   tensor boundaries, so the result never depends on scheduling), then the trust ratios and the
   per-tensor scale ``-step_size * coeff`` are computed on the device: no host sync.
 * Pass 2 (one program per chunk): read p, m, v; recompute u exactly as pass 1 did; write p.
+* An overflowed step (``found_inf``, a flag on the device) writes nothing in either pass: the skip
+  is decided on the GPU, so the host never waits to learn whether to step.
 
 That is 4 reads + 2 writes, then 3 reads + 1 write of the parameter-sized tensors, where the
 ``torch._foreach_*`` version makes about 25 passes. The tensors are reached through a table of
@@ -52,31 +54,50 @@ def _update(m, v, p, eps, weight_decay):
 
 
 @triton.jit
+def _store_mask(mask, SKIP, HAS_SKIP: tl.constexpr):
+    """Where to write: nowhere when the step's overflow flag (a device scalar) is set."""
+    if HAS_SKIP:
+        return tl.where(tl.load(SKIP) == 0, mask, False)
+    return mask
+
+
+@triton.jit
+def _load_grad(ptrs, mask, GRAD_SCALE, HAS_GRAD_SCALE: tl.constexpr):
+    """The gradient, times the step's gradient scale (a device scalar: unscale and clip) if given."""
+    g = tl.load(ptrs, mask=mask, other=0.0)
+    if HAS_GRAD_SCALE:
+        g = g * tl.load(GRAD_SCALE)
+    return g
+
+
+@triton.jit
 def _lamb_moments_kernel(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_ADDR, V_ADDR, PARTIAL,
-                         beta1, beta2, eps, weight_decay, BLOCK: tl.constexpr):
+                         SKIP, GRAD_SCALE, beta1, beta2, eps, weight_decay, HAS_SKIP: tl.constexpr,
+                         HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     c, t, offs, mask, p_ptr, g_ptr, m_ptr, v_ptr = _chunk(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR,
                                                           M_ADDR, V_ADDR, BLOCK)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    g = _load_grad(g_ptr + offs, mask, GRAD_SCALE, HAS_GRAD_SCALE)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     m = beta1 * tl.load(m_ptr + offs, mask=mask, other=0.0) + (1.0 - beta1) * g
     v = beta2 * tl.load(v_ptr + offs, mask=mask, other=0.0) + (1.0 - beta2) * g * g
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+    store = _store_mask(mask, SKIP, HAS_SKIP)
+    tl.store(m_ptr + offs, m, mask=store)
+    tl.store(v_ptr + offs, v, mask=store)
     u = tl.where(mask, _update(m, v, p, eps, weight_decay), 0.0)
     tl.store(PARTIAL + 2 * c, tl.sum(p * p, 0))
     tl.store(PARTIAL + 2 * c + 1, tl.sum(u * u, 0))
 
 
 @triton.jit
-def _lamb_apply_kernel(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_ADDR, V_ADDR, SCALE,
-                       eps, weight_decay, BLOCK: tl.constexpr):
+def _lamb_apply_kernel(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_ADDR, V_ADDR, SCALE, SKIP,
+                       eps, weight_decay, HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr):
     c, t, offs, mask, p_ptr, g_ptr, m_ptr, v_ptr = _chunk(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR,
                                                           M_ADDR, V_ADDR, BLOCK)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     u = _update(m, v, p, eps, weight_decay)
-    tl.store(p_ptr + offs, p + tl.load(SCALE + t) * u, mask=mask)
+    tl.store(p_ptr + offs, p + tl.load(SCALE + t) * u, mask=_store_mask(mask, SKIP, HAS_SKIP))
 
 
 def _table(quads: list[tuple[torch.Tensor, ...]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -99,6 +120,16 @@ def _table(quads: list[tuple[torch.Tensor, ...]], device: torch.device) -> dict[
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in host.items()}
 
 
+def _device_scalar(name: str, t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A one-element fp32 view of a device scalar argument (``found_inf``, ``grad_scale``)."""
+    if t is None:
+        return None
+    if t.numel() != 1 or t.device != device:
+        raise ValueError(f"{name} must be one element on {device}, got shape {tuple(t.shape)} "
+                         f"on {t.device}")
+    return t.reshape(1).to(torch.float32)
+
+
 def _check(name: str, tensors: list[torch.Tensor], device: torch.device) -> None:
     for t in tensors:
         if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device:
@@ -108,10 +139,17 @@ def _check(name: str, tensors: list[torch.Tensor], device: torch.device) -> None
 
 def fused_lamb_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                     exp_avg_sqs: list[torch.Tensor], *, beta1: float, beta2: float, eps: float,
-                    weight_decay: float, step_size: float, min_coeff: float,
-                    max_coeff: float) -> torch.Tensor:
+                    weight_decay: float, step_size: float, min_coeff: float, max_coeff: float,
+                    found_inf: torch.Tensor | None = None,
+                    grad_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One LAMB step of these tensors, in place (see the module docstring). Returns the trust ratios
-    (fp32 [tensors], on the device)."""
+    (fp32 [tensors], on the device).
+
+    ``found_inf``: a one-element device tensor (the step's overflow flag); when it is non-zero the
+    kernels write nothing, so parameters and moments are left bit for bit as they were. It is read by
+    the kernels, never by the host. ``grad_scale``: a one-element device tensor every gradient is
+    multiplied by as it is read (the loss-scale inverse times the clipping factor), so unscaling and
+    clipping cost no pass over the gradients of their own; the gradients themselves are not written."""
     device = params[0].device
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"fused LAMB runs on CUDA tensors (or under TRITON_INTERPRET=1), got {device}")
@@ -122,8 +160,12 @@ def fused_lamb_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
     n_chunks = table["tensor_of_chunk"].numel()
     args = tuple(table[k] for k in ("tensor_of_chunk", "chunk_start", "numel", "p", "g", "m", "v"))
     partial = torch.empty(n_chunks, 2, device=device, dtype=torch.float32)
-    _lamb_moments_kernel[(n_chunks,)](*args, partial, float(beta1), float(beta2), float(eps),
-                                      float(weight_decay), BLOCK=CHUNK, num_warps=NUM_WARPS)
+    skip = _device_scalar("found_inf", found_inf, device)
+    scale = _device_scalar("grad_scale", grad_scale, device)
+    _lamb_moments_kernel[(n_chunks,)](*args, partial, skip if skip is not None else partial,
+                                      scale if scale is not None else partial, float(beta1), float(beta2),
+                                      float(eps), float(weight_decay), HAS_SKIP=skip is not None,
+                                      HAS_GRAD_SCALE=scale is not None, BLOCK=CHUNK, num_warps=NUM_WARPS)
     # per-tensor sums of the chunk partials, in chunk order: fp64 running sum read at boundaries
     running = torch.cat([partial.new_zeros(1, 2, dtype=torch.float64), partial.double().cumsum(0)])
     ends = table["chunks"].cumsum(0)
@@ -131,9 +173,9 @@ def fused_lamb_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
     param_norms, update_norms = sums.sqrt().float().unbind(1)
     ratio = (param_norms / update_norms).clamp(min=min_coeff, max=max_coeff)
     coeffs = torch.where((param_norms != 0) & (update_norms != 0), ratio, torch.ones_like(ratio))
-    scale = (coeffs * -step_size).contiguous()
-    _lamb_apply_kernel[(n_chunks,)](*args, scale, float(eps), float(weight_decay), BLOCK=CHUNK,
-                                    num_warps=NUM_WARPS)
+    _lamb_apply_kernel[(n_chunks,)](*args, (coeffs * -step_size).contiguous(),
+                                    skip if skip is not None else partial, float(eps), float(weight_decay),
+                                    HAS_SKIP=skip is not None, BLOCK=CHUNK, num_warps=NUM_WARPS)
     return coeffs
 
 

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 
 from bertrecipes.atomic import write_json_atomic
 from bertrecipes.config import KernelConfig, ModelConfig
-from bertrecipes.engine import TrainState, batch_to_device, build_layer_factory, optimizer_step
+from bertrecipes.engine import OptimizerStep, TrainState, batch_to_device, build_layer_factory
 from bertrecipes.errors import ConfigError
 from bertrecipes.metrics import measure_peak_tflops
 from bertrecipes.model import BertConfig
@@ -88,7 +88,7 @@ def make_inputs(config: BertConfig, micro_batch: int, seq: int) -> tuple[dict, t
 def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, precision: str,
               device: torch.device, next_masks) -> Callable[[], None]:
     """One training step of ours as ``python -m bertrecipes.squad`` runs it: forward under autocast,
-    QA loss, scaled backward, then the engine's ``optimizer_step`` (unscale, overflow check, clip to
+    QA loss, scaled backward, then the engine's ``OptimizerStep`` (unscale, overflow check, clip to
     1.0, Adam step, zero)."""
     kernel_name, unpad = KERNELS[kernel]
     layer_factory = build_layer_factory(OmegaConf.structured(KernelConfig(name=kernel_name)))
@@ -96,8 +96,8 @@ def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
     forward = torch.compile(model) if kernel == "compile" else model
     optimizer = Adam(build_param_groups(model, 0.0), lr=3e-5, bias_correction=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    scaler = LossScaler(scale=2.0**16 if precision == "fp16" else 1.0, dynamic=False)
-    state = TrainState()
+    scaler = LossScaler(scale=2.0**16 if precision == "fp16" else 1.0, dynamic=False, device=device)
+    step_optimizer = OptimizerStep(params, optimizer, scaler, lambda _: 3e-5, TrainState(), max_grad_norm=1.0)
     host, starts, ends = make_inputs(config, micro_batch, seq)
     starts, ends = starts.to(device), ends.to(device)
 
@@ -107,8 +107,8 @@ def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
         with autocast_context(precision, device):
             start_logits, end_logits = forward(batch["input_ids"], batch["token_type_ids"],
                                                batch["attention_mask"], unpadded=layout)
-        (qa_loss(start_logits, end_logits, starts, ends) * scaler.scale).backward()
-        optimizer_step(params, optimizer, scaler, lambda _: 3e-5, state, max_grad_norm=1.0)
+        (qa_loss(start_logits, end_logits, starts, ends) * step_optimizer.loss_scale).backward()
+        step_optimizer()
 
     return step
 

@@ -26,11 +26,14 @@ OURS = "triton"
 
 def load(paths: list[Path]) -> dict[str, list[dict]]:
     """Every JSON under ``paths``, sorted by kind: pretrain rows, squad cells, sync counts, checks."""
-    found: dict[str, list[dict]] = {"pretrain": [], "squad": [], "syncs": [], "check": [], "profile": []}
+    found: dict[str, list[dict]] = {"pretrain": [], "squad": [], "syncs": [], "check": [], "profile": [],
+                                    "optimizer": []}
     files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
     for path in files:
         record = json.loads(path.read_text())
-        if "rows" in record and record["rows"] and "impl" in record["rows"][0]:
+        if record.get("kind") == "optimizer":
+            found["optimizer"].append(record)
+        elif "rows" in record and record["rows"] and "impl" in record["rows"][0]:
             found["pretrain"] += record["rows"]
         elif "results" in record:
             found["squad"] += [cell | {"device": record["meta"]["device"]} for cell in record["results"]]
@@ -112,8 +115,15 @@ def markdown(found: dict[str, list[dict]]) -> str:
                                  mfu, memory))
     for record in found["syncs"]:
         args = record["args"]
-        out.append(f"\nSynchronisations per optimizer step ({args['kernel']}, {args['precision']}): "
-                   f"{record['total_per_step']:g}")
+        run = f"{args['kernel']}, {args['precision']}"
+        if "optimizer" in args:
+            run += f", {args['optimizer']} fused={args['fused']}"
+        out.append(f"\nSynchronisations per optimizer step ({run}): {record['total_per_step']:g}")
+    for record in found["optimizer"]:
+        floor = f", floor {record['floor_ms']:.2f} ms" if record.get("floor_ms") else ""
+        rows = ", ".join(f"{r['row']} {r['ms']:.2f} ms" for r in record["results"])
+        out.append(f"\nOptimizer step, BERT-{record['model']} ({record['parameters'] / 1e6:.0f}M parameters"
+                   f"{floor}): {rows}")
     for record in found["profile"]:
         line = (f"\nProfile, BERT-{record['model']} seq{record['seq']} x {record['micro']} {record['dtype']} "
                 f"{record['impl']}: {record['wall_ms_per_step']:.1f} ms per optimizer step")

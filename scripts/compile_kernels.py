@@ -124,13 +124,17 @@ def exercise_layer(config: BertConfig, dtype: torch.dtype, unpad: bool, dropout:
     out.float().sum().backward()
 
 
-def exercise_lamb() -> None:
-    from bertrecipes.optim import Lamb
+def exercise_optimizers() -> None:
+    """The fused LAMB and Adam steps, without and with the device-side overflow flag."""
+    from bertrecipes.optim import Adam, Lamb
 
     params = [torch.nn.Parameter(torch.randn(n)) for n in (5000, 7)]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    Lamb(params, fused=True).step()
+    for make in (lambda: Lamb(params, fused=True), lambda: Adam(params, fused=True),
+                 lambda: Adam(params, fused=True, adam_w_mode=False)):
+        for found_inf in (None, torch.zeros(1)):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            make().step(found_inf=found_inf)
 
 
 def record(mode: str) -> Recorder:
@@ -139,7 +143,7 @@ def record(mode: str) -> Recorder:
             config = BertConfig(vocab_size=100, hidden_size=1024, num_attention_heads=16,
                                 intermediate_size=4096, num_hidden_layers=1, pre_layer_norm=True)
             exercise_layer(config, torch.bfloat16, True, 0.1, {})
-            exercise_lamb()
+            exercise_optimizers()
         return recorder
     quick = mode == "quick"
     widths = [(1024, 16, 4096)] if quick else [(1024, 16, 4096), (768, 12, 3072)]
@@ -153,7 +157,7 @@ def record(mode: str) -> Recorder:
                 exercise_layer(config, dtype, unpad, dropout, {})
             for flags in flag_sets[1:]:
                 exercise_layer(config, dtypes[0], True, 0.1, flags)
-        exercise_lamb()
+        exercise_optimizers()
     return recorder
 
 

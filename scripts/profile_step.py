@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     marks: list[float] = []
     window = schedule(wait=args.skip, warmup=1, active=args.steps)
     with profile(activities=activities, schedule=window) as prof:
-        original = engine.optimizer_step
+        original = engine.OptimizerStep.__call__
 
         def profiled_step(*a, **kw):
             result = original(*a, **kw)
@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             prof.step()
             return result
 
-        engine.optimizer_step = profiled_step
+        engine.OptimizerStep.__call__ = profiled_step
         try:
             engine.train(cfg, workdir / "run")
         finally:
-            engine.optimizer_step = original
+            engine.OptimizerStep.__call__ = original
     wall_per_step = (marks[-1] - marks[-1 - args.steps]) / args.steps
     events = prof.key_averages()
     per_step = []

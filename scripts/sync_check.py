@@ -5,8 +5,11 @@ The engine (``bertrecipes.engine.train``) runs twice on a small BERT, ``--steps`
 2 x ``--steps`` optimizer steps, logging and checkpointing only at the end, under
 ``torch.cuda.set_sync_debug_mode("warn")``, which warns at every operation that makes the host wait
 for the GPU. The second run's count minus the first's, divided by ``--steps``, is the number per
-optimizer step (set-up, warm-up and the final log cancel out). The engine is built to have one: the
-non-finite check on the gradient norm that decides whether an fp16 step is skipped.
+optimizer step (set-up, warm-up and the final log cancel out). The engine is built to have none with
+the fused Triton optimizer steps (LAMB's and Adam's): an overflowed (fp16) step is skipped on the
+device, and the host reads the step's overflow flag one step late from a pinned copy
+(``engine.OptimizerStep``). The foreach ops (``--fused false``) cannot skip on the device and read
+the flag: one per step.
 
     python scripts/sync_check.py                            # kernel=triton, bf16, accumulation 2
     python scripts/sync_check.py --kernel torch --precision fp16 --json sync.json
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--optimizer", choices=("lamb", "adam"), default="lamb")
     parser.add_argument("--fused", choices=("null", "true", "false"), default="null",
-                        help="LAMB's optimizer.fused (null: the Triton step on CUDA when triton is there)")
+                        help="optimizer.fused (null: the Triton step on CUDA when triton is there)")
     parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None)
@@ -88,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                  "checkpoint_at_end=false", "progress_bar=false", "device=cuda", "peak_tflops=1"]
     if args.unpad is not None:
         overrides.append(f"kernel.unpad={args.unpad}")
-    if args.optimizer == "lamb":
-        overrides.append(f"optimizer.fused={args.fused}")
+    overrides.append(f"optimizer.fused={args.fused}")
     workdir = Path(tempfile.mkdtemp(prefix="sync_check_"))
     short = count_syncs(overrides, args.steps, workdir)
     long = count_syncs(overrides, 2 * args.steps, workdir)

@@ -118,6 +118,44 @@ def test_per_group_settings_and_state_round_trip() -> None:
     assert math.isclose(resumed.param_groups[1]["lr"], 5e-3)
 
 
+def test_tensors_larger_than_a_chunk_match_the_reference() -> None:
+    """Tensors of several thousand elements (several of the fused step's 4096-element chunks, and a
+    ragged last one) next to tiny ones."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(97, 131), (5,), (3, 4099)]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
+    grads = [[torch.randn(shape, generator=gen) for shape in shapes] for _ in range(3)]
+    settings = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    expected = reference_adam(params, grads, **settings, bias_correction=True, adam_w_mode=True)
+    _run(Adam(params, **settings), params, grads)
+    for p, ref in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.detach().to(torch.float64), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overflow_at", [0, 2])
+def test_overflow_flag_skips_the_step_exactly(overflow_at: int) -> None:
+    """A step given a set ``found_inf`` (non-finite gradients), then ``undo_skipped_step`` once the
+    caller has read the flag, leaves the optimizer exactly as one that never saw that step."""
+    params, grads = _setup(4, steps=4)
+    clean = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, reference = Adam(params, lr=1e-2, weight_decay=0.1), Adam(clean, lr=1e-2, weight_decay=0.1)
+    for step, step_grads in enumerate(grads):
+        if step == overflow_at:
+            for p in params:
+                p.grad = torch.full_like(p, float("nan"))
+            opt.step(found_inf=torch.ones(1))
+            opt.undo_skipped_step()
+        for p, q, g in zip(params, clean, step_grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step(found_inf=torch.zeros(1))
+        reference.step()
+        for p, q in zip(params, clean, strict=True):
+            assert torch.equal(p.detach(), q.detach())
+            assert opt.state[p]["step"] == reference.state[q]["step"] == step + 1
+            assert torch.equal(opt.state[p]["exp_avg"], reference.state[q]["exp_avg"])
+            assert torch.equal(opt.state[p]["exp_avg_sq"], reference.state[q]["exp_avg_sq"])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -137,3 +175,12 @@ def test_sparse_gradients_are_rejected() -> None:
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         Adam(embedding.parameters()).step()
+
+
+def test_fused_true_refuses_what_it_cannot_run() -> None:
+    param = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    param.grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"Adam\(fused=True\) cannot run: .*fp32"):
+        Adam([param], fused=True).step()
+    with pytest.raises(ValueError, match="fused must be null"):
+        Adam([param], fused="yes")

@@ -30,12 +30,16 @@ def results(tmp_path):
         {"model": "large", "kernel": "triton", "micro_batch": 32, "status": "ok", "samples_per_sec": 300.0,
          "mfu": 0.4, "peak_memory_gb": 20.0}, {"model": "large", "kernel": "hf", "micro_batch": 32,
                                                 "status": "OOM"}]}))
-    (tmp_path / "syncs.json").write_text(json.dumps({"args": {"kernel": "triton", "precision": "bf16"},
-                                                     "total_per_step": 1.0}))
+    (tmp_path / "syncs.json").write_text(json.dumps({"args": {"kernel": "triton", "precision": "bf16",
+                                                              "optimizer": "lamb", "fused": "null"},
+                                                     "total_per_step": 0.0}))
     (tmp_path / "profile.json").write_text(json.dumps({
         "model": "large", "seq": 128, "micro": 64, "dtype": "bf16", "impl": "triton",
         "wall_ms_per_step": 100.0, "kernel_ms_per_step": 92.0, "gpu_busy": 0.92,
         "kernel_launches_per_step": 1234.0, "top": []}))
+    (tmp_path / "optimizer.json").write_text(json.dumps({
+        "kind": "optimizer", "model": "large", "parameters": 335e6, "floor_ms": 3.0,
+        "results": [{"row": "lamb_fused", "ms": 5.5}, {"row": "torch_adamw", "ms": 9.25}]}))
     (tmp_path / "check.json").write_text(json.dumps({"rows": [{"case": "c", "tensor": "out", "ok": True},
                                                               {"case": "c", "tensor": "dx", "ok": False}]}))
     return tmp_path
@@ -68,7 +72,9 @@ def test_markdown_names_device_tables_syncs_and_check(results, tmp_path):
     assert ("| seq128 samples/s vs transformers + fused AdamW | 1.80x (900 vs 500 samples/s) | 1.5x | yes |"
             in text)
     assert "| large | triton | 32 | 300.0 | 40.0% | 20.0 |" in text
-    assert "Synchronisations per optimizer step (triton, bf16): 1" in text
+    assert "Synchronisations per optimizer step (triton, bf16, lamb fused=null): 0" in text
+    assert ("Optimizer step, BERT-large (335M parameters, floor 3.00 ms): lamb_fused 5.50 ms, "
+            "torch_adamw 9.25 ms") in text
     assert "Layer check: 1/2 tensors" in text
     assert ("Profile, BERT-large seq128 x 64 bf16 triton: 100.0 ms per optimizer step, kernels 92.0 ms "
             "(92% busy), 1234 launches") in text

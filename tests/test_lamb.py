@@ -251,6 +251,50 @@ def test_state_dict_round_trip_continues_identically() -> None:
     assert torch.equal(uninterrupted.last_coeffs, resumed.last_coeffs)
 
 
+@pytest.mark.parametrize("overflow_at", [0, 2])
+def test_overflow_flag_skips_the_step_exactly(overflow_at: int) -> None:
+    """A step given a set ``found_inf`` (gradients full of inf/NaN, as after an fp16 overflow) and then
+    ``undo_skipped_step`` leaves the optimizer exactly as one that never saw that step: the same
+    weights, moments, counters and trust ratios, bit for bit, then and after further steps. A clear
+    flag changes nothing. The flag is a tensor; the fused step reads it on the device only (so the
+    caller, who reads it later, undoes the counters)."""
+    gen = torch.Generator().manual_seed(11)
+    params = _make_params(gen)
+    clean = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    settings = _defaults(weight_decay=0.01)
+    opt, reference = Lamb(params, **settings), Lamb(clean, **settings)
+    for step in range(5):
+        grads = _random_grads(params, gen)
+        if step == overflow_at:
+            for p in params:
+                p.grad = torch.full_like(p, float("nan")).reshape(-1).index_fill(0, torch.tensor([0]),
+                                                                                  float("inf")).view_as(p)
+            opt.step(found_inf=torch.ones(1))
+            opt.undo_skipped_step()
+        for p, q, g in zip(params, clean, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step(found_inf=torch.zeros(1))
+        reference.step()
+        for p, q in zip(params, clean, strict=True):
+            assert torch.equal(p.detach(), q.detach())
+            assert opt.state[p]["step"] == reference.state[q]["step"] == step + 1
+            assert torch.equal(opt.state[p]["exp_avg"], reference.state[q]["exp_avg"])
+            assert torch.equal(opt.state[p]["exp_avg_sq"], reference.state[q]["exp_avg_sq"])
+        assert torch.equal(opt.last_coeffs, reference.last_coeffs)
+
+
+def test_overflow_on_the_first_step_leaves_no_state() -> None:
+    params = _make_params(torch.Generator().manual_seed(12))
+    before = [p.detach().clone() for p in params]
+    opt = Lamb(params, **_defaults())
+    for p in params:
+        p.grad = torch.full_like(p, float("inf"))
+    opt.step(found_inf=torch.ones(1))
+    opt.undo_skipped_step()
+    assert len(opt.state) == 0 and opt.last_coeffs is None
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
+
+
 def test_loads_tensor_step_counters() -> None:
     # Checkpoints from optimizers that store `step` as a tensor (torch's convention) must load and continue.
     gen = torch.Generator().manual_seed(6)

@@ -18,6 +18,8 @@ from test_lamb import (  # noqa: E402  (collected here again, with the fused ste
     test_matches_float64_reference,
     test_multiple_param_groups_with_different_settings_and_missing_grads,
     test_no_grads_at_all_gives_no_coeffs,
+    test_overflow_flag_skips_the_step_exactly,
+    test_overflow_on_the_first_step_leaves_no_state,
     test_param_without_grad_has_no_state_and_is_unchanged,
     test_state_dict_round_trip_continues_identically,
     test_trust_ratio_clamps,
@@ -29,6 +31,8 @@ __all__ = [
     "test_matches_float64_reference",
     "test_multiple_param_groups_with_different_settings_and_missing_grads",
     "test_no_grads_at_all_gives_no_coeffs",
+    "test_overflow_flag_skips_the_step_exactly",
+    "test_overflow_on_the_first_step_leaves_no_state",
     "test_param_without_grad_has_no_state_and_is_unchanged",
     "test_state_dict_round_trip_continues_identically",
     "test_trust_ratio_clamps",
@@ -48,9 +52,9 @@ def fused_step(monkeypatch):
     calls = []
     original = Lamb._fused_step_bucket
 
-    def counting(group, bucket):
+    def counting(group, bucket, *scalars):
         calls.append(len(bucket.params))
-        return original(group, bucket)
+        return original(group, bucket, *scalars)
 
     monkeypatch.setattr(Lamb, "_fused_step_bucket", staticmethod(counting))
     yield

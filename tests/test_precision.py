@@ -89,3 +89,46 @@ def test_bf16_autocast_runs_matmuls_in_bf16_on_cpu():
         assert (x @ x).dtype == torch.bfloat16
     with autocast_context("fp32", torch.device("cpu")):
         assert (x @ x).dtype == torch.float32
+
+
+class HostScaler:
+    """The scaler's rules as plain Python on the host (DeepSpeed's DynamicLossScaler, written out)."""
+
+    def __init__(self, scale, dynamic, window, hysteresis, min_scale):
+        self.scale, self.dynamic, self.window, self.hysteresis = scale, dynamic, window, hysteresis
+        self.min_scale, self.left, self.since, self.overflows = min_scale, hysteresis, 0, 0
+
+    def update(self, overflow):
+        if overflow:
+            self.overflows += 1
+            self.since = 0
+            if self.dynamic:
+                if self.left > 1:
+                    self.left -= 1
+                else:
+                    self.scale = max(self.scale / 2, self.min_scale)
+            return
+        if self.dynamic:
+            self.since += 1
+            if self.since % self.window == 0:
+                self.scale *= 2
+                self.left = self.hysteresis
+
+
+@pytest.mark.parametrize("hysteresis,window,min_scale", [(1, 2, 1.0), (2, 3, 4.0), (3, 5, 0.5)])
+def test_device_state_updates_from_flag_tensors_follow_the_host_rules(hysteresis, window, min_scale):
+    """The update takes the overflow flag as a tensor (as the engine passes it, never read on the host)
+    and must track the host rules over a long random run of overflows and clean steps."""
+    cfg = fp16_cfg(initial_scale_power=6, loss_scale_window=window, hysteresis=hysteresis,
+                   min_loss_scale=min_scale)
+    device_scaler = LossScaler.from_config(cfg)
+    host = HostScaler(2.0**6, True, window, hysteresis, min_scale)
+    generator = torch.Generator().manual_seed(hysteresis * 100 + window)
+    flags = torch.rand(300, generator=generator) < 0.3
+    for flag in flags:
+        device_scaler.update(torch.where(flag, torch.tensor(float("inf")), torch.tensor(1.0)).isinf())
+        host.update(bool(flag))
+        assert device_scaler.state_dict() == {
+            "scale": host.scale, "dynamic": True, "hysteresis_left": host.left,
+            "steps_since_overflow": host.since, "overflows": host.overflows}
+    assert host.scale != 2.0**6  # the run did move the scale

@@ -1,7 +1,9 @@
 """scripts/sync_check.py's counting, on the CPU: CUDA's sync debug mode is stood in for by a
-warning with its text raised from the one operation of the engine's step that synchronises on a GPU
-(``torch.isfinite`` of the gradient norm, the fp16 overflow check). The count per optimizer step
-must come out as exactly one, attributed to that line of the engine, whatever the run's length."""
+warning with its text raised whenever the host takes a tensor's truth value. In a CPU run LAMB uses
+its foreach ops, which cannot skip an overflowed step on the device, so they read the step's
+overflow flag that way, once per optimizer step (the fused Triton step on a GPU does not). The count
+per optimizer step must come out as exactly one, attributed to that line, whatever the run's
+length."""
 
 from __future__ import annotations
 
@@ -15,28 +17,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 sync_check = pytest.importorskip("sync_check")
 
-from bertrecipes import engine  # noqa: E402
+from bertrecipes.optim import lamb  # noqa: E402
 
 
 def test_one_counted_sync_per_optimizer_step_named_by_its_line(monkeypatch, tmp_path):
-    real_isfinite = torch.isfinite
+    real_bool = torch.Tensor.__bool__
 
-    def isfinite(x):
+    def truth_value(self):
         warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=2)
-        return real_isfinite(x)
+        return real_bool(self)
 
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
-    monkeypatch.setattr(torch, "isfinite", isfinite)
+    monkeypatch.setattr(torch.Tensor, "__bool__", truth_value)
     overrides = ["model=bert_tiny", "max_seq_length=32", "max_predictions_per_seq=5", "train_batch_size=4",
                  "train_micro_batch_size_per_gpu=2", "checkpoint_at_end=false", "progress_bar=false",
                  "device=cpu"]
     short = sync_check.count_syncs(overrides, 2, tmp_path)
     long = sync_check.count_syncs(overrides, 4, tmp_path)
-    assert sum(short.values()) == 2 and sum(long.values()) == 4
-    (where,) = long
-    line = next(i for i, text in enumerate(Path(engine.__file__).read_text().splitlines(), 1)
-                if "torch.isfinite(" in text)
-    assert where.startswith(f"engine.py:{line} ")
+    per_step = {where: (long[where] - short.get(where, 0)) / 2 for where in long}
+    per_step = {where: n for where, n in per_step.items() if n}
+    line = next(i for i, text in enumerate(Path(lamb.__file__).read_text().splitlines(), 1)
+                if "if bool(found_inf):" in text)
+    ((where, count),) = per_step.items()
+    assert where.startswith(f"lamb.py:{line} ") and count == 1
 
 
 def test_refuses_without_cuda(capsys):

@@ -12,6 +12,11 @@ Per parameter tensor ``p`` with gradient ``g`` at its step ``t`` (a per-paramete
 
 With ``bias_correction=True, adam_w_mode=True`` this is exactly ``torch.optim.AdamW``. Step counters are
 Python ints, so the bias corrections are host floats and the step never synchronises with the device.
+
+``fused`` picks the implementation as for :class:`~bertrecipes.optim.Lamb`: ``None`` (default) runs the
+one-kernel Triton step (:mod:`kernels_triton.adam`) for fp32 tensors on a CUDA device when Triton is
+installed and the ``torch._foreach_*`` ops otherwise; ``True`` requires the Triton step; ``False``
+always uses foreach. Both keep the same state.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from bertrecipes.optim.lamb import (
     _Bucket,
     _collect_buckets,
     _ForeachOptimizer,
+    _scale_grads,
     _update_moments,
 )
 
@@ -42,6 +48,7 @@ class Adam(_ForeachOptimizer):
         weight_decay: weight decay coefficient (>= 0).
         bias_correction: divide the moments by ``1 - beta^t``.
         adam_w_mode: decoupled weight decay (AdamW) if True, L2 penalty added to the gradient if False.
+        fused: ``None`` (auto), ``True`` or ``False``: the Triton one-kernel step; see the module docstring.
     """
 
     def __init__(
@@ -53,7 +60,11 @@ class Adam(_ForeachOptimizer):
         weight_decay: float = 0.0,
         bias_correction: bool = True,
         adam_w_mode: bool = True,
+        fused: bool | None = None,
     ) -> None:
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be null (auto), true or false, got {fused!r}")
+        self.fused = fused
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -66,14 +77,45 @@ class Adam(_ForeachOptimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None, found_inf: torch.Tensor | None = None,
+             grad_scale: torch.Tensor | None = None) -> float | None:
+        """One step. A set ``found_inf`` (the step's overflow flag, a one-element device tensor) skips it,
+        leaving the optimizer exactly as it was: the fused Triton step reads the flag on the device
+        (:meth:`undo_skipped_step` then takes the counters back, once the caller has read it), the
+        foreach ops read it on the host (one sync). ``grad_scale``: as in :meth:`Lamb.step`."""
         loss = self._run_closure(closure)
         n_stepped = 0
+        plan = []
         for group in self.param_groups:
             buckets, n_stepped = _collect_buckets(self, group, n_stepped, type(self).__name__)
-            for bucket in buckets:
+            plan += [(group, bucket, self._use_fused(bucket)) for bucket in buckets]
+        all_fused = all(fused for *_, fused in plan)
+        if self._skip_on_host(found_inf, [p for _, b, _ in plan for p in b.params], on_device=all_fused):
+            return loss
+        for group, bucket, fused in plan:
+            if fused:
+                self._fused_step_bucket(group, bucket, found_inf if all_fused else None, grad_scale)
+            else:
+                _scale_grads(bucket, grad_scale)
                 self._step_bucket(group, bucket)
         return loss
+
+    @staticmethod
+    def _fused_step_bucket(group: dict[str, Any], bucket: _Bucket, found_inf: torch.Tensor | None = None,
+                           grad_scale: torch.Tensor | None = None) -> None:
+        from kernels_triton.adam import fused_adam_step
+
+        beta1, beta2 = group["betas"]
+        lr, t = group["lr"], bucket.step
+        if group["bias_correction"]:
+            step_size, bias_correction2_sqrt = lr / (1.0 - beta1**t), math.sqrt(1.0 - beta2**t)
+        else:
+            step_size, bias_correction2_sqrt = lr, 1.0
+        fused_adam_step(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, lr=lr, beta1=beta1,
+                        beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                        adam_w_mode=group["adam_w_mode"], step_size=step_size,
+                        bias_correction2_sqrt=bias_correction2_sqrt, found_inf=found_inf,
+                        grad_scale=grad_scale)
 
     @staticmethod
     def _step_bucket(group: dict[str, Any], bucket: _Bucket) -> None:

@@ -141,6 +141,22 @@ def _steps_to_int(optimizer: Optimizer) -> None:
             state["step"] = int(step)
 
 
+def _undo_counters(optimizer: Optimizer, params: list[torch.Tensor]) -> None:
+    """Take back one step of these parameters' counters; state a skipped first step created (zeros,
+    never written) goes, as if the parameter had never been stepped."""
+    for param in params:
+        state = optimizer.state[param]
+        state["step"] = int(state["step"]) - 1
+        if state["step"] == 0:
+            del optimizer.state[param]
+
+
+def _scale_grads(bucket: _Bucket, grad_scale: torch.Tensor | None) -> None:
+    """The foreach path's ``grad_scale``: multiply the bucket's gradients in place."""
+    if grad_scale is not None:
+        torch._foreach_mul_(bucket.grads, grad_scale)
+
+
 def _update_moments(bucket: _Bucket, beta1: float, beta2: float, grads: list[torch.Tensor]) -> None:
     torch._foreach_mul_(bucket.exp_avgs, beta1)
     torch._foreach_add_(bucket.exp_avgs, grads, alpha=1.0 - beta1)
@@ -164,6 +180,50 @@ class _ForeachOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         _steps_to_int(self)
+
+    def _skip_on_host(self, found_inf: torch.Tensor | None, stepped: list[torch.Tensor], on_device: bool,
+                      previous_coeffs: torch.Tensor | None = None) -> bool:
+        """Decide, after the step counters of ``stepped`` advanced, whether this step stops here.
+
+        Without ``found_inf`` it never does. When the update can skip on the device (``on_device``) it
+        does not stop either, and the step is remembered so :meth:`undo_skipped_step` can put the
+        counters back. Otherwise the flag is read on the host (the one sync of such a step) and a set
+        flag undoes the counters at once and stops the step."""
+        self._maybe_skipped: tuple[list[torch.Tensor], torch.Tensor | None] | None = None
+        if found_inf is None:
+            return False
+        if on_device:
+            self._maybe_skipped = (stepped, previous_coeffs)
+            return False
+        if bool(found_inf):
+            _undo_counters(self, stepped)
+            return True
+        return False
+
+    def undo_skipped_step(self) -> None:
+        """The last step was given a set ``found_inf`` and skipped on the device (it wrote nothing): put
+        its step counters back (dropping state it created) and restore ``last_coeffs``, so the
+        optimizer is exactly as if that step had never been called."""
+        pending = getattr(self, "_maybe_skipped", None)
+        if pending is None:
+            return
+        stepped, previous_coeffs = pending
+        _undo_counters(self, stepped)
+        if hasattr(self, "last_coeffs"):
+            self.last_coeffs = previous_coeffs
+        self._maybe_skipped = None
+
+    def _use_fused(self, bucket: _Bucket) -> bool:
+        """Whether this bucket takes the fused Triton step (``self.fused``: None auto, True, False)."""
+        if self.fused is False:
+            return False
+        reason = _fused_unavailable(bucket, explicit=bool(self.fused))
+        if reason is None:
+            return True
+        if self.fused:
+            raise RuntimeError(f"{type(self).__name__}(fused=True) cannot run: {reason} "
+                               f"(use fused=null to fall back to foreach)")
+        return False
 
     @staticmethod
     def _run_closure(closure: Callable[[], float] | None) -> float | None:
@@ -232,39 +292,49 @@ class Lamb(_ForeachOptimizer):
             )
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None, found_inf: torch.Tensor | None = None,
+             grad_scale: torch.Tensor | None = None) -> float | None:
+        """One LAMB step. ``found_inf`` (a one-element device tensor, the step's overflow flag) skips the
+        step when set: the fused Triton step reads it on the device and writes nothing, so the host
+        never waits for it; the foreach ops read it on the host (one sync). After a device-side skip
+        the step counters have already advanced on the host: :meth:`undo_skipped_step` puts them back
+        once the caller has read the flag. ``grad_scale`` (a one-element device tensor) multiplies every
+        gradient first: the fused step folds it into its read of the gradients, the foreach ops
+        multiply the gradients in place."""
         loss = self._run_closure(closure)
-        coeff_pieces: list[tuple[list[int], torch.Tensor]] = []
+        previous_coeffs = self.last_coeffs
+        plan: list[tuple[dict[str, Any], _Bucket, bool]] = []
         n_stepped = 0
         for group in self.param_groups:
             buckets, n_stepped = _collect_buckets(self, group, n_stepped, type(self).__name__)
-            for bucket in buckets:
-                step = self._fused_step_bucket if self._use_fused(bucket) else self._step_bucket
-                coeff_pieces.append((bucket.order, step(group, bucket)))
-
+            plan += [(group, bucket, self._use_fused(bucket)) for bucket in buckets]
+        stepped = [p for _, bucket, _ in plan for p in bucket.params]
+        all_fused = all(fused for *_, fused in plan)
+        if self._skip_on_host(found_inf, stepped, on_device=all_fused, previous_coeffs=previous_coeffs):
+            return loss
+        if not all_fused:
+            found_inf = None  # already read on the host, and it was clear
+        coeff_pieces = []
+        for group, bucket, fused in plan:
+            if fused:
+                coeffs = self._fused_step_bucket(group, bucket, found_inf, grad_scale)
+            else:
+                _scale_grads(bucket, grad_scale)
+                coeffs = self._step_bucket(group, bucket)
+            coeff_pieces.append((bucket.order, coeffs))
         self.last_coeffs = _in_param_order(coeff_pieces, n_stepped)
         return loss
 
-    def _use_fused(self, bucket: _Bucket) -> bool:
-        if self.fused is False:
-            return False
-        reason = _fused_unavailable(bucket, explicit=bool(self.fused))
-        if reason is None:
-            return True
-        if self.fused:
-            raise RuntimeError(f"Lamb(fused=True) cannot run: {reason} "
-                               f"(use fused=null to fall back to foreach)")
-        return False
-
     @staticmethod
-    def _fused_step_bucket(group: dict[str, Any], bucket: _Bucket) -> torch.Tensor:
+    def _fused_step_bucket(group: dict[str, Any], bucket: _Bucket, found_inf: torch.Tensor | None = None,
+                           grad_scale: torch.Tensor | None = None) -> torch.Tensor:
         from kernels_triton.lamb import fused_lamb_step
 
         beta1, beta2 = group["betas"]
         return fused_lamb_step(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
                                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                                step_size=_step_size(group, bucket.step), min_coeff=group["min_coeff"],
-                               max_coeff=group["max_coeff"])
+                               max_coeff=group["max_coeff"], found_inf=found_inf, grad_scale=grad_scale)
 
     @staticmethod
     def _step_bucket(group: dict[str, Any], bucket: _Bucket) -> torch.Tensor:

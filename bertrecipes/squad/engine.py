@@ -38,13 +38,13 @@ from bertrecipes.checkpoint import CheckpointError, load_checkpoint, save_checkp
 from bertrecipes.config import BatchSizes, resolve_batch_sizes
 from bertrecipes.data.tokenizer import load_tokenizer
 from bertrecipes.engine import (
+    OptimizerStep,
     StopRequest,
     TrainState,
     batch_to_device,
     build_from_config,
     build_layer_factory,
     build_model_config,
-    optimizer_step,
     pick_device,
     prepare_output_dir,
     seed_everything,
@@ -272,7 +272,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,
                                  total_steps=total_steps)
     try:
-        scaler = LossScaler.from_config(cfg.precision)
+        scaler = LossScaler.from_config(cfg.precision, device)
     except ValueError as e:
         raise ConfigError(f"precision: {e}") from e
     state = TrainState()
@@ -286,6 +286,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     model_config = model.config
     flops_per_sample = qa_training_flops_per_sample(model_config, cfg.max_seq_length)
     params = [p for p in model.parameters() if p.requires_grad]
+    step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm)
     checkpoint_dir = outputs.dir / CHECKPOINT_SUBDIR
     log.info("fine-tuning %.1fM parameters: %d steps (%.2f epochs of %d windows), batch %d = micro %d x "
              "accumulation %d, on %s, %s", sum(p.numel() for p in params) / 1e6, total_steps,
@@ -293,6 +294,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
              micro, accum, device, precision)
 
     def checkpoint() -> Path:
+        step_optimizer.resolve()  # the last step's outcome decides the counters saved
         return save_checkpoint(
             checkpoint_dir, f"global_step{state.global_step}",
             state={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -324,7 +326,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                         start_logits, end_logits = model(mb["input_ids"], mb["token_type_ids"],
                                                          mb["attention_mask"], unpadded=layout)
                     loss = qa_loss(start_logits, end_logits, mb["start_positions"], mb["end_positions"])
-                    (loss * (scaler.scale / accum)).backward()
+                    (loss * (step_optimizer.loss_scale / accum)).backward()
                     loss_sum += loss.detach()
                     real_tokens += int(lengths[index].sum())
                 state.last_global_data_samples += batch.train_batch_size
@@ -332,13 +334,13 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                 state.global_step += 1
 
                 # ---- unscale, overflow check, clip, LR, step, zero (as in pre-training)
-                grad_norm, overflow = optimizer_step(params, optimizer, scaler, schedule, state,
-                                                     cfg.max_grad_norm)
+                grad_norm = step_optimizer()
                 progress.update(1)
 
                 # ---- logging and checkpoints, when due
                 is_last = state.global_step >= total_steps
-                if state.global_step % cfg.steps_per_print == 0 or is_last or overflow:
+                if state.global_step % cfg.steps_per_print == 0 or is_last:
+                    step_optimizer.resolve()
                     samples_per_sec, tokens_per_sec = throughput.rates(state.last_global_data_samples,
                                                                        real_tokens)
                     record = {

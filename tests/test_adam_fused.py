@@ -1,0 +1,53 @@
+"""The fused Triton Adam step (``Adam(fused=True)``, kernels_triton.adam) against the same float64
+reference and torch.optim.AdamW as the foreach implementation: the tests of tests/test_adam.py run
+again with the fused step, including tensors spanning several chunks and the overflow skip read on
+the device. Without a GPU the kernel runs in Triton's interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import test_adam
+from triton_kernels import load_kernels
+
+from bertrecipes.optim import Adam
+
+kt, DEVICE = load_kernels()
+
+from test_adam import (  # noqa: E402  (collected here again, with the fused step patched in)
+    test_l2_mode_leaves_caller_gradient_untouched,
+    test_matches_float64_reference,
+    test_matches_torch_adamw,
+    test_overflow_flag_skips_the_step_exactly,
+    test_per_group_settings_and_state_round_trip,
+    test_tensors_larger_than_a_chunk_match_the_reference,
+)
+
+__all__ = [
+    "test_l2_mode_leaves_caller_gradient_untouched",
+    "test_matches_float64_reference",
+    "test_matches_torch_adamw",
+    "test_overflow_flag_skips_the_step_exactly",
+    "test_per_group_settings_and_state_round_trip",
+    "test_tensors_larger_than_a_chunk_match_the_reference",
+]
+
+
+class FusedAdam(Adam):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, fused=True)
+
+
+@pytest.fixture(autouse=True)
+def fused_step(monkeypatch):
+    monkeypatch.setattr(test_adam, "Adam", FusedAdam)
+    calls = []
+    original = Adam._fused_step_bucket
+
+    def counting(group, bucket, *scalars):
+        calls.append(len(bucket.params))
+        return original(group, bucket, *scalars)
+
+    monkeypatch.setattr(Adam, "_fused_step_bucket", staticmethod(counting))
+    yield
+    assert calls, "no step went through the Triton kernel"
+
