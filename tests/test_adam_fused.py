@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import test_adam
-from triton_kernels import load_kernels
+from triton_kernels import force_fused_optimizer, load_kernels
 
 from bertrecipes.optim import Adam
 
@@ -32,22 +32,8 @@ __all__ = [
 ]
 
 
-class FusedAdam(Adam):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs, fused=True)
-
-
 @pytest.fixture(autouse=True)
 def fused_step(monkeypatch):
-    monkeypatch.setattr(test_adam, "Adam", FusedAdam)
-    calls = []
-    original = Adam._fused_step_bucket
-
-    def counting(group, bucket, *scalars):
-        calls.append(len(bucket.params))
-        return original(group, bucket, *scalars)
-
-    monkeypatch.setattr(Adam, "_fused_step_bucket", staticmethod(counting))
+    calls = force_fused_optimizer(monkeypatch, test_adam, Adam)
     yield
     assert calls, "no step went through the Triton kernel"
-

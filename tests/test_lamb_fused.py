@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import test_lamb
 import torch
-from triton_kernels import load_kernels
+from triton_kernels import force_fused_optimizer, load_kernels
 
 from bertrecipes.optim import Lamb
 
@@ -41,22 +41,9 @@ __all__ = [
 ]
 
 
-class FusedLamb(Lamb):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs, fused=True)
-
-
 @pytest.fixture(autouse=True)
 def fused_step(monkeypatch):
-    monkeypatch.setattr(test_lamb, "Lamb", FusedLamb)
-    calls = []
-    original = Lamb._fused_step_bucket
-
-    def counting(group, bucket, *scalars):
-        calls.append(len(bucket.params))
-        return original(group, bucket, *scalars)
-
-    monkeypatch.setattr(Lamb, "_fused_step_bucket", staticmethod(counting))
+    calls = force_fused_optimizer(monkeypatch, test_lamb, Lamb)
     yield
     # every test that stepped with gradients went through the Triton step
     assert all(n > 0 for n in calls)
@@ -69,7 +56,7 @@ def test_tensors_spanning_several_chunks_match_the_reference():
     params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
     settings = test_lamb._defaults(weight_decay=0.01)
     reference = test_lamb.ReferenceLamb(params, [settings] * len(params))
-    opt = FusedLamb(params, **settings)
+    opt = Lamb(params, **settings, fused=True)
     for _ in range(3):
         grads = [torch.randn(p.shape, generator=gen) for p in params]
         for p, g in zip(params, grads, strict=True):

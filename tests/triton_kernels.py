@@ -21,3 +21,22 @@ def load_kernels() -> tuple[ModuleType, str]:
     if reason:
         pytest.skip(reason, allow_module_level=True)
     return kt, "cpu" if kt.INTERPRET else "cuda"
+
+
+def force_fused_optimizer(monkeypatch, test_module: ModuleType, optimizer_cls: type) -> list[int]:
+    """Make ``test_module``'s ``optimizer_cls`` always take its fused Triton step, and count the
+    parameter tensors each fused call stepped (so a test can check the kernels really ran)."""
+    calls: list[int] = []
+    original = optimizer_cls._fused_step_bucket
+
+    class Fused(optimizer_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, fused=True)
+
+    def counting(group, bucket, *scalars):
+        calls.append(len(bucket.params))
+        return original(group, bucket, *scalars)
+
+    monkeypatch.setattr(test_module, optimizer_cls.__name__, Fused)
+    monkeypatch.setattr(optimizer_cls, "_fused_step_bucket", staticmethod(counting))
+    return calls
