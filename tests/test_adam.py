@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_lamb import assert_same_state, step_with_a_skip
 
 from bertrecipes.optim import Adam
 
@@ -140,20 +141,9 @@ def test_overflow_flag_skips_the_step_exactly(overflow_at: int) -> None:
     clean = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt, reference = Adam(params, lr=1e-2, weight_decay=0.1), Adam(clean, lr=1e-2, weight_decay=0.1)
     for step, step_grads in enumerate(grads):
-        if step == overflow_at:
-            for p in params:
-                p.grad = torch.full_like(p, float("nan"))
-            opt.step(found_inf=torch.ones(1))
-            opt.undo_skipped_step()
-        for p, q, g in zip(params, clean, step_grads, strict=True):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step(found_inf=torch.zeros(1))
-        reference.step()
-        for p, q in zip(params, clean, strict=True):
-            assert torch.equal(p.detach(), q.detach())
-            assert opt.state[p]["step"] == reference.state[q]["step"] == step + 1
-            assert torch.equal(opt.state[p]["exp_avg"], reference.state[q]["exp_avg"])
-            assert torch.equal(opt.state[p]["exp_avg_sq"], reference.state[q]["exp_avg_sq"])
+        nonfinite = [torch.full_like(p, float("nan")) for p in params] if step == overflow_at else None
+        step_with_a_skip(opt, reference, params, clean, step_grads, nonfinite)
+        assert_same_state(opt, reference, params, clean, step + 1)
 
 
 @pytest.mark.parametrize(

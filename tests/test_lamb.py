@@ -251,6 +251,29 @@ def test_state_dict_round_trip_continues_identically() -> None:
     assert torch.equal(uninterrupted.last_coeffs, resumed.last_coeffs)
 
 
+def step_with_a_skip(opt, reference, params, clean, grads, nonfinite=None) -> None:
+    """One step of ``opt`` (preceded, when ``nonfinite`` gradients are given, by a step flagged as
+    overflowed and undone) and the same step of ``reference``, which never sees the overflow."""
+    if nonfinite is not None:
+        for p, g in zip(params, nonfinite, strict=True):
+            p.grad = g
+        opt.step(found_inf=torch.ones(1))
+        opt.undo_skipped_step()
+    for p, q, g in zip(params, clean, grads, strict=True):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt.step(found_inf=torch.zeros(1))
+    reference.step()
+
+
+def assert_same_state(opt, reference, params, clean, steps: int) -> None:
+    """Weights, moments and counters equal bit for bit."""
+    for p, q in zip(params, clean, strict=True):
+        assert torch.equal(p.detach(), q.detach())
+        assert opt.state[p]["step"] == reference.state[q]["step"] == steps
+        assert torch.equal(opt.state[p]["exp_avg"], reference.state[q]["exp_avg"])
+        assert torch.equal(opt.state[p]["exp_avg_sq"], reference.state[q]["exp_avg_sq"])
+
+
 @pytest.mark.parametrize("overflow_at", [0, 2])
 def test_overflow_flag_skips_the_step_exactly(overflow_at: int) -> None:
     """A step given a set ``found_inf`` (gradients full of inf/NaN, as after an fp16 overflow) and then
@@ -265,21 +288,11 @@ def test_overflow_flag_skips_the_step_exactly(overflow_at: int) -> None:
     opt, reference = Lamb(params, **settings), Lamb(clean, **settings)
     for step in range(5):
         grads = _random_grads(params, gen)
-        if step == overflow_at:
-            for p in params:
-                p.grad = torch.full_like(p, float("nan")).reshape(-1).index_fill(0, torch.tensor([0]),
-                                                                                  float("inf")).view_as(p)
-            opt.step(found_inf=torch.ones(1))
-            opt.undo_skipped_step()
-        for p, q, g in zip(params, clean, grads, strict=True):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step(found_inf=torch.zeros(1))
-        reference.step()
-        for p, q in zip(params, clean, strict=True):
-            assert torch.equal(p.detach(), q.detach())
-            assert opt.state[p]["step"] == reference.state[q]["step"] == step + 1
-            assert torch.equal(opt.state[p]["exp_avg"], reference.state[q]["exp_avg"])
-            assert torch.equal(opt.state[p]["exp_avg_sq"], reference.state[q]["exp_avg_sq"])
+        nonfinite = [torch.full_like(p, float("nan")).reshape(-1).index_fill(0, torch.tensor([0]),
+                                                                             float("inf")).view_as(p)
+                     for p in params]
+        step_with_a_skip(opt, reference, params, clean, grads, nonfinite if step == overflow_at else None)
+        assert_same_state(opt, reference, params, clean, step + 1)
         assert torch.equal(opt.last_coeffs, reference.last_coeffs)
 
 
