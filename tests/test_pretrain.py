@@ -97,6 +97,38 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(make_cfg, tmp_path):
     assert record["loss_scale"] == 2.0**39 and record["grad_norm"] is None
 
 
+def test_fp16_overflows_mid_run_hold_the_schedule_and_move_the_scale(make_cfg, tmp_path):
+    """Real fp16 overflows in the middle of a run (scale 2^18, doubling every 2 clean steps, so it
+    keeps climbing back into overflow). The host learns each step's overflow one step late, so this
+    checks the bookkeeping end to end: an overflowed step logs no gradient norm and counts as
+    skipped; the LR of every step is the schedule at the number of steps that did not overflow before
+    it; the scale follows DeepSpeed's rules (hysteresis 1: halve on overflow; double after 2 clean)."""
+    total = 10
+    train(make_cfg(*TINY, f"max_steps={total}", "precision=fp16", "precision.initial_scale_power=18",
+                   "precision.hysteresis=1", "precision.loss_scale_window=2", output_dir=tmp_path))
+    records = read_metrics(tmp_path)
+    overflowed = [r["grad_norm"] is None for r in records]
+    assert any(overflowed[2:]) and overflowed.count(False) >= 4, overflowed  # overflows mid-run
+
+    base, warmup = 1e-2, 0.2
+    scale, clean_run, advanced = 2.0**18, 0, 0
+    for record, overflow in zip(records, overflowed, strict=True):
+        x = advanced / total
+        factor = (x / warmup) ** 2 if x < warmup else 0.9 ** ((advanced - warmup * total) / 2)
+        assert record["lr"] == pytest.approx(base * factor, rel=1e-12), record["step"]
+        if overflow:
+            scale, clean_run = scale / 2, 0
+        else:
+            advanced, clean_run = advanced + 1, clean_run + 1
+            if clean_run % 2 == 0:
+                scale *= 2
+        assert record["loss_scale"] == scale, record["step"]
+        assert record["skipped_steps"] == record["step"] - advanced
+    final = load_checkpoint(tmp_path / "checkpoints")
+    assert final["train_state"]["schedule_step"] == advanced
+    assert final["scaler"]["scale"] == scale and final["scaler"]["overflows"] == overflowed.count(True)
+
+
 def test_fp16_and_bf16_train_on_cpu(make_cfg, tmp_path):
     for dtype in ("fp16", "bf16"):
         summary = train(make_cfg(*TINY, "max_steps=2", f"precision={dtype}", output_dir=tmp_path / dtype))
