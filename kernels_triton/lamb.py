@@ -25,6 +25,8 @@ Run its tests on a CPU: ``TRITON_INTERPRET=1 pytest tests/test_lamb_fused.py``.
 
 from __future__ import annotations
 
+import collections
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,8 @@ import triton.language as tl
 from kernels_triton.utils import INTERPRET
 
 CHUNK = 4096  # elements per program
+TABLE_CACHE_SIZE = 16  # address tables kept (one per bucket of an optimizer step is what training uses)
+_TABLES: collections.OrderedDict[tuple, dict[str, torch.Tensor]] = collections.OrderedDict()
 NUM_WARPS = 8  # 16 elements of each array per thread: keeps the pass-1 kernel's registers in check
 
 
@@ -102,7 +106,22 @@ def _lamb_apply_kernel(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_AD
 
 def _table(quads: list[tuple[torch.Tensor, ...]], device: torch.device) -> dict[str, torch.Tensor]:
     """The address, size and chunk tables of one call, built on the host and copied asynchronously
-    (pinned memory on CUDA, so the copy does not wait for the GPU). ``quads``: (p, g, m, v) each."""
+    (pinned memory on CUDA, so the copy does not wait for the GPU). ``quads``: (p, g, m, v) each.
+
+    A table depends on nothing but the addresses and sizes, so it is kept for the next call with the
+    same ones (training steps reuse the same memory: the weights and moments never move, and the
+    caching allocator hands the gradients the same blocks): no host work and no copies then."""
+    key = (device, tuple(t.data_ptr() for quad in quads for t in quad), tuple(p.numel() for p, *_ in quads))
+    table = _TABLES.pop(key, None)
+    if table is None:
+        table = _build_table(quads, device)
+    _TABLES[key] = table  # the most recently used last
+    while len(_TABLES) > TABLE_CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return table
+
+
+def _build_table(quads: list[tuple[torch.Tensor, ...]], device: torch.device) -> dict[str, torch.Tensor]:
     numels = [p.numel() for p, *_ in quads]
     chunks = [max(1, triton.cdiv(n, CHUNK)) for n in numels]
     host = {

@@ -101,3 +101,38 @@ def test_non_fp32_is_refused_naming_the_dtype():
 def test_fused_must_be_a_boolean_or_null():
     with pytest.raises(ValueError, match="fused must be null.*'yes'"):
         Lamb([torch.nn.Parameter(torch.ones(1))], fused="yes")
+
+
+def test_address_tables_are_built_once_for_the_same_memory(monkeypatch):
+    """Steps over the same weights, moments and gradient buffers reuse one address table (no host
+    work, no copies); other tensors get their own, and the updates stay the reference's."""
+    import kernels_triton.lamb as fused
+
+    builds = []
+    original = fused._build_table
+
+    def build(quads, device):
+        builds.append(1)
+        return original(quads, device)
+
+    monkeypatch.setattr(fused, "_build_table", build)
+    fused._TABLES.clear()  # earlier tests' tensors may have had these addresses
+    gen = torch.Generator().manual_seed(12)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((300,), (7, 9))]
+    settings = test_lamb._defaults()
+    reference = test_lamb.ReferenceLamb(params, [settings] * len(params))
+    opt = Lamb(params, **settings, fused=True)
+    for p in params:
+        p.grad = torch.empty_like(p)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad.copy_(g)  # the same gradient buffers every step
+        opt.step()
+        reference.step(grads)
+        test_lamb._assert_matches(params, reference)
+    assert len(builds) == 1
+    others = [torch.nn.Parameter(torch.randn(5, generator=gen))]
+    others[0].grad = torch.randn(5, generator=gen)
+    Lamb(others, fused=True).step()
+    assert len(builds) == 2
