@@ -170,11 +170,12 @@ def build_from_config(group: str, node: DictConfig, **kwargs: Any) -> Any:
 class OptimizerStep:
     """The accumulation boundary, without the host waiting for the GPU.
 
-    Each call: unscale the gradients by the loss scale (a device tensor), take the global gradient
-    norm, flag an overflow (a non-finite norm) on the device, clip to ``max_grad_norm``, set the LR
-    for ``state.schedule_step``, step the optimizer with the flag, update the loss scale from the
-    flag on the device, zero the gradients. An overflowed step is skipped: weights, optimizer state
-    and LR schedule as if it had not happened, and the scale backs off (DeepSpeed's rules).
+    Each call: take the global norm of the (loss-scaled) gradients, flag an overflow (a non-finite
+    norm) on the device, unscale and clip to ``max_grad_norm``, set the LR for
+    ``state.schedule_step``, step the optimizer with the flag, update the loss scale (a device
+    tensor) from the flag on the device, zero the gradients. An overflowed step is skipped: weights,
+    optimizer state and LR schedule as if it had not happened, and the scale backs off (DeepSpeed's
+    rules).
 
     Unscaling and clipping are one factor per step, computed on the device; an optimizer whose
     ``step`` takes ``grad_scale`` (this package's, fused) applies it as it reads the gradients, so
@@ -186,7 +187,8 @@ class OptimizerStep:
     Only then do ``state.schedule_step``/``skipped_steps`` move and the optimizer's counters of a
     skipped step go back, so every step is computed with exactly the values a synchronous loop would
     use. The skip itself needs an optimizer whose ``step`` takes ``found_inf`` and honours it on the
-    device (this package's LAMB with its fused Triton step); others read the flag at once (one sync).
+    device (this package's LAMB and Adam with their fused Triton steps); others read the flag at once
+    (one sync).
     """
 
     def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scaler: LossScaler,
