@@ -10,7 +10,7 @@ memory than the architecture has (the "out of resources" a GPU would raise at la
 Recorded: ``TritonBertLayer`` forward + backward at BERT-large's widths (hidden 1024, 16 heads of 64,
 FFN 4096) and BERT-base's, under fp16 and bf16 autocast and in fp32, post-LN and pre-LN, padded
 (key-padding mask) and unpadded (varlen), with and without dropout, with each memory flag; and the
-fused LAMB step.
+fused LAMB and Adam steps, plain, with the device-side overflow flag and with the gradient scale.
 
     python scripts/compile_kernels.py                         # sm_90, the full matrix
     python scripts/compile_kernels.py --arch 80 --quick --json compile_sm80.json
@@ -125,16 +125,18 @@ def exercise_layer(config: BertConfig, dtype: torch.dtype, unpad: bool, dropout:
 
 
 def exercise_optimizers() -> None:
-    """The fused LAMB and Adam steps, without and with the device-side overflow flag."""
+    """The fused LAMB and Adam steps: plain, with the device-side overflow flag, and with the flag and
+    the gradient scale (the engine's step)."""
     from bertrecipes.optim import Adam, Lamb
 
     params = [torch.nn.Parameter(torch.randn(n)) for n in (5000, 7)]
     for make in (lambda: Lamb(params, fused=True), lambda: Adam(params, fused=True),
                  lambda: Adam(params, fused=True, adam_w_mode=False)):
-        for found_inf in (None, torch.zeros(1)):
+        for scalars in ({}, {"found_inf": torch.zeros(1)}, {"found_inf": torch.zeros(1),
+                                                            "grad_scale": torch.ones(())}):
             for p in params:
                 p.grad = torch.randn_like(p)
-            make().step(found_inf=found_inf)
+            make().step(**scalars)
 
 
 def record(mode: str) -> Recorder:
