@@ -16,13 +16,20 @@ dropout, forward and backward, without ever holding the [S, S] score matrix in m
   gets the same dropout bits in both layouts when ``max_seqlen`` equals the padded length.
 * ``recompute_output`` (DeepSpeed's ``attn_dropout_checkpoint``): keep only q, k, v for the
   backward and recompute the output and log-sum-exp there, instead of keeping them.
+* Tiles: :func:`default_blocks` per head size and dtype; a table of tuned ones for this GPU
+  (``scripts/tune_attention.py``) is read from ``$KERNELS_TRITON_ATTENTION_BLOCKS`` when set,
+  per head size, dtype and the sequence length's power of two.
 
 Run its tests on a CPU: ``TRITON_INTERPRET=1 pytest tests/test_triton_attention.py``.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -268,7 +275,11 @@ def _dropout_mask_kernel(OUT, seed, max_seqlen, dropout_p, BLOCK_M: tl.constexpr
 
 # ----------------------------------------------------------------------------- launchers
 
-def _blocks(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, int, int, int]]:
+BLOCKS_ENV = "KERNELS_TRITON_ATTENTION_BLOCKS"
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def default_blocks(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. Small blocks under the interpreter so
     a 33-token test crosses a block border; on a GPU, sizes after the Triton fused-attention tutorial."""
     if interpreter_tiles():
@@ -277,6 +288,34 @@ def _blocks(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, int, int,
     if head_dim <= 64:
         return {"fwd": (128, 64, 4, stages), "dkdv": (32, 128, 4, stages), "dq": (128, 32, 4, stages)}
     return {"fwd": (128, 64, 8, stages), "dkdv": (32, 64, 4, stages), "dq": (64, 32, 4, stages)}
+
+
+def blocks_key(head_dim: int, dtype: torch.dtype, max_seqlen: int) -> str:
+    """The key of a tuned-blocks table: head size, dtype and the sequence length's power of two."""
+    return f"{head_dim},{DTYPE_NAMES.get(dtype, str(dtype))},{triton.next_power_of_2(max(1, max_seqlen))}"
+
+
+@functools.cache
+def tuned_blocks(path: str | None) -> dict[str, dict[str, tuple[int, int, int, int]]]:
+    """The table ``scripts/tune_attention.py`` writes: ``{key: {kernel: [BLOCK_M, BLOCK_N, warps,
+    stages]}}`` (keys from :func:`blocks_key`)."""
+    if not path:
+        return {}
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"{BLOCKS_ENV}={path}: cannot read a tuned-blocks table: {e}") from e
+    return {key: {kernel: tuple(int(x) for x in blocks) for kernel, blocks in kernels.items()}
+            for key, kernels in table.items()}
+
+
+def _blocks(head_dim: int, dtype: torch.dtype, max_seqlen: int = 0) -> dict[str, tuple[int, int, int, int]]:
+    """The blocks a launch uses: the defaults, with what a tuned table (``$KERNELS_TRITON_ATTENTION_BLOCKS``,
+    written by ``scripts/tune_attention.py`` on the GPU itself) has for this shape laid over them."""
+    blocks = default_blocks(head_dim, dtype)
+    if interpreter_tiles():
+        return blocks
+    return blocks | tuned_blocks(os.environ.get(BLOCKS_ENV)).get(blocks_key(head_dim, dtype, max_seqlen), {})
 
 
 class _Layout:
@@ -325,7 +364,7 @@ def _forward(layout: _Layout, q, k, v, scale: float, dropout_p: float, seed: int
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse, stride_lb, stride_lh = layout.new_rowstat(q)
     mask, cu, stride_mb, flags = layout.common(q, dropout_p)
-    block_m, block_n, warps, stages = _blocks(layout.head_dim, q.dtype)["fwd"]
+    block_m, block_n, warps, stages = _blocks(layout.head_dim, q.dtype, layout.max_seqlen)["fwd"]
     grid = (triton.cdiv(layout.max_seqlen, block_m), layout.batch * layout.nheads)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, mask, cu,
@@ -341,7 +380,7 @@ def _backward(layout: _Layout, do, q, k, v, o, lse, dq, dk, dv, scale, dropout_p
     """Writes the gradients into dq, dk, dv (which may be views of one packed buffer)."""
     delta, stride_lb, stride_lh = layout.new_rowstat(q)
     mask, cu, stride_mb, flags = layout.common(q, dropout_p)
-    blocks = _blocks(layout.head_dim, q.dtype)
+    blocks = _blocks(layout.head_dim, q.dtype, layout.max_seqlen)
     bh = layout.batch * layout.nheads
     pre_m = blocks["dq"][0]
     _attn_bwd_preprocess_kernel[(triton.cdiv(layout.max_seqlen, pre_m), bh)](

@@ -27,12 +27,14 @@ OURS = "triton"
 def load(paths: list[Path]) -> dict[str, list[dict]]:
     """Every JSON under ``paths``, sorted by kind: pretrain rows, squad cells, sync counts, checks."""
     found: dict[str, list[dict]] = {"pretrain": [], "squad": [], "syncs": [], "check": [], "profile": [],
-                                    "optimizer": []}
+                                    "optimizer": [], "tiles": []}
     files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
     for path in files:
         record = json.loads(path.read_text())
         if record.get("kind") == "optimizer":
             found["optimizer"].append(record)
+        elif record.get("kind") == "attention_tiles":
+            found["tiles"].append(record)
         elif "rows" in record and record["rows"] and "impl" in record["rows"][0]:
             found["pretrain"] += record["rows"]
         elif "results" in record:
@@ -124,6 +126,12 @@ def markdown(found: dict[str, list[dict]]) -> str:
         rows = ", ".join(f"{r['row']} {r['ms']:.2f} ms" for r in record["results"])
         out.append(f"\nOptimizer step, BERT-{record['model']} ({record['parameters'] / 1e6:.0f}M parameters"
                    f"{floor}): {rows}")
+    for record in found["tiles"]:
+        tuned = "; ".join(
+            f"{key}: " + ", ".join(f"{kernel} {tuple(blocks)}" for kernel, blocks in kernels.items())
+            for key, kernels in record["table"].items())
+        out.append(f"\nAttention tiles tuned on {record['device']} ({record['dtype']}): "
+                   f"{tuned or 'the defaults'}")
     for record in found["profile"]:
         line = (f"\nProfile, BERT-{record['model']} seq{record['seq']} x {record['micro']} {record['dtype']} "
                 f"{record['impl']}: {record['wall_ms_per_step']:.1f} ms per optimizer step")

@@ -6,6 +6,7 @@
 #   scripts/gpu_checks.sh all --smoke   # the same run on the CPU at toy sizes: proves the script, no figures
 #
 #   check        bench_layer --check: fp16/bf16 three-way rule, padded and unpadded, every flag
+#   tune         the attention tiles for this GPU (tune_attention.py); the later stages use the table
 #   pretrain128  bench_pretrain BERT-large seq128 x 64 bf16: triton, torch, hf (+ fused AdamW)
 #   pretrain512  the same at seq512 x 8
 #   syncs        host-device synchronisations per optimizer step (sync_check.py): LAMB bf16, Adam fp16
@@ -79,6 +80,15 @@ stage_syncs() {
   python3 scripts/sync_check.py --kernel torch --precision fp16 --optimizer adam \
     --json "$results/syncs_torch_fp16_adam.json"
 }
+stage_tune() {
+  if $smoke; then
+    python3 scripts/tune_attention.py --device cpu --smoke --dtype fp16 --iters 1 \
+      --out "$results/attention_blocks.json" --json "$results/tune_attention.json"
+  else
+    python3 scripts/tune_attention.py --time-budget "$((cap - 15))" \
+      --out "$results/attention_blocks.json" --json "$results/tune_attention.json"
+  fi
+}
 stage_optim() {
   if $smoke; then
     python3 scripts/bench_optimizer.py --model tiny --device cpu --rows lamb_foreach,torch_adamw --steps 2 \
@@ -121,7 +131,7 @@ stage_extra() {
     --json "$results/pretrain_base_bf16.json"
   $smoke || python3 scripts/bench_layer.py --dtype bf16 --shapes 0 1 --json "$results/layer_bf16.json"
 }
-declare -A caps=([check]=90 [syncs]=75 [optim]=45 [pretrain128]=150 [pretrain512]=90 [profile]=60 [maxmicro]=150
+declare -A caps=([check]=90 [tune]=75 [syncs]=75 [optim]=45 [pretrain128]=150 [pretrain512]=90 [profile]=60 [maxmicro]=150
                  [compile]=180 [squad]=100 [tests]=150 [extra]=300)
 
 run_stage() {  # run_stage NAME: under a timeout of min(its cap, what is left of the budget)
@@ -148,10 +158,14 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 cat "$results/device.txt"
 
 if [ "$stage" = all ]; then
-  default_stages="check pretrain128 pretrain512 syncs optim profile maxmicro compile squad tests extra"
-  $smoke && default_stages="check pretrain128 pretrain512 optim profile compile squad extra"  # no OOM, no CUDA tests
+  default_stages="check tune pretrain128 pretrain512 syncs optim profile maxmicro compile squad tests extra"
+  $smoke && default_stages="check tune pretrain128 pretrain512 optim profile compile squad extra"  # no OOM, no CUDA tests
   for name in ${STAGES:-$default_stages}; do
     run_stage "$name"
+    if [ "$name" = tune ] && [ -s "$results/attention_blocks.json" ]; then
+      export KERNELS_TRITON_ATTENTION_BLOCKS="$results/attention_blocks.json"  # the stages after it use it
+      echo "=== tuned attention tiles: $(tr -d ' \n' < "$results/attention_blocks.json")"
+    fi
   done
   jsons=("$results"/pretrain_*.json)
   if [ -e "${jsons[0]}" ] && python3 -c "import matplotlib" 2>/dev/null; then

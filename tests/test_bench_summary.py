@@ -40,6 +40,9 @@ def results(tmp_path):
     (tmp_path / "optimizer.json").write_text(json.dumps({
         "kind": "optimizer", "model": "large", "parameters": 335e6, "floor_ms": 3.0,
         "results": [{"row": "lamb_fused", "ms": 5.5}, {"row": "torch_adamw", "ms": 9.25}]}))
+    (tmp_path / "tiles.json").write_text(json.dumps({
+        "kind": "attention_tiles", "device": "GPU X", "dtype": "bf16", "results": [],
+        "table": {"64,bf16,128": {"dq": [64, 64, 4, 3]}}}))
     (tmp_path / "check.json").write_text(json.dumps({"rows": [{"case": "c", "tensor": "out", "ok": True},
                                                               {"case": "c", "tensor": "dx", "ok": False}]}))
     return tmp_path
@@ -73,6 +76,7 @@ def test_markdown_names_device_tables_syncs_and_check(results, tmp_path):
             in text)
     assert "| large | triton | 32 | 300.0 | 40.0% | 20.0 |" in text
     assert "Synchronisations per optimizer step (triton, bf16, lamb fused=null): 0" in text
+    assert "Attention tiles tuned on GPU X (bf16): 64,bf16,128: dq (64, 64, 4, 3)" in text
     assert ("Optimizer step, BERT-large (335M parameters, floor 3.00 ms): lamb_fused 5.50 ms, "
             "torch_adamw 9.25 ms") in text
     assert "Layer check: 1/2 tensors" in text

@@ -1,0 +1,207 @@
+"""Pick the flash-attention tiles for this GPU: time each kernel (forward, dK/dV, dQ) of the
+varlen attention a training step runs, at BERT-large's attention shapes, under a few block
+configurations each, and write the fastest as a table the kernels read from
+``$KERNELS_TRITON_ATTENTION_BLOCKS``.
+
+A configuration counts only if it runs (no out-of-resources) and gives the same output and
+gradient as the default tiles within bf16 rounding (tiles only reorder fp32 sums; a tiling bug
+shows as O(1) errors). A kernel's entry is written only where the best configuration beats the
+default by more than ``--min-gain``; otherwise the defaults stay.
+
+    python scripts/tune_attention.py --out blocks.json --json tune_report.json
+    KERNELS_TRITON_ATTENTION_BLOCKS=blocks.json python -m bertrecipes.pretrain kernel=triton ...
+    TRITON_INTERPRET=1 python scripts/tune_attention.py --device cpu --smoke   # the plumbing, on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# name -> (batch, max_seqlen, heads, head_dim): BERT-large at the recipe's two phases
+SHAPES = {"seq128": (64, 128, 16, 64), "seq512": (8, 512, 16, 64)}
+SMOKE_SHAPES = {"seq24": (2, 24, 1, 16)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; the defaults are tried too
+CANDIDATES = {
+    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3),
+            (128, 64, 8, 3), (128, 64, 4, 2), (128, 64, 4, 4)],
+    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 4, 2),
+             (16, 128, 4, 3)],
+    "dq": [(128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2)],
+}
+SMOKE_CANDIDATES = {kind: [(16, 16, 1, 1), (32, 16, 1, 1)] for kind in CANDIDATES}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_inputs(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    """Packed qkv of ``batch`` sequences of random real lengths in [seq/2, seq] (the longest is
+    ``seq``), their cu_seqlens, and an output gradient."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=g)
+    lengths[0] = seq
+    cu = torch.zeros(batch + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    total = int(cu[-1])
+    qkv = torch.randn(total, 3, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    do = torch.randn(total, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    return qkv.requires_grad_(), cu.to(device), do
+
+
+class Tiles:
+    """``attention._blocks`` with one kernel's tiles replaced (the launchers look it up per call)."""
+
+    def __init__(self, attention, kind: str | None = None, blocks: tuple[int, ...] | None = None):
+        self.attention, self.kind, self.blocks = attention, kind, blocks
+
+    def __enter__(self):
+        self.original = self.attention._blocks
+        kind, blocks, original = self.kind, self.blocks, self.original
+
+        def patched(head_dim, dtype, max_seqlen=0):
+            table = dict(original(head_dim, dtype, max_seqlen))
+            if kind is not None:
+                table[kind] = blocks
+            return table
+
+        self.attention._blocks = patched
+        return self
+
+    def __exit__(self, *exc):
+        self.attention._blocks = self.original
+
+
+def run(attention, qkv, cu, seq, dropout, do):
+    """Output and packed gradient of one forward + backward (fixed dropout seed)."""
+    qkv.grad = None
+    out = attention.flash_attention_varlen_qkvpacked(qkv, cu, seq, dropout, seed=1234)
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    return out.detach(), grad
+
+
+def time_kind(attention, kind, qkv, cu, seq, dropout, do, iters, device) -> float:
+    """Median ms of the forward (``fwd``) or of the backward (``dkdv``, ``dq``: both backward
+    kernels run; only the one under test changes)."""
+    times = []
+    if kind == "fwd":
+        with torch.no_grad():
+            for _ in range(iters):
+                sync(device)
+                t0 = time.perf_counter()
+                attention.flash_attention_varlen_qkvpacked(qkv, cu, seq, dropout, seed=1234)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+    else:
+        out = attention.flash_attention_varlen_qkvpacked(qkv, cu, seq, dropout, seed=1234)
+        for _ in range(iters):
+            sync(device)
+            t0 = time.perf_counter()
+            torch.autograd.grad(out, qkv, do, retain_graph=True)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def agrees(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The largest difference from the default tiles' output and gradient, relative to their scale."""
+    return max(float((a.float() - b.float()).abs().max()) / (float(b.float().abs().max()) + 1e-6)
+               for a, b in zip(got, want, strict=True))
+
+
+def tune(args, shapes, candidates, device, dtype) -> tuple[dict, list[dict]]:
+    from kernels_triton import attention
+
+    table: dict[str, dict] = {}
+    report: list[dict] = []
+    start = time.perf_counter()
+    for name, (batch, seq, heads, head_dim) in shapes.items():
+        qkv, cu, do = make_inputs(batch, seq, heads, head_dim, dtype, device)
+        defaults = attention._blocks(head_dim, dtype, seq)
+        with Tiles(attention):
+            want = run(attention, qkv, cu, seq, args.dropout, do)
+        key = attention.blocks_key(head_dim, dtype, seq)
+        for kind in ("fwd", "dkdv", "dq"):
+            tried = [defaults[kind]] + [c for c in candidates[kind] if c != defaults[kind]]
+            timings = {}
+            for blocks in tried:
+                if time.perf_counter() - start > args.time_budget:
+                    report.append({"shape": name, "kernel": kind, "blocks": list(blocks),
+                                   "status": "budget"})
+                    continue
+                entry = {"shape": name, "key": key, "kernel": kind, "blocks": list(blocks)}
+                try:
+                    with Tiles(attention, kind, blocks):
+                        error = agrees(run(attention, qkv, cu, seq, args.dropout, do), want)
+                        if error > args.tolerance:
+                            entry |= {"status": "wrong", "error": error}
+                        else:
+                            ms = time_kind(attention, kind, qkv, cu, seq, args.dropout, do, args.iters,
+                                           device)
+                            entry |= {"status": "ok", "error": error, "ms": ms}
+                            timings[tuple(blocks)] = ms
+                except Exception as e:  # out of resources, an invalid tile: not a candidate here
+                    entry |= {"status": "failed", "reason": f"{type(e).__name__}: {str(e)[:200]}"}
+                report.append(entry)
+                detail = f"{entry['ms']:8.3f} ms" if "ms" in entry else entry.get("reason", "")[:60]
+                print(f"{name:7} {kind:5} {str(tuple(blocks)):20} {entry['status']:6} {detail}", flush=True)
+            default_ms = timings.get(tuple(defaults[kind]))
+            if timings and default_ms:
+                best = min(timings, key=timings.get)
+                if timings[best] < default_ms * (1 - args.min_gain):
+                    table.setdefault(key, {})[kind] = list(best)
+    return table, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dropout", type=float, default=0.1, help="attention-prob dropout (training)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--tolerance", type=float, default=0.02,
+                        help="largest difference from the default tiles, relative to the output's scale")
+    parser.add_argument("--min-gain", type=float, default=0.03, help="fraction a tile must save to be kept")
+    parser.add_argument("--time-budget", type=float, default=float("inf"),
+                        help="seconds; the tiles left when it is spent are skipped")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and tiles (for the interpreter)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the table, for $KERNELS_TRITON_ATTENTION_BLOCKS")
+    parser.add_argument("--json", type=Path, default=None, help="every timing")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":  # the kernels run in Triton's interpreter (chosen before triton loads)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU: use --device cpu --smoke under TRITON_INTERPRET=1 for a plumbing check",
+              file=sys.stderr)
+        return 2
+    shapes, candidates = (SMOKE_SHAPES, SMOKE_CANDIDATES) if args.smoke else (SHAPES, CANDIDATES)
+    table, report = tune(args, shapes, candidates, device, DTYPES[args.dtype])
+    print("tuned:", json.dumps(table) if table else "nothing beats the defaults")
+    from bertrecipes.atomic import write_json_atomic
+
+    if args.out:
+        write_json_atomic(args.out, table)
+    if args.json:
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        write_json_atomic(args.json, {"kind": "attention_tiles", "device": where, "dtype": args.dtype,
+                                      "table": table, "results": report})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
