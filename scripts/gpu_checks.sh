@@ -131,7 +131,7 @@ stage_extra() {
     --json "$results/pretrain_base_bf16.json"
   $smoke || python3 scripts/bench_layer.py --dtype bf16 --shapes 0 1 --json "$results/layer_bf16.json"
 }
-declare -A caps=([check]=90 [tune]=75 [syncs]=75 [optim]=45 [pretrain128]=150 [pretrain512]=90 [profile]=60 [maxmicro]=150
+declare -A caps=([check]=90 [tune]=60 [syncs]=75 [optim]=45 [pretrain128]=150 [pretrain512]=90 [profile]=60 [maxmicro]=150
                  [compile]=180 [squad]=100 [tests]=150 [extra]=300)
 
 run_stage() {  # run_stage NAME: under a timeout of min(its cap, what is left of the budget)
