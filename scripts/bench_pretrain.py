@@ -264,12 +264,15 @@ def measure_peak(device: str, dtype: str) -> float | None:
 
 
 def versions() -> dict:
+    """Library versions, and the tuned attention tiles in force (``$KERNELS_TRITON_ATTENTION_BLOCKS``)."""
     found = {"torch": torch.__version__}
     for name in ("triton", "transformers"):
         try:
             found[name] = __import__(name).__version__
         except ImportError:
             found[name] = None
+    path = os.environ.get("KERNELS_TRITON_ATTENTION_BLOCKS")
+    found["attention_blocks"] = json.loads(Path(path).read_text()) if path else None
     return found
 
 

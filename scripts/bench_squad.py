@@ -256,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops
     if peak is None and device.type == "cuda":
         peak = measure_peak_tflops(device, DTYPES[args.precision], repeats=3)
+    from bench_pretrain import versions
+
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "precision": args.precision, "seq_len": args.seq, "steps": args.steps,
+            **versions(), "precision": args.precision, "seq_len": args.seq, "steps": args.steps,
             "warmup": args.warmup, "real_token_fraction": real_fraction, "matmul_peak_tflops": peak,
             "flops": "3 x forward matmul FLOPs per window "
                      "(bertrecipes.squad.model.qa_training_flops_per_sample)",
