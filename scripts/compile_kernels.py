@@ -15,6 +15,7 @@ fused LAMB and Adam steps, plain, with the device-side overflow flag and with th
     python scripts/compile_kernels.py                         # sm_90, the full matrix
     python scripts/compile_kernels.py --arch 80 --quick --json compile_sm80.json
     python scripts/compile_kernels.py --smoke                 # one bf16 step (what the tests run)
+    python scripts/compile_kernels.py --tiles                 # the attention tiles tune_attention.py tries
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from triton.runtime.jit import JITFunction
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import kernels_triton  # noqa: E402  (interpreted in the recording process, compiled in the other)
 from bertrecipes.model import BertConfig  # noqa: E402
@@ -139,7 +141,25 @@ def exercise_optimizers() -> None:
             make().step(**scalars)
 
 
+def exercise_tiles() -> None:
+    """The varlen attention's forward and backward (bf16, dropout, 16 heads of 64) under every
+    candidate tile of scripts/tune_attention.py, so a GPU session tunes only among tiles that build."""
+    from tune_attention import CANDIDATES, Tiles
+
+    qkv = torch.randn(24, 3, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor([0, 16, 24], dtype=torch.int32)
+    for kind, candidates in CANDIDATES.items():
+        for blocks in candidates:
+            with Tiles(kernels_triton.attention, kind, blocks):
+                out = kernels_triton.flash_attention_varlen_qkvpacked(qkv, cu, 16, 0.1, seed=1)
+                torch.autograd.grad(out.float().sum(), qkv)
+
+
 def record(mode: str) -> Recorder:
+    if mode == "tiles":
+        with Recorder() as recorder:
+            exercise_tiles()
+        return recorder
     if mode == "smoke":  # the launches of one bf16 BERT-large training step (tests)
         with Recorder() as recorder:
             config = BertConfig(vocab_size=100, hidden_size=1024, num_attention_heads=16,
@@ -201,13 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100, 80 = A100)")
     parser.add_argument("--quick", action="store_true", help="BERT-large widths, bf16/fp16 only")
     parser.add_argument("--smoke", action="store_true", help="one bf16 BERT-large pre-LN step, unpadded")
+    parser.add_argument("--tiles", action="store_true",
+                        help="the attention under every candidate tile of scripts/tune_attention.py")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--record-to", type=Path, help=argparse.SUPPRESS)  # the recording subprocess
     args = parser.parse_args(argv)
     if args.record_to:
         if not kernels_triton.INTERPRET:
             raise SystemExit("--record-to runs under TRITON_INTERPRET=1")
-        mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+        mode = "tiles" if args.tiles else "smoke" if args.smoke else "quick" if args.quick else "full"
         args.record_to.write_text(json.dumps(list(record(mode).launches.values())))
         return 0
     if kernels_triton.INTERPRET:
@@ -217,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         recorded = Path(tmp) / "launches.json"
         command = [sys.executable, __file__, "--record-to", str(recorded),
-                   *(["--quick"] if args.quick else []), *(["--smoke"] if args.smoke else [])]
+                   *(["--quick"] if args.quick else []), *(["--smoke"] if args.smoke else []),
+                   *(["--tiles"] if args.tiles else [])]
         subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, check=True)
         launches = json.loads(recorded.read_text())
     print(f"{len(launches)} distinct launches recorded; compiling for sm_{args.arch} "

@@ -122,26 +122,34 @@ def agrees(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, tor
 
 
 def tune(args, shapes, candidates, device, dtype) -> tuple[dict, list[dict]]:
+    """Try the tiles round-robin over the kernels (the i-th candidate of each kernel, then the
+    i+1-th), each at every shape, so a spent time budget leaves every kernel some candidates; the
+    defaults go first. Returns the table of winners and every trial."""
     from kernels_triton import attention
 
-    table: dict[str, dict] = {}
-    report: list[dict] = []
-    start = time.perf_counter()
+    cases = {}
     for name, (batch, seq, heads, head_dim) in shapes.items():
         qkv, cu, do = make_inputs(batch, seq, heads, head_dim, dtype, device)
-        defaults = attention._blocks(head_dim, dtype, seq)
         with Tiles(attention):
             want = run(attention, qkv, cu, seq, args.dropout, do)
-        key = attention.blocks_key(head_dim, dtype, seq)
-        for kind in ("fwd", "dkdv", "dq"):
-            tried = [defaults[kind]] + [c for c in candidates[kind] if c != defaults[kind]]
-            timings = {}
-            for blocks in tried:
-                if time.perf_counter() - start > args.time_budget:
-                    report.append({"shape": name, "kernel": kind, "blocks": list(blocks),
-                                   "status": "budget"})
-                    continue
+        cases[name] = (qkv, cu, do, seq, want, attention._blocks(head_dim, dtype, seq),
+                       attention.blocks_key(head_dim, dtype, seq))
+    kinds = ("fwd", "dkdv", "dq")
+    defaults = next(iter(cases.values()))[5]
+    tried = {kind: [defaults[kind]] + [c for c in candidates[kind] if c != defaults[kind]] for kind in kinds}
+    timings: dict[tuple[str, str], dict[tuple, float]] = {}
+    report: list[dict] = []
+    start = time.perf_counter()
+    for i in range(max(len(t) for t in tried.values())):
+        for kind in kinds:
+            if i >= len(tried[kind]):
+                continue
+            blocks = tried[kind][i]
+            for name, (qkv, cu, do, seq, want, _, key) in cases.items():
                 entry = {"shape": name, "key": key, "kernel": kind, "blocks": list(blocks)}
+                if time.perf_counter() - start > args.time_budget:
+                    report.append(entry | {"status": "budget"})
+                    continue
                 try:
                     with Tiles(attention, kind, blocks):
                         error = agrees(run(attention, qkv, cu, seq, args.dropout, do), want)
@@ -151,17 +159,18 @@ def tune(args, shapes, candidates, device, dtype) -> tuple[dict, list[dict]]:
                             ms = time_kind(attention, kind, qkv, cu, seq, args.dropout, do, args.iters,
                                            device)
                             entry |= {"status": "ok", "error": error, "ms": ms}
-                            timings[tuple(blocks)] = ms
+                            timings.setdefault((name, kind), {})[tuple(blocks)] = ms
                 except Exception as e:  # out of resources, an invalid tile: not a candidate here
                     entry |= {"status": "failed", "reason": f"{type(e).__name__}: {str(e)[:200]}"}
                 report.append(entry)
                 detail = f"{entry['ms']:8.3f} ms" if "ms" in entry else entry.get("reason", "")[:60]
                 print(f"{name:7} {kind:5} {str(tuple(blocks)):20} {entry['status']:6} {detail}", flush=True)
-            default_ms = timings.get(tuple(defaults[kind]))
-            if timings and default_ms:
-                best = min(timings, key=timings.get)
-                if timings[best] < default_ms * (1 - args.min_gain):
-                    table.setdefault(key, {})[kind] = list(best)
+    table: dict[str, dict] = {}
+    for (name, kind), times in timings.items():
+        default_ms = times.get(tuple(cases[name][5][kind]))
+        best = min(times, key=times.get)
+        if default_ms and times[best] < default_ms * (1 - args.min_gain):
+            table.setdefault(cases[name][6], {})[kind] = list(best)
     return table, report
 
 

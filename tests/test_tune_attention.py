@@ -77,3 +77,11 @@ def test_the_table_overlays_the_defaults_for_its_key(tmp_path, monkeypatch):
     monkeypatch.setenv(attention.BLOCKS_ENV, str(tmp_path / "bad.json"))
     with pytest.raises(RuntimeError, match=attention.BLOCKS_ENV):
         attention._blocks(64, torch.bfloat16, 128)
+
+
+def test_a_spent_budget_skips_the_rest_and_writes_nothing(tmp_path):
+    assert tuner.main(smoke_args(tmp_path, "--time-budget", "0")) == 0
+    rows = json.loads((tmp_path / "report.json").read_text())["results"]
+    assert rows and all(r["status"] == "budget" for r in rows)
+    assert {r["kernel"] for r in rows} == {"fwd", "dkdv", "dq"}
+    assert json.loads((tmp_path / "blocks.json").read_text()) == {}
