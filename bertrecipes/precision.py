@@ -108,7 +108,8 @@ class LossScaler:
         device tensor) and adjust the scale, entirely on the device."""
         found = torch.as_tensor(overflow, device=self._scale.device).to(torch.bool)
         self._overflows.add_(found.to(torch.int64))
-        clean_steps = torch.where(found, 0, self._steps_since_overflow + 1)
+        # a static scale only counts overflows; the clean-step count drives the dynamic scale alone
+        clean_steps = torch.where(found, 0, self._steps_since_overflow + int(self.dynamic))
         if self.dynamic:
             tolerate = found & (self._hysteresis_left > 1)  # spend hysteresis; the scale stays
             back_off = found & ~tolerate

@@ -54,6 +54,7 @@ def test_static_scale_never_changes():
     for overflow in [True, False, True] + [False] * 2000:
         s.update(overflow)
     assert s.scale == 128.0 and not s.dynamic and s.overflows == 2
+    assert s.state_dict()["steps_since_overflow"] == 0  # counted only for a dynamic scale
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
