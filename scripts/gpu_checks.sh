@@ -162,9 +162,10 @@ if [ "$stage" = all ]; then
   $smoke && default_stages="check tune pretrain128 pretrain512 optim profile compile squad extra"  # no OOM, no CUDA tests
   for name in ${STAGES:-$default_stages}; do
     run_stage "$name"
-    if [ "$name" = tune ] && [ -s "$results/attention_blocks.json" ]; then
-      export KERNELS_TRITON_ATTENTION_BLOCKS="$results/attention_blocks.json"  # the stages after it use it
-      echo "=== tuned attention tiles: $(tr -d ' \n' < "$results/attention_blocks.json")"
+    tiles="$results/attention_blocks.json"
+    if [ "$name" = tune ] && [ -s "$tiles" ] && [ "$(tr -d ' \n' < "$tiles")" != "{}" ]; then
+      export KERNELS_TRITON_ATTENTION_BLOCKS="$tiles"  # the stages after it use the tuned tiles
+      echo "=== tuned attention tiles: $(tr -d ' \n' < "$tiles")"
     fi
   done
   jsons=("$results"/pretrain_*.json)
