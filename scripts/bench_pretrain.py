@@ -86,12 +86,13 @@ def compose(overrides: list[str]):
 
 
 def overrides_for(model: str, seq: int, micro: int, dtype: str, impl: str, steps: int, device: str,
-                  peak: float | None, out: Path, cache: Path, data: list[str] = ()) -> list[str]:
+                  peak: float | None, out: Path, cache: Path, data: list[str] = (),
+                  accumulation: int = 1) -> list[str]:
     preds = PREDICTIONS.get(seq, max(1, round(seq * 0.15)))
     ov = [
         f"model={MODELS[model]}", f"model.vocab_size={VOCAB}", f"precision={dtype}",
         f"max_seq_length={seq}", f"max_predictions_per_seq={preds}",
-        f"train_batch_size={micro}", f"train_micro_batch_size_per_gpu={micro}",
+        f"train_batch_size={micro * accumulation}", f"train_micro_batch_size_per_gpu={micro}",
         # two logging windows of `steps` steps: the first is warm-up (allocator, autotuning,
         # compilation); the second is the measurement
         f"max_steps={2 * steps}", f"steps_per_print={steps}", "checkpoint_at_end=false",
@@ -108,7 +109,7 @@ def run_ours(args, model, seq, micro, steps=None, *, dtype, impl, peak, workdir:
 
     out = Path(tempfile.mkdtemp(dir=workdir))
     cfg = compose(overrides_for(model, seq, micro, dtype, impl, steps or args.steps, args.device, peak, out,
-                                args.cache_dir or workdir / "cache", args.data))
+                                args.cache_dir or workdir / "cache", args.data, args.accumulation))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     train(cfg, out)
@@ -138,7 +139,7 @@ def run_hf(args, model, seq, micro, steps=None, *, dtype, peak, workdir: Path) -
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     net = transformers.BertForPreTraining(hf_bert_config(ours)).to(device).train()
-    user = HFUserStep(net, device, dtype, lr=1e-4, weight_decay=0.01)
+    user = HFUserStep(net, device, dtype, lr=1e-4, weight_decay=0.01, accumulation=args.accumulation)
     amp_dtype = DTYPES[dtype]
     batches = iter(PretrainingLoader(dataset, micro, seed=cfg.seed, pin_memory=device.type == "cuda"))
     real_tokens = 0
@@ -158,22 +159,23 @@ def run_hf(args, model, seq, micro, steps=None, *, dtype, peak, workdir: Path) -
                       next_sentence_label=b["next_sentence_labels"])
         user.update(out.loss)
 
-    for _ in range(steps):
+    micro_steps = steps * args.accumulation  # `steps` optimizer steps per window, as ours
+    for _ in range(micro_steps):
         step()
     sync(device)
     real_tokens = 0
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(micro_steps):
         step()
     sync(device)
     elapsed = time.perf_counter() - t0
-    samples_per_sec = steps * micro / elapsed
+    samples_per_sec = micro_steps * micro / elapsed
     flops = training_flops_per_sample(ours, seq, cfg.max_predictions_per_seq)
     tflops = samples_per_sec * flops / 1e12 if device.type == "cuda" else None
     return {"samples_per_sec": samples_per_sec, "tflops": tflops,
             "mfu": tflops / peak if tflops and peak else None,
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-            "real_token_fraction": real_tokens / (steps * micro * seq)}
+            "real_token_fraction": real_tokens / (micro_steps * micro * seq)}
 
 
 def sync(device: torch.device) -> None:
@@ -287,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro", type=int, default=None,
                         help="micro-batch (default 64 at seq128, 8 at seq512)")
     parser.add_argument("--steps", type=int, default=10, help="steps per window (one warm-up, one measured)")
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="micro-batches per optimizer step (1: every step runs the optimizer, the "
+                             "hardest case; the recipe accumulates hundreds, which hides the optimizer)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data", default="", help="Hydra data overrides, one string (default: the demo "
                         "corpus), e.g. \"data=text_files data.paths=[wiki.txt] data.vocab_file=vocab.txt\"")
@@ -305,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("CUDA is not available; use --device cpu for a smoke test", file=sys.stderr)
+        return 2
+    if args.accumulation < 1:
+        print(f"--accumulation must be >= 1, got {args.accumulation}", file=sys.stderr)
         return 2
     if args.device == "cpu":  # kernel=triton runs in Triton's interpreter (chosen before triton loads)
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -345,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                 micro = args.micro or DEFAULT_MICRO.get(seq, 8)
                 for impl in args.impls.split(","):
                     row = {"device": device_name, "dtype": dtype, "model": model, "seq": seq, "micro": micro,
-                           "impl": impl, "matmul_peak_tflops": peak}
+                           "accumulation": args.accumulation, "impl": impl, "matmul_peak_tflops": peak}
                     if impl == "hf":
                         once = partial(run_hf, args, model, seq, dtype=dtype, peak=peak, workdir=workdir)
                     else:
@@ -383,8 +391,9 @@ def print_row(row: dict, header: bool) -> None:
     if header:
         print(f"{'device':<24} {'dtype':<5} {'model':<6} {'seq':>4} {'micro':>5} {'impl':<14} "
               f"{'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7} {'real':>5} {'max micro':>9}")
+    micro = row["micro"] if row.get("accumulation", 1) == 1 else f"{row['micro']}x{row['accumulation']}"
     key = (f"{row['device'][:24]:<24} {row['dtype']:<5} {row['model']:<6} {row['seq']:>4} "
-           f"{row['micro']:>5} {row['impl']:<14}")
+           f"{micro:>5} {row['impl']:<14}")
     if "samples_per_sec" not in row:
         print(f"{key} {row.get('error') or row.get('skipped')}", flush=True)
         return

@@ -49,10 +49,11 @@ def load(paths: list[Path]) -> dict[str, list[dict]]:
 
 
 def measured(rows: list[dict], impl: str, seq: int, key: str, model: str = "large", dtype: str = "bf16"):
-    """The first measured value of ``key`` for (model, seq, dtype, impl), or None."""
+    """The first measured value of ``key`` for (model, seq, dtype, impl), or None. Only rows that run
+    the optimizer at every micro-batch count (accumulation 1, the issue's case)."""
     for row in rows:
         if ((row["model"], row["seq"], row["dtype"], row["impl"]) == (model, seq, dtype, impl)
-                and row.get(key) is not None):
+                and row.get("accumulation", 1) == 1 and row.get(key) is not None):
             return row[key]
     return None
 
@@ -104,7 +105,8 @@ def markdown(found: dict[str, list[dict]]) -> str:
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
             tflops = f"{r['tflops']:.1f}" if r.get("tflops") is not None else "-"
             memory = f"{r['peak_memory_gb']:.1f}" if r.get("peak_memory_gb") is not None else "-"
-            out.append(table_row(r["model"], r["seq"], r["micro"], r["dtype"], r["impl"],
+            micro = r["micro"] if r.get("accumulation", 1) == 1 else f"{r['micro']} x {r['accumulation']}"
+            out.append(table_row(r["model"], r["seq"], micro, r["dtype"], r["impl"],
                                  f"{r['samples_per_sec']:.1f}", tflops, mfu, memory, r.get("max_micro", "-")))
     cells = [c for c in found["squad"] if c.get("status") == "ok"]
     if cells:

@@ -27,6 +27,8 @@ def main() -> None:
 
     rows = [r for path in args.json_files for r in json.loads(path.read_text())["rows"]
             if r.get("samples_per_sec") is not None]
+    for r in rows:  # a run with gradient accumulation is its own bar
+        r["impl"] += f" (accumulation {r['accumulation']})" if r.get("accumulation", 1) > 1 else ""
     groups = sorted({(r["model"], r["seq"], r["dtype"]) for r in rows})
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     width = 0.8 / max(len(impls), 1)
