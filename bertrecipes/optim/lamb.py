@@ -20,7 +20,9 @@ run); ``False`` always uses foreach. Both keep the same state, so checkpoints mo
 
 The step is free of host<->device synchronisation: step counters are Python ints (so the bias corrections are
 host floats), and the per-tensor trust ratios stay on the device as one tensor that is applied through a
-foreach op taking a list of 0-d tensors.
+foreach op taking a list of 0-d tensors. ``step(found_inf=..., grad_scale=...)`` takes the training loop's
+overflow flag and its unscale-and-clip factor as device tensors (``bertrecipes.engine.OptimizerStep``):
+the Triton step honours both on the device, the foreach ops read the flag on the host.
 
 This module also holds the small helpers shared with :mod:`bertrecipes.optim.adam`.
 """
