@@ -199,7 +199,6 @@ class OptimizerStep:
         accepted = inspect.signature(self.local.step).parameters
         self.takes_flag = "found_inf" in accepted
         self.takes_grad_scale = self.takes_flag and "grad_scale" in accepted
-        self.last_overflow = False
         self._pending: tuple[torch.Tensor, Any, int] | None = None
         self._host: torch.Tensor | None = None
 
@@ -264,8 +263,7 @@ class OptimizerStep:
         if done is not None:
             done.synchronize()
         overflow, scale = host.tolist()  # the host copy: no device read
-        self.last_overflow = bool(overflow)
-        if not self.last_overflow:
+        if not overflow:
             self.state.schedule_step += 1
             return
         self.state.skipped_steps += 1

@@ -47,7 +47,6 @@ class LossScaler:
     def __init__(self, scale: float = 1.0, dynamic: bool = False, scale_window: int = 1000,
                  hysteresis: int = 2, min_scale: float = 1.0, scale_factor: float = 2.0,
                  device: torch.device | str = "cpu") -> None:
-        self.dynamic = dynamic
         self.scale_window = int(scale_window)
         self.hysteresis = int(hysteresis)
         self.min_scale = float(min_scale)
@@ -83,6 +82,11 @@ class LossScaler:
             min_scale=float(cfg.min_loss_scale),
             device=device,
         )
+
+    @property
+    def dynamic(self) -> bool:
+        """DeepSpeed's dynamic scaling (else a static scale, ``static_scale``)."""
+        return self.static_scale is None
 
     @property
     def enabled(self) -> bool:

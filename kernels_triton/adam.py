@@ -26,14 +26,11 @@ import triton.language as tl
 from kernels_triton.lamb import (
     CHUNK,
     NUM_WARPS,
-    _check,
     _chunk,
-    _device_scalar,
     _load_grad,
+    _prepare,
     _store_mask,
-    _table,
 )
-from kernels_triton.utils import INTERPRET
 
 
 @triton.jit
@@ -61,22 +58,15 @@ def _adam_kernel(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_ADDR, V_
 def fused_adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                     exp_avg_sqs: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
                     weight_decay: float, adam_w_mode: bool, step_size: float, bias_correction2_sqrt: float,
-                    found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> None:
+                    found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
+                    validate: bool = True) -> None:
     """One Adam step of these tensors, in place (see the module docstring). ``step_size`` and
     ``bias_correction2_sqrt`` carry the bias correction (``lr/(1 - b1^t)`` and ``sqrt(1 - b2^t)``, or
-    ``lr`` and 1 without it). ``found_inf`` and ``grad_scale``: as in
+    ``lr`` and 1 without it). ``found_inf``, ``grad_scale`` and ``validate``: as in
     :func:`kernels_triton.lamb.fused_lamb_step`."""
-    device = params[0].device
-    if device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"fused Adam runs on CUDA tensors (or under TRITON_INTERPRET=1), got {device}")
-    for name, tensors in (("params", params), ("grads", grads), ("exp_avg", exp_avgs),
-                          ("exp_avg_sq", exp_avg_sqs)):
-        _check(name, tensors, device)
-    skip = _device_scalar("found_inf", found_inf, device)
-    scale = _device_scalar("grad_scale", grad_scale, device)
-    table = _table(list(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)), device)
+    _, table, args, skip, scale = _prepare("Adam", params, grads, exp_avgs, exp_avg_sqs, found_inf,
+                                           grad_scale, validate)
     n_chunks = table["tensor_of_chunk"].numel()
-    args = tuple(table[k] for k in ("tensor_of_chunk", "chunk_start", "numel", "p", "g", "m", "v"))
     unused = table["numel"]  # a placeholder pointer for an absent scalar (its constexpr switch is off)
     _adam_kernel[(n_chunks,)](*args, unused if skip is None else skip, unused if scale is None else scale,
                               float(beta1), float(beta2), float(eps), float(weight_decay),

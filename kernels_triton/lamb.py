@@ -149,6 +149,26 @@ def _device_scalar(name: str, t: torch.Tensor | None, device: torch.device) -> t
     return t.reshape(1).to(torch.float32)
 
 
+def _prepare(optimizer: str, params: list[torch.Tensor], grads: list[torch.Tensor],
+             exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], found_inf: torch.Tensor | None,
+             grad_scale: torch.Tensor | None, validate: bool):
+    """What every fused optimizer launch starts with: the checks, the address table (and the
+    per-tensor pointer arguments from it) and the device scalars. Returns (device, table, args,
+    found_inf, grad_scale)."""
+    device = params[0].device
+    if device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"fused {optimizer} runs on CUDA tensors (or under TRITON_INTERPRET=1), "
+                         f"got {device}")
+    if validate:
+        for name, tensors in (("params", params), ("grads", grads), ("exp_avg", exp_avgs),
+                              ("exp_avg_sq", exp_avg_sqs)):
+            _check(name, tensors, device)
+    table = _table(list(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)), device)
+    args = tuple(table[k] for k in ("tensor_of_chunk", "chunk_start", "numel", "p", "g", "m", "v"))
+    return (device, table, args, _device_scalar("found_inf", found_inf, device),
+            _device_scalar("grad_scale", grad_scale, device))
+
+
 def _check(name: str, tensors: list[torch.Tensor], device: torch.device) -> None:
     for t in tensors:
         if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device:
@@ -159,8 +179,8 @@ def _check(name: str, tensors: list[torch.Tensor], device: torch.device) -> None
 def fused_lamb_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                     exp_avg_sqs: list[torch.Tensor], *, beta1: float, beta2: float, eps: float,
                     weight_decay: float, step_size: float, min_coeff: float, max_coeff: float,
-                    found_inf: torch.Tensor | None = None,
-                    grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
+                    validate: bool = True) -> torch.Tensor:
     """One LAMB step of these tensors, in place (see the module docstring). Returns the trust ratios
     (fp32 [tensors], on the device).
 
@@ -168,19 +188,13 @@ def fused_lamb_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
     kernels write nothing, so parameters and moments are left bit for bit as they were. It is read by
     the kernels, never by the host. ``grad_scale``: a one-element device tensor every gradient is
     multiplied by as it is read (the loss-scale inverse times the clipping factor), so unscaling and
-    clipping cost no pass over the gradients of their own; the gradients themselves are not written."""
-    device = params[0].device
-    if device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"fused LAMB runs on CUDA tensors (or under TRITON_INTERPRET=1), got {device}")
-    for name, tensors in (("params", params), ("grads", grads), ("exp_avg", exp_avgs),
-                          ("exp_avg_sq", exp_avg_sqs)):
-        _check(name, tensors, device)
-    table = _table(list(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)), device)
+    clipping cost no pass over the gradients of their own; the gradients themselves are not written.
+    ``validate=False`` skips the per-tensor dtype/layout checks, for a caller that has just made them
+    (the optimizers do, to choose this step at all)."""
+    device, table, args, skip, scale = _prepare("LAMB", params, grads, exp_avgs, exp_avg_sqs, found_inf,
+                                                grad_scale, validate)
     n_chunks = table["tensor_of_chunk"].numel()
-    args = tuple(table[k] for k in ("tensor_of_chunk", "chunk_start", "numel", "p", "g", "m", "v"))
     partial = torch.empty(n_chunks, 2, device=device, dtype=torch.float32)
-    skip = _device_scalar("found_inf", found_inf, device)
-    scale = _device_scalar("grad_scale", grad_scale, device)
     _lamb_moments_kernel[(n_chunks,)](*args, partial, skip if skip is not None else partial,
                                       scale if scale is not None else partial, float(beta1), float(beta2),
                                       float(eps), float(weight_decay), HAS_SKIP=skip is not None,

@@ -136,3 +136,20 @@ def test_address_tables_are_built_once_for_the_same_memory(monkeypatch):
     others[0].grad = torch.randn(5, generator=gen)
     Lamb(others, fused=True).step()
     assert len(builds) == 2
+
+
+def test_direct_call_checks_its_tensors():
+    """Called directly (not from the optimizer, which checks first), the launchers refuse what the
+    kernels cannot address: here a non-contiguous moment buffer."""
+    import kernels_triton.adam as fused_adam
+    import kernels_triton.lamb as fused_lamb
+
+    p, g, m = (torch.zeros(4, 3) for _ in range(3))
+    v = torch.zeros(3, 4).t()
+    options = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        fused_lamb.fused_lamb_step([p], [g], [m], [v], **options, step_size=1e-3, min_coeff=0.01,
+                                   max_coeff=10.0)
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        fused_adam.fused_adam_step([p], [g], [m], [v], **options, lr=1e-3, adam_w_mode=True, step_size=1e-3,
+                                   bias_correction2_sqrt=1.0)

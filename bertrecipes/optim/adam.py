@@ -115,7 +115,7 @@ class Adam(_ForeachOptimizer):
                         beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                         adam_w_mode=group["adam_w_mode"], step_size=step_size,
                         bias_correction2_sqrt=bias_correction2_sqrt, found_inf=found_inf,
-                        grad_scale=grad_scale)
+                        grad_scale=grad_scale, validate=False)  # _fused_unavailable checked these
 
     @staticmethod
     def _step_bucket(group: dict[str, Any], bucket: _Bucket) -> None:

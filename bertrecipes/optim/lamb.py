@@ -336,7 +336,8 @@ class Lamb(_ForeachOptimizer):
         return fused_lamb_step(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
                                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                                step_size=_step_size(group, bucket.step), min_coeff=group["min_coeff"],
-                               max_coeff=group["max_coeff"], found_inf=found_inf, grad_scale=grad_scale)
+                               max_coeff=group["max_coeff"], found_inf=found_inf, grad_scale=grad_scale,
+                               validate=False)  # _fused_unavailable checked these tensors
 
     @staticmethod
     def _step_bucket(group: dict[str, Any], bucket: _Bucket) -> torch.Tensor:
