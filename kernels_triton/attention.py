@@ -30,14 +30,15 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch import nn
+from torch import Tensor, nn
 
-from kernels_triton.utils import check_tensors, interpreter_tiles, new_seed
+from kernels_triton.utils import check_tensors, dropout_seed, interpreter_tiles
 
 LOG2E = 1.4426950408889634
 
@@ -407,6 +408,30 @@ def _backward(layout: _Layout, do, q, k, v, o, lse, dq, dk, dv, scale, dropout_p
         dq.copy_(dq_target)
 
 
+def _attention_forward(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed):
+    """(output, log-sum-exp) of (q, k, v) or of a packed (qkv, None, None)."""
+    check_tensors(q_or_qkv, k, v, key_padding_mask, cu_seqlens)
+    q, k_, v_ = q_or_qkv.unbind(-3) if k is None else (q_or_qkv, k, v)
+    layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
+    return _forward(layout, q, k_, v_, scale, dropout_p, seed)
+
+
+def _attention_backward(do, q_or_qkv, k, v, key_padding_mask, cu_seqlens, o, lse, max_seqlen, dropout_p,
+                        scale, seed, deterministic):
+    """The input gradients: one packed dqkv for a packed qkv (k None), else (dq, dk, dv). o and lse
+    None: recomputed here (``recompute_output``)."""
+    do = do.contiguous()
+    packed = k is None
+    q, k, v = q_or_qkv.unbind(-3) if packed else (q_or_qkv, k, v)
+    layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
+    if o is None:
+        o, lse = _forward(layout, q, k, v, scale, dropout_p, seed)
+    grads = (torch.empty_like(q_or_qkv),) if packed else tuple(torch.empty_like(t) for t in (q, k, v))
+    dq, dk, dv = grads[0].unbind(-3) if packed else grads
+    _backward(layout, do, q, k, v, o, lse, dq, dk, dv, scale, dropout_p, seed, deterministic)
+    return grads
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     """(q, k, v) or (qkv, None, None) -> attention output; see the module docstring. A packed qkv
     [B, S, 3, heads, head_dim] or [total, 3, heads, head_dim] (a view of one fused projection) gets
@@ -415,71 +440,130 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed,
                 recompute_output, deterministic):
-        check_tensors(q_or_qkv, k, v, key_padding_mask, cu_seqlens)
-        q, k_, v_ = q_or_qkv.unbind(-3) if k is None else (q_or_qkv, k, v)
-        layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
-        o, lse = _forward(layout, q, k_, v_, scale, dropout_p, seed)
+        o, lse = _attention_forward(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p,
+                                    scale, seed)
         kept = (None, None) if recompute_output else (o, lse)
         ctx.save_for_backward(q_or_qkv, k, v, key_padding_mask, cu_seqlens, *kept)
-        ctx.options = (max_seqlen, dropout_p, scale, seed, recompute_output, deterministic)
+        ctx.options = (max_seqlen, dropout_p, scale, seed, deterministic)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        do = do.contiguous()
         q_or_qkv, k, v, key_padding_mask, cu_seqlens, o, lse = ctx.saved_tensors
-        max_seqlen, dropout_p, scale, seed, recompute_output, deterministic = ctx.options
-        packed = k is None
-        q, k, v = q_or_qkv.unbind(-3) if packed else (q_or_qkv, k, v)
-        layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
-        if recompute_output:
-            o, lse = _forward(layout, q, k, v, scale, dropout_p, seed)
-        grads = (torch.empty_like(q_or_qkv),) if packed else tuple(torch.empty_like(t) for t in (q, k, v))
-        dq, dk, dv = grads[0].unbind(-3) if packed else grads
-        _backward(layout, do, q, k, v, o, lse, dq, dk, dv, scale, dropout_p, seed, deterministic)
-        return *grads, *(None,) * (10 if packed else 8)
+        max_seqlen, dropout_p, scale, seed, deterministic = ctx.options
+        grads = _attention_backward(do, q_or_qkv, k, v, key_padding_mask, cu_seqlens, o, lse, max_seqlen,
+                                    dropout_p, scale, seed, deterministic)
+        return *grads, *(None,) * (10 if k is None else 8)
 
 
-def _options(head_dim, dropout_p, softmax_scale, seed):
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    return float(dropout_p), float(scale), (new_seed() if seed is None and dropout_p > 0 else int(seed or 0))
+# --------------------------------------------------------------------- torch.compile: custom ops
+# Inside a torch.compile graph the attention is a pair of custom ops (forward, backward) that the
+# graph calls as they are, so the whole model is one graph (no break per layer) and the Triton
+# launches stay out of Dynamo's tracing. Eager calls take FlashAttentionFunction, which costs less
+# per call; both run the same launchers.
+
+
+@torch.library.custom_op("kernels_triton::flash_attention", mutates_args=())
+def _attention_op(q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor],  # noqa: UP045
+                  key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],  # noqa: UP045
+                  max_seqlen: int, dropout_p: float, scale: float, seed: Tensor, recompute_output: bool,
+                  deterministic: bool) -> tuple[Tensor, Tensor]:
+    return _attention_forward(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale,
+                              int(seed))
+
+
+@_attention_op.register_fake
+def _(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed, recompute_output,
+      deterministic):
+    q = q_or_qkv.select(-3, 0) if k is None else q_or_qkv
+    nheads = q.shape[-2]
+    if cu_seqlens is not None:
+        lse = q.new_empty((nheads, q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], nheads, q.shape[1]), dtype=torch.float32)
+    return q.new_empty(q.shape), lse
+
+
+@torch.library.custom_op("kernels_triton::flash_attention_backward", mutates_args=())
+def _attention_backward_op(do: Tensor, q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor],  # noqa: UP045
+                           key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],  # noqa: UP045
+                           o: Optional[Tensor], lse: Optional[Tensor], max_seqlen: int,  # noqa: UP045
+                           dropout_p: float, scale: float, seed: Tensor, deterministic: bool) -> list[Tensor]:
+    return list(_attention_backward(do, q_or_qkv, k, v, key_padding_mask, cu_seqlens, o, lse, max_seqlen,
+                                    dropout_p, scale, int(seed), deterministic))
+
+
+@_attention_backward_op.register_fake
+def _(do, q_or_qkv, k, v, *args):
+    if k is None:
+        return [torch.empty_like(q_or_qkv)]
+    return [torch.empty_like(t) for t in (q_or_qkv, k, v)]
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed, recompute, det = inputs
+    kept = (None, None) if recompute else output
+    ctx.save_for_backward(q_or_qkv, k, v, key_padding_mask, cu_seqlens, seed, *kept)
+    ctx.options = (max_seqlen, dropout_p, scale, det)
+
+
+def _attention_op_backward(ctx, do, dlse):
+    q_or_qkv, k, v, key_padding_mask, cu_seqlens, seed, o, lse = ctx.saved_tensors
+    max_seqlen, dropout_p, scale, deterministic = ctx.options
+    grads = _attention_backward_op(do, q_or_qkv, k, v, key_padding_mask, cu_seqlens, o, lse, max_seqlen,
+                                   dropout_p, scale, seed, deterministic)
+    if k is None:
+        grads = [grads[0], None, None]
+    return *grads, *(None,) * 8
+
+
+_attention_op.register_autograd(_attention_op_backward, setup_context=_attention_setup_context)
+
+
+def _attention(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed,
+               recompute_output, deterministic):
+    """The one entry of the public functions: eager, or the custom op inside a torch.compile graph."""
+    head_dim = q_or_qkv.shape[-1]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    compiling = torch.compiler.is_compiling()
+    seed = dropout_seed(dropout_p, seed, as_tensor=compiling)
+    if compiling:
+        o, _ = _attention_op(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen or 0, float(dropout_p),
+                             scale, seed, recompute_output, deterministic)
+        return o
+    return FlashAttentionFunction.apply(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen,
+                                        float(dropout_p), scale, seed, recompute_output, deterministic)
 
 
 def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None,
                     recompute_output=False, deterministic=True):
     """Attention of q, k, v [B, S, heads, head_dim]; key_padding_mask bool [B, S], True = real key.
     ``seed`` fixes the dropout mask (default: drawn from torch's CPU generator)."""
-    p, scale, seed = _options(q.shape[-1], dropout_p, softmax_scale, seed)
-    return FlashAttentionFunction.apply(q, k, v, key_padding_mask, None, None, p, scale, seed,
-                                        recompute_output, deterministic)
+    return _attention(q, k, v, key_padding_mask, None, None, dropout_p, softmax_scale, seed,
+                      recompute_output, deterministic)
 
 
 def flash_attention_qkvpacked(qkv, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None,
                               recompute_output=False, deterministic=True):
     """Attention of qkv [B, S, 3, heads, head_dim] (a view of one fused QKV projection)."""
-    p, scale, seed = _options(qkv.shape[-1], dropout_p, softmax_scale, seed)
-    return FlashAttentionFunction.apply(qkv, None, None, key_padding_mask, None, None, p, scale, seed,
-                                        recompute_output, deterministic)
+    return _attention(qkv, None, None, key_padding_mask, None, None, dropout_p, softmax_scale, seed,
+                      recompute_output, deterministic)
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, seed=None,
                            recompute_output=False, deterministic=True):
     """Attention of unpadded q, k, v [total, heads, head_dim]; sequence i is the tokens
     ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32, [B+1]), none longer than ``max_seqlen``."""
-    p, scale, seed = _options(q.shape[-1], dropout_p, softmax_scale, seed)
-    return FlashAttentionFunction.apply(q, k, v, None, cu_seqlens, max_seqlen, p, scale, seed,
-                                        recompute_output, deterministic)
+    return _attention(q, k, v, None, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed,
+                      recompute_output, deterministic)
 
 
 def flash_attention_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                                      seed=None, recompute_output=False, deterministic=True):
     """Attention of unpadded qkv [total, 3, heads, head_dim] (a view of one fused QKV projection
     of packed tokens); ``cu_seqlens`` and ``max_seqlen`` as :func:`flash_attention_varlen`."""
-    p, scale, seed = _options(qkv.shape[-1], dropout_p, softmax_scale, seed)
-    return FlashAttentionFunction.apply(qkv, None, None, None, cu_seqlens, max_seqlen, p, scale, seed,
-                                        recompute_output, deterministic)
+    return _attention(qkv, None, None, None, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed,
+                      recompute_output, deterministic)
 
 
 def attention_dropout_mask(seed: int, batch: int, nheads: int, seqlen: int, dropout_p: float,

@@ -25,16 +25,18 @@ Run its tests on a CPU: ``TRITON_INTERPRET=1 pytest tests/test_triton_layernorm.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch import nn
+from torch import Tensor, nn
 
 from kernels_triton.utils import (
     check_tensors,
+    dropout_seed,
     finish_column_sum,
-    new_seed,
     reduction_programs,
     row_dropout_keep,
     row_tile,
@@ -156,6 +158,94 @@ def _dropout_mask_kernel(OUT, M, N, dropout_p, seed, ROWS: tl.constexpr, BLOCK_N
 # ----------------------------------------------------------------------------- launchers
 
 
+def _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible, out_dtype):
+    """(z, y, mean, rstd): z (residual's shape) None when neither returned nor needed by the
+    backward; y, and mean and rstd (fp32 per row), None without a LayerNorm."""
+    check_tensors(x, bias, residual, weight, ln_bias)
+    has_branch, has_ln = x is not None, weight is not None
+    n = residual.shape[-1]
+    res2 = residual.reshape(-1, n)
+    x2 = x.reshape(-1, n) if has_branch else None
+    m = res2.shape[0]
+    store_sum = not has_ln or return_sum or not invertible
+    z = torch.empty_like(res2) if store_sum else None
+    y = torch.empty(m, n, device=res2.device, dtype=out_dtype) if has_ln else None
+    mean, rstd = (torch.empty(m, device=res2.device, dtype=torch.float32) if has_ln else None
+                  for _ in range(2))
+    ptrs = [t if t is not None else res2 for t in (x2, bias, res2, weight, ln_bias, z, y, mean, rstd)]
+    block_n, rows, warps = row_tile(n)
+    _fwd_kernel[(triton.cdiv(m, rows),)](
+        *ptrs,
+        m, n, ptrs[0].stride(0), res2.stride(0), n, n, float(eps), dropout_p, seed,
+        ROWS=rows, BLOCK_N=block_n, HAS_BRANCH=has_branch, HAS_DROPOUT=has_branch and dropout_p > 0.0,
+        HAS_LN=has_ln, STORE_SUM=store_sum, num_warps=warps,
+    )
+    z = None if z is None else z.view(residual.shape)
+    y = None if y is None else y.view(residual.shape)
+    return z, y, mean, rstd
+
+
+def _kept(z, y, weight, ln_bias, mean, rstd, invertible):
+    """What the backward keeps: (z or y, gamma, beta, mean, rstd), None where not needed."""
+    has_ln = weight is not None
+    saved = None if not has_ln else (y if invertible else z)
+    return (saved, weight, ln_bias if invertible else None, mean if has_ln and not invertible else None,
+            rstd if has_ln else None)
+
+
+def _backward(dz_in, dy, saved, weight, ln_bias, mean, rstd, has_branch, invertible, deterministic, p, seed,
+              x_dtype, bias_dtype, res_dtype):
+    """(dx, dbias, dresidual, dgamma, dbeta), None where there is no such input. Without a LayerNorm
+    dresidual is dz_in itself."""
+    has_ln = weight is not None
+    n = saved.shape[-1] if has_ln else dz_in.shape[-1]
+    shape = (dy if has_ln else dz_in).shape
+    dy2 = dy.contiguous().view(-1, n) if has_ln else None
+    dz2 = dz_in.contiguous().view(-1, n) if dz_in is not None else None
+    m = (dy2 if has_ln else dz2).shape[0]
+    device = (dy2 if has_ln else dz2).device
+    block_n, rows, warps = row_tile(n)
+    programs = reduction_programs(m, rows, device)
+    rows_per_program = triton.cdiv(triton.cdiv(m, programs), rows) * rows
+    programs = triton.cdiv(m, rows_per_program)
+    partial_shape = (n,) if not deterministic else (programs, n)
+
+    def partial() -> torch.Tensor:
+        return torch.zeros(partial_shape, device=device, dtype=torch.float32)
+
+    dres = torch.empty(m, n, device=device, dtype=res_dtype) if has_ln else dz2
+    dx = torch.empty(m, n, device=device, dtype=x_dtype) if has_branch else None
+    dw, db = (partial(), partial()) if has_ln else (None, None)
+    dbias = partial() if has_branch else None
+    ptrs = [t if t is not None else dres for t in (dy2, dz2, saved, weight, ln_bias, mean, rstd, dres, dx,
+                                                    dw, db, dbias)]
+    _bwd_kernel[(programs,)](
+        *ptrs,
+        m, n, rows_per_program, n, n, n, n, n, p, seed,
+        ROWS=rows, BLOCK_N=block_n, HAS_BRANCH=has_branch, HAS_DROPOUT=has_branch and p > 0.0,
+        HAS_LN=has_ln, HAS_DZ=dz2 is not None, INVERTIBLE=invertible, ATOMIC=not deterministic,
+        num_warps=warps,
+    )
+    grad_x = dx.view(shape) if has_branch else None
+    grad_bias = finish_column_sum(dbias, bias_dtype) if has_branch else None
+    grad_w = finish_column_sum(dw, weight.dtype) if has_ln else None
+    grad_b = finish_column_sum(db, weight.dtype) if has_ln else None
+    return grad_x, grad_bias, dres.view(shape), grad_w, grad_b
+
+
+def _outputs(z, y, has_ln, return_sum):
+    if has_ln:
+        return (z, y) if return_sum else y
+    return z
+
+
+def _incoming(grads, has_ln, return_sum):
+    """(dz, dy) from the gradients of what the caller got (see :func:`_outputs`)."""
+    if has_ln:
+        return tuple(grads) if return_sum else (None, grads[0])
+    return grads[0], None
+
+
 class BiasDropoutResidualLayerNormFunction(torch.autograd.Function):
     """Returns y, (z, y) with return_sum, or z when weight is None (no LayerNorm). x and bias may
     both be None (plain LayerNorm of ``residual``)."""
@@ -163,84 +253,120 @@ class BiasDropoutResidualLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible,
                 deterministic, out_dtype):
-        check_tensors(x, bias, residual, weight, ln_bias)
-        has_branch, has_ln = x is not None, weight is not None
-        n = residual.shape[-1]
-        res2 = residual.reshape(-1, n)
-        x2 = x.reshape(-1, n) if has_branch else None
-        m = res2.shape[0]
-        store_sum = not has_ln or return_sum or not invertible
-        z = torch.empty_like(res2) if store_sum else None
-        y = torch.empty(m, n, device=res2.device, dtype=out_dtype) if has_ln else None
-        mean, rstd = (torch.empty(m, device=res2.device, dtype=torch.float32) for _ in range(2))
-        ptrs = [t if t is not None else res2 for t in (x2, bias, res2, weight, ln_bias, z, y, mean, rstd)]
-        block_n, rows, warps = row_tile(n)
-        _fwd_kernel[(triton.cdiv(m, rows),)](
-            *ptrs,
-            m, n, ptrs[0].stride(0), res2.stride(0), n, n, float(eps), dropout_p, seed,
-            ROWS=rows, BLOCK_N=block_n, HAS_BRANCH=has_branch, HAS_DROPOUT=has_branch and dropout_p > 0.0,
-            HAS_LN=has_ln, STORE_SUM=store_sum, num_warps=warps,
-        )
-        saved = None if not has_ln else (y if invertible else z)
-        ctx.save_for_backward(saved, weight, ln_bias if invertible else None,
-                              mean if has_ln and not invertible else None, rstd if has_ln else None)
-        ctx.options = (has_branch, has_ln, return_sum, invertible, deterministic, dropout_p, seed,
+        z, y, mean, rstd = _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum,
+                                    invertible, out_dtype)
+        ctx.save_for_backward(*_kept(z, y, weight, ln_bias, mean, rstd, invertible))
+        ctx.options = (x is not None, invertible, deterministic, dropout_p, seed,
                        None if x is None else x.dtype, None if bias is None else bias.dtype, residual.dtype)
-        z = None if z is None else z.view(residual.shape)
-        y = None if y is None else y.view(residual.shape)
-        if has_ln:
-            return (z, y) if return_sum else y
-        return z
+        ctx.return_sum = return_sum
+        return _outputs(z, y, weight is not None, return_sum)
 
     @staticmethod
     def backward(ctx, *grads):
         saved, weight, ln_bias, mean, rstd = ctx.saved_tensors
-        has_branch, has_ln, return_sum, invertible, deterministic, p, seed, x_dtype, bias_dtype, res_dtype = \
-            ctx.options
-        if has_ln:
-            dz_in, dy = grads if return_sum else (None, grads[0])
-        else:
-            dz_in, dy = grads[0], None
-        n = saved.shape[-1] if has_ln else dz_in.shape[-1]
-        shape = (dy if has_ln else dz_in).shape
-        dy2 = dy.contiguous().view(-1, n) if has_ln else None
-        dz2 = dz_in.contiguous().view(-1, n) if dz_in is not None else None
-        m = (dy2 if has_ln else dz2).shape[0]
-        device = (dy2 if has_ln else dz2).device
-        block_n, rows, warps = row_tile(n)
-        programs = reduction_programs(m, rows, device)
-        rows_per_program = triton.cdiv(triton.cdiv(m, programs), rows) * rows
-        programs = triton.cdiv(m, rows_per_program)
-        partial_shape = (n,) if not deterministic else (programs, n)
-
-        def partial() -> torch.Tensor:
-            return torch.zeros(partial_shape, device=device, dtype=torch.float32)
-
-        dres = torch.empty(m, n, device=device, dtype=res_dtype) if has_ln else dz2
-        dx = torch.empty(m, n, device=device, dtype=x_dtype) if has_branch else None
-        dw, db = (partial(), partial()) if has_ln else (None, None)
-        dbias = partial() if has_branch else None
-        ptrs = [t if t is not None else dres for t in (dy2, dz2, saved, weight, ln_bias, mean, rstd, dres, dx,
-                                                        dw, db, dbias)]
-        _bwd_kernel[(programs,)](
-            *ptrs,
-            m, n, rows_per_program, n, n, n, n, n, p, seed,
-            ROWS=rows, BLOCK_N=block_n, HAS_BRANCH=has_branch, HAS_DROPOUT=has_branch and p > 0.0,
-            HAS_LN=has_ln, HAS_DZ=dz2 is not None, INVERTIBLE=invertible, ATOMIC=not deterministic,
-            num_warps=warps,
-        )
-        grad_x = dx.view(shape) if has_branch else None
-        grad_bias = finish_column_sum(dbias, bias_dtype) if has_branch else None
-        grad_w = finish_column_sum(dw, weight.dtype) if has_ln else None
-        grad_b = finish_column_sum(db, weight.dtype) if has_ln else None
-        return (grad_x, grad_bias, dres.view(shape), grad_w, grad_b,
+        dz, dy = _incoming(grads, weight is not None, ctx.return_sum)
+        return (*_backward(dz, dy, saved, weight, ln_bias, mean, rstd, *ctx.options),
                 None, None, None, None, None, None, None)
 
 
-def _seed(dropout_p: float, seed: int | None) -> tuple[float, int]:
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return float(dropout_p), (new_seed() if seed is None and dropout_p > 0 else int(seed or 0))
+# --------------------------------------------------------------------- torch.compile: custom ops
+# As in attention.py: inside a torch.compile graph the op is a custom op pair the graph calls as it
+# is (one graph for the whole model, no Triton in Dynamo's tracing); eager calls take the
+# autograd.Function above (less overhead per call). Custom ops cannot return None or an input, so
+# absent tensors travel as empty ones and the no-LayerNorm dresidual (the incoming dz itself) is
+# returned by the autograd formula, not the op.
+
+def _none_if_empty(t):
+    return None if t is None or t.numel() == 0 else t
+
+
+@torch.library.custom_op("kernels_triton::bias_dropout_residual_layernorm", mutates_args=())
+def _op(x: Optional[Tensor], bias: Optional[Tensor], residual: Tensor, weight: Optional[Tensor],  # noqa: UP045
+        ln_bias: Optional[Tensor], eps: float, dropout_p: float, seed: Tensor, return_sum: bool,  # noqa: UP045
+        invertible: bool, deterministic: bool,
+        out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # noqa: UP045
+    z, y, mean, rstd = _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, int(seed), return_sum,
+                                invertible, out_dtype)
+    return tuple(residual.new_empty(0) if t is None else t for t in (z, y, mean, rstd))
+
+
+@_op.register_fake
+def _(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible, deterministic,
+      out_dtype):
+    has_ln = weight is not None
+    store_sum = not has_ln or return_sum or not invertible
+    rows = residual.numel() // residual.shape[-1]
+    z = residual.new_empty(residual.shape) if store_sum else residual.new_empty(0)
+    y = residual.new_empty(residual.shape, dtype=out_dtype) if has_ln else residual.new_empty(0)
+    mean, rstd = (residual.new_empty(rows if has_ln else 0, dtype=torch.float32) for _ in range(2))
+    return z, y, mean, rstd
+
+
+@torch.library.custom_op("kernels_triton::bias_dropout_residual_layernorm_backward", mutates_args=())
+def _backward_op(dz: Optional[Tensor], dy: Optional[Tensor], saved: Optional[Tensor],  # noqa: UP045
+                 weight: Optional[Tensor], ln_bias: Optional[Tensor], mean: Optional[Tensor],  # noqa: UP045
+                 rstd: Optional[Tensor], has_branch: bool, invertible: bool, deterministic: bool,  # noqa: UP045
+                 dropout_p: float, seed: Tensor, x_dtype: Optional[torch.dtype],  # noqa: UP045
+                 bias_dtype: Optional[torch.dtype], res_dtype: torch.dtype) -> list[Tensor]:  # noqa: UP045
+    grads = _backward(dz, dy, saved, weight, ln_bias, mean, rstd, has_branch, invertible, deterministic,
+                      dropout_p, int(seed), x_dtype, bias_dtype, res_dtype)
+    if weight is None:
+        grads = grads[:2]  # dresidual is dz: the autograd formula passes it on
+    return [g for g in grads if g is not None]
+
+
+@_backward_op.register_fake
+def _(dz, dy, saved, weight, ln_bias, mean, rstd, has_branch, invertible, deterministic, dropout_p, seed,
+      x_dtype, bias_dtype, res_dtype):
+    like = dy if weight is not None else dz
+    grads = []
+    if has_branch:
+        grads += [like.new_empty(like.shape, dtype=x_dtype), like.new_empty(like.shape[-1], dtype=bias_dtype)]
+    if weight is not None:
+        grads += [like.new_empty(like.shape, dtype=res_dtype), torch.empty_like(weight),
+                  torch.empty_like(weight)]
+    return grads
+
+
+def _setup_context(ctx, inputs, output):
+    (x, bias, residual, weight, ln_bias, _eps, dropout_p, seed, return_sum, invertible, deterministic,
+     _out_dtype) = inputs
+    z, y, mean, rstd = (_none_if_empty(t) for t in output)
+    ctx.save_for_backward(*_kept(z, y, weight, ln_bias, mean, rstd, invertible), seed)
+    ctx.options = (x is not None, invertible, deterministic, dropout_p, None if x is None else x.dtype,
+                   None if bias is None else bias.dtype, residual.dtype)
+    ctx.return_sum = return_sum
+
+
+def _op_backward(ctx, dz, dy, dmean, drstd):
+    saved, weight, ln_bias, mean, rstd, seed = ctx.saved_tensors
+    has_branch, invertible, deterministic, dropout_p, x_dtype, bias_dtype, res_dtype = ctx.options
+    has_ln = weight is not None
+    if has_ln and not ctx.return_sum:
+        dz = None  # z was kept for the backward, not returned
+    grads = _backward_op(dz, dy if has_ln else None, saved, weight, ln_bias, mean, rstd, has_branch,
+                         invertible, deterministic, dropout_p, seed, x_dtype, bias_dtype, res_dtype)
+    grad_x, grad_bias = (grads[0], grads[1]) if has_branch else (None, None)
+    rest = grads[2:] if has_branch else grads
+    grad_res, grad_w, grad_b = rest if has_ln else (dz, None, None)
+    return grad_x, grad_bias, grad_res, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def _apply(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible, deterministic,
+           out_dtype):
+    """Eager: the autograd.Function; inside a torch.compile graph: the custom op."""
+    compiling = torch.compiler.is_compiling()
+    seed = dropout_seed(dropout_p, seed, as_tensor=compiling)
+    if not compiling:
+        return BiasDropoutResidualLayerNormFunction.apply(x, bias, residual, weight, ln_bias, eps,
+                                                          float(dropout_p), seed, return_sum, invertible,
+                                                          deterministic, out_dtype)
+    z, y, _, _ = _op(x, bias, residual, weight, ln_bias, float(eps), float(dropout_p), seed, return_sum,
+                     invertible, deterministic, out_dtype)
+    return _outputs(z, y, weight is not None, return_sum)
 
 
 def bias_dropout_residual_layernorm(x, bias, residual, weight, ln_bias, eps=1e-12, dropout_p=0.0, *,
@@ -248,23 +374,19 @@ def bias_dropout_residual_layernorm(x, bias, residual, weight, ln_bias, eps=1e-1
                                     out_dtype=None):
     """``LN(residual + dropout(x + bias))`` over the last dimension; with ``return_sum`` also the
     sum itself (``(z, y)``, pre-LN). y has ``out_dtype`` (default x's dtype), z residual's dtype."""
-    p, seed = _seed(dropout_p, seed)
-    return BiasDropoutResidualLayerNormFunction.apply(
-        x, bias, residual, weight, ln_bias, eps, p, seed, return_sum, invertible, deterministic,
-        out_dtype or x.dtype)
+    return _apply(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible,
+                  deterministic, out_dtype or x.dtype)
 
 
 def bias_dropout_residual(x, bias, residual, dropout_p=0.0, *, seed=None, deterministic=True):
     """``residual + dropout(x + bias)`` in residual's dtype (the pre-LN FFN end)."""
-    p, seed = _seed(dropout_p, seed)
-    return BiasDropoutResidualLayerNormFunction.apply(
-        x, bias, residual, None, None, 0.0, p, seed, False, False, deterministic, None)
+    return _apply(x, bias, residual, None, None, 0.0, dropout_p, seed, False, False, deterministic, None)
 
 
 def layer_norm(x, weight, bias, eps=1e-12, *, invertible=False, deterministic=True, out_dtype=None):
     """LayerNorm over the last dimension; output in ``out_dtype`` (default x's dtype)."""
-    return BiasDropoutResidualLayerNormFunction.apply(
-        None, None, x, weight, bias, eps, 0.0, 0, False, invertible, deterministic, out_dtype or x.dtype)
+    return _apply(None, None, x, weight, bias, eps, 0.0, 0, False, invertible, deterministic,
+                  out_dtype or x.dtype)
 
 
 def row_dropout_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:

@@ -15,11 +15,13 @@ Run its tests on a CPU: ``TRITON_INTERPRET=1 pytest tests/test_triton_bias_gelu.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch import nn
+from torch import Tensor, nn
 
 from kernels_triton.utils import check_tensors, finish_column_sum, interpreter_tiles, reduction_programs
 
@@ -121,6 +123,24 @@ def bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, de
     return dx.view(x.shape), finish_column_sum(partial, bias.dtype)
 
 
+def _linear_forward(x, bias, weight):
+    """(gelu(x + bias) @ weight^T, the GELU output)."""
+    act = bias_gelu_forward(x, bias)
+    return torch.matmul(act, weight.to(act.dtype).t()), act
+
+
+def _linear_backward(dout, x, bias, weight, act, deterministic):
+    """(dx, dbias, dweight); act None: recomputed here (``checkpoint``)."""
+    if act is None:
+        act = bias_gelu_forward(x, bias)
+    dout = dout.contiguous()
+    dout2 = dout.view(-1, dout.shape[-1])
+    dweight = (dout2.t() @ act.reshape(-1, act.shape[-1])).to(weight.dtype)
+    dact = torch.matmul(dout, weight.to(dout.dtype))
+    dx, dbias = bias_gelu_backward(dact, x, bias, deterministic)
+    return dx, dbias, dweight
+
+
 class BiasGeluFunction(torch.autograd.Function):
     """y = gelu(x + bias); keeps x (the pre-activation) and bias."""
 
@@ -146,8 +166,7 @@ class BiasGeluLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, weight, checkpoint, deterministic):
-        act = bias_gelu_forward(x, bias)
-        out = torch.matmul(act, weight.to(act.dtype).t())
+        out, act = _linear_forward(x, bias, weight)
         ctx.save_for_backward(x, bias, weight, None if checkpoint else act)
         ctx.deterministic = deterministic
         return out
@@ -155,24 +174,96 @@ class BiasGeluLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, bias, weight, act = ctx.saved_tensors
-        if act is None:
-            act = bias_gelu_forward(x, bias)
-        dout = dout.contiguous()
-        dout2 = dout.view(-1, dout.shape[-1])
-        dweight = (dout2.t() @ act.reshape(-1, act.shape[-1])).to(weight.dtype)
-        dact = torch.matmul(dout, weight.to(dout.dtype))
-        dx, dbias = bias_gelu_backward(dact, x, bias, ctx.deterministic)
-        return dx, dbias, dweight, None, None
+        return *_linear_backward(dout, x, bias, weight, act, ctx.deterministic), None, None
+
+
+# --------------------------------------------------------------------- torch.compile: custom ops
+# As in attention.py: a torch.compile graph calls these custom ops as they are (one graph for the
+# whole model, no Triton in Dynamo's tracing); eager calls take the autograd.Functions above.
+
+
+@torch.library.custom_op("kernels_triton::bias_gelu", mutates_args=())
+def _gelu_op(x: Tensor, bias: Tensor, deterministic: bool) -> Tensor:
+    return bias_gelu_forward(x, bias)
+
+
+@_gelu_op.register_fake
+def _(x, bias, deterministic):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("kernels_triton::bias_gelu_backward", mutates_args=())
+def _gelu_backward_op(dy: Tensor, x: Tensor, bias: Tensor, deterministic: bool) -> tuple[Tensor, Tensor]:
+    return bias_gelu_backward(dy, x, bias, deterministic)
+
+
+@_gelu_backward_op.register_fake
+def _(dy, x, bias, deterministic):
+    return torch.empty_like(x), torch.empty_like(bias)
+
+
+def _gelu_setup_context(ctx, inputs, output):
+    x, bias, deterministic = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.deterministic = deterministic
+
+
+def _gelu_op_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    return *_gelu_backward_op(dy, x, bias, ctx.deterministic), None
+
+
+_gelu_op.register_autograd(_gelu_op_backward, setup_context=_gelu_setup_context)
+
+
+@torch.library.custom_op("kernels_triton::bias_gelu_linear", mutates_args=())
+def _linear_op(x: Tensor, bias: Tensor, weight: Tensor, checkpoint: bool,
+               deterministic: bool) -> tuple[Tensor, Tensor]:
+    return _linear_forward(x, bias, weight)
+
+
+@_linear_op.register_fake
+def _(x, bias, weight, checkpoint, deterministic):
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), torch.empty_like(x)
+
+
+@torch.library.custom_op("kernels_triton::bias_gelu_linear_backward", mutates_args=())
+def _linear_backward_op(dout: Tensor, x: Tensor, bias: Tensor, weight: Tensor,
+                        act: Optional[Tensor], deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:  # noqa: UP045
+    return _linear_backward(dout, x, bias, weight, act, deterministic)
+
+
+@_linear_backward_op.register_fake
+def _(dout, x, bias, weight, act, deterministic):
+    return torch.empty_like(x), torch.empty_like(bias), torch.empty_like(weight)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, bias, weight, checkpoint, deterministic = inputs
+    ctx.save_for_backward(x, bias, weight, None if checkpoint else output[1])
+    ctx.deterministic = deterministic
+
+
+def _linear_op_backward(ctx, dout, dact):
+    x, bias, weight, act = ctx.saved_tensors
+    return *_linear_backward_op(dout, x, bias, weight, act, ctx.deterministic), None, None
+
+
+_linear_op.register_autograd(_linear_op_backward, setup_context=_linear_setup_context)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
     """gelu(x + bias), exact erf GELU."""
+    if torch.compiler.is_compiling():
+        return _gelu_op(x, bias, deterministic)
     return BiasGeluFunction.apply(x, bias, deterministic)
 
 
 def bias_gelu_linear(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, checkpoint: bool = False,
                      deterministic: bool = True) -> torch.Tensor:
     """gelu(x + bias) @ weight^T; ``checkpoint`` recomputes the GELU output in the backward."""
+    if torch.compiler.is_compiling():
+        return _linear_op(x, bias, weight, checkpoint, deterministic)[0]
     return BiasGeluLinearFunction.apply(x, bias, weight, checkpoint, deterministic)
 
 

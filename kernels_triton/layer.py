@@ -99,10 +99,9 @@ class TritonBertLayer(nn.Module):
         self.intermediate = _Intermediate(config)
         self.output = _DenseNormDropout(config, config.intermediate_size)
 
-    # Under torch.compile (compile=true) the layer runs as it is, between compiled graphs: Triton's
-    # launches (and the interpreter's Python) stay out of Dynamo's tracing, and the graphs cover what
-    # the kernels do not (embeddings, unpadding, the heads and the loss).
-    @torch.compiler.disable
+    # Under torch.compile (compile=true) the fused ops are custom ops (torch.library) that the graph
+    # calls as they are: the whole model is one graph, with the GEMMs, the embeddings, unpadding, the
+    # heads and the loss compiled around the Triton kernels, and no Triton in Dynamo's tracing.
     def forward(self, x: torch.Tensor, layout) -> torch.Tensor:
         hidden = x.shape[-1]
         rows = x.shape[:-1]  # (B, S) padded, (T,) packed

@@ -67,10 +67,21 @@ def check_tensors(*tensors: torch.Tensor | None) -> None:
             raise ValueError(f"kernels_triton needs a unit stride in the last dimension, got {t.stride()}")
 
 
-def new_seed() -> int:
-    """A dropout seed drawn from torch's CPU generator: reproducible under ``torch.manual_seed``,
-    saved and restored with the other RNG states, and no device synchronisation."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def dropout_seed(dropout_p: float, seed: int | None, as_tensor: bool = False) -> int | torch.Tensor:
+    """The dropout seed of one call: ``seed``, or, when it is None and there is dropout, one drawn
+    from torch's CPU generator (reproducible under ``torch.manual_seed``, saved and restored with the
+    other RNG states, and no device synchronisation); 0 without dropout.
+
+    ``as_tensor`` gives it as an int64 CPU tensor [1] instead, for the custom ops a
+    ``torch.compile`` graph calls: there a host int would be a constant baked into the graph (the
+    same mask every step), and reading a drawn one back a graph break. The draw is the same call
+    either way, so eager and compiled runs consume the generator alike."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is None and dropout_p > 0:
+        drawn = torch.randint(0, 2**31 - 1, (1,))
+        return drawn if as_tensor else int(drawn.item())
+    return torch.tensor([int(seed or 0)]) if as_tensor else int(seed or 0)
 
 
 @functools.cache

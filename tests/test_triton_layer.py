@@ -163,29 +163,6 @@ def test_unpadded_triton_model_matches_padded_torch_model():
                      pretraining_step(reference, ids, None, mask.to(DEVICE), positions, labels, nsp_labels))
 
 
-@pytest.mark.parametrize("unpad", [True, False])
-def test_compiled_triton_model_matches_eager(unpad):
-    """``compile=true kernel=triton``: torch.compile runs the Triton layers as they are, between its
-    graphs (embeddings, unpadding, heads, loss), and the step equals the eager one."""
-    torch._dynamo.reset()
-    config = layer_config(hidden=64, heads=2)
-    torch.manual_seed(0)
-    eager = BertForPreTraining(config, layer_factory=kt.make_layer_factory(), unpad=unpad).to(DEVICE).eval()
-    twin = BertForPreTraining(config, layer_factory=kt.make_layer_factory(), unpad=unpad).to(DEVICE).eval()
-    twin.load_state_dict(eager.state_dict())
-    compiled = torch.compile(twin, backend="aot_eager")
-    g = torch.Generator().manual_seed(4)
-    mask = (torch.arange(17)[None] < torch.tensor([[17], [9]])).long().to(DEVICE)
-    ids = torch.randint(5, 99, (2, 17), generator=g).to(DEVICE) * mask
-    positions = torch.tensor([[1, 4, 9], [2, 3, 0]], device=DEVICE)
-    labels = torch.tensor([[7, 8, 9], [10, 11, -100]], device=DEVICE)
-    nsp_labels = torch.tensor([0, 1], device=DEVICE)
-    outputs, _ = pretraining_step(compiled, ids, None, mask, positions, labels, nsp_labels)
-    grads = {n: p.grad for n, p in twin.named_parameters()}
-    want = pretraining_step(eager, ids, None, mask, positions, labels, nsp_labels)
-    assert_same_step((outputs, grads), want)
-
-
 @pytest.mark.parametrize("pre_layer_norm", [False, True])
 def test_memory_flags_change_what_is_saved_not_what_is_computed(pre_layer_norm):
     batch, seq, hidden, heads = 2, 33, 64, 2
