@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from kernels_triton.utils import check_tensors, dropout_seed, interpreter_tiles
+from kernels_triton.utils import OP_TAGS, check_tensors, dropout_seed, interpreter_tiles
 
 LOG2E = 1.4426950408889634
 
@@ -463,7 +463,7 @@ class FlashAttentionFunction(torch.autograd.Function):
 # per call; both run the same launchers.
 
 
-@torch.library.custom_op("kernels_triton::flash_attention", mutates_args=())
+@torch.library.custom_op("kernels_triton::flash_attention", mutates_args=(), tags=OP_TAGS)
 def _attention_op(q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor],  # noqa: UP045
                   key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],  # noqa: UP045
                   max_seqlen: int, dropout_p: float, scale: float, seed: Tensor, recompute_output: bool,
@@ -484,7 +484,7 @@ def _(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale
     return q.new_empty(q.shape), lse
 
 
-@torch.library.custom_op("kernels_triton::flash_attention_backward", mutates_args=())
+@torch.library.custom_op("kernels_triton::flash_attention_backward", mutates_args=(), tags=OP_TAGS)
 def _attention_backward_op(do: Tensor, q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor],  # noqa: UP045
                            key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],  # noqa: UP045
                            o: Optional[Tensor], lse: Optional[Tensor], max_seqlen: int,  # noqa: UP045

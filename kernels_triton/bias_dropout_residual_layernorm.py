@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from kernels_triton.utils import (
+    OP_TAGS,
     check_tensors,
     dropout_seed,
     finish_column_sum,
@@ -280,7 +281,7 @@ def _none_if_empty(t):
     return None if t is None or t.numel() == 0 else t
 
 
-@torch.library.custom_op("kernels_triton::bias_dropout_residual_layernorm", mutates_args=())
+@torch.library.custom_op("kernels_triton::bias_dropout_residual_layernorm", mutates_args=(), tags=OP_TAGS)
 def _op(x: Optional[Tensor], bias: Optional[Tensor], residual: Tensor, weight: Optional[Tensor],  # noqa: UP045
         ln_bias: Optional[Tensor], eps: float, dropout_p: float, seed: Tensor, return_sum: bool,  # noqa: UP045
         invertible: bool, deterministic: bool,
@@ -302,7 +303,8 @@ def _(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, inve
     return z, y, mean, rstd
 
 
-@torch.library.custom_op("kernels_triton::bias_dropout_residual_layernorm_backward", mutates_args=())
+@torch.library.custom_op("kernels_triton::bias_dropout_residual_layernorm_backward", mutates_args=(),
+                         tags=OP_TAGS)
 def _backward_op(dz: Optional[Tensor], dy: Optional[Tensor], saved: Optional[Tensor],  # noqa: UP045
                  weight: Optional[Tensor], ln_bias: Optional[Tensor], mean: Optional[Tensor],  # noqa: UP045
                  rstd: Optional[Tensor], has_branch: bool, invertible: bool, deterministic: bool,  # noqa: UP045

@@ -67,6 +67,13 @@ def check_tensors(*tensors: torch.Tensor | None) -> None:
             raise ValueError(f"kernels_triton needs a unit stride in the last dimension, got {t.stride()}")
 
 
+# The tags of this package's custom ops (the Triton ops inside torch.compile graphs). Each reads
+# launch arguments on the host (the dropout seed from its CPU tensor, tile sizes from shapes), which
+# a CUDA-graph capture would freeze at their first values: the same dropout mask at every replay. So
+# Inductor must keep them out of CUDA graphs (with graph partitioning, it graphs what lies between).
+OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
 def dropout_seed(dropout_p: float, seed: int | None, as_tensor: bool = False) -> int | torch.Tensor:
     """The dropout seed of one call: ``seed``, or, when it is None and there is dropout, one drawn
     from torch's CPU generator (reproducible under ``torch.manual_seed``, saved and restored with the

@@ -9,8 +9,8 @@ data loader, for each implementation:
 * ``torch_unpad``   - ``kernel=torch kernel.unpad=true`` (projections/FFN on real tokens only)
 * ``compile``       - ``kernel=torch compile=true`` (``torch.compile`` of the model)
 * ``compile_graphs`` - ``compile=true compile_mode=reduce-overhead`` (the same, replayed as CUDA graphs)
-* ``triton_compile`` - ``kernel=triton compile=true`` (the Triton layers as they are, ``torch.compile``
-  around them: embeddings, unpadding, the heads and the loss)
+* ``triton_compile`` - ``kernel=triton compile=true`` (one graph: the Triton ops are custom ops it
+  calls, Inductor compiles the GEMMs, embeddings, unpadding, the heads and the loss around them)
 * ``hf``      - ``transformers.BertForPreTraining`` (``attn_implementation="sdpa"``) with
   ``torch.optim.AdamW(fused=True)``: what a user would pick instead; same batches, same precision.
 

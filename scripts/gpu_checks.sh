@@ -13,7 +13,7 @@
 #   optim        the optimizer step alone at BERT-large's shapes against its memory floor (bench_optimizer.py)
 #   profile      where a step's time goes (profile_step.py): BERT-large triton at seq128 and seq512
 #   maxmicro     the largest micro-batch at seq512, triton and hf
-#   compile      torch.compile at seq128 x 64 (of the torch model; around the Triton layers)
+#   compile      torch.compile at seq128 x 64 (of the torch model; of the model on the Triton ops)
 #   squad        bench_squad BERT-large seq384 x 32 bf16, real SQuAD dev padding: triton, torch, hf
 #   tests        the Triton kernels' pytest suite on CUDA
 #   extra        accumulation 8, fp16 and BERT-base rows, the layer timings

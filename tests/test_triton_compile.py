@@ -174,3 +174,28 @@ def test_whole_model_compiles_as_one_graph_equal_to_eager(unpad):
             steps.append([mlm.detach(), nsp.detach(), *(p.grad for p in params.parameters())])
         for got, want in zip(steps[1], steps[0], strict=True):
             assert torch.equal(got, want), lengths
+
+
+def test_graphs_call_the_ops_and_keep_them_out_of_cuda_graphs():
+    """The forward and backward graphs of the layer call the custom ops, and every one carries
+    ``cudagraph_unsafe``: each reads its dropout seed on the host, which a CUDA-graph capture would
+    freeze (the same mask at every replay), so Inductor must leave them out of its CUDA graphs."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    layer, x, layout, grad = _layer_case(pre_layer_norm=False, unpad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    _layer_step(compiled, layer, x, layout, grad)
+    assert len(graphs) == 2  # forward, backward
+    ops = [node.target for gm in graphs for node in gm.graph.nodes
+           if node.op == "call_function" and str(node.target).startswith("kernels_triton.")]
+    base = {"flash_attention", "bias_dropout_residual_layernorm", "bias_gelu_linear"}
+    assert {str(op) for op in ops} == {f"kernels_triton.{name}{suffix}.default" for name in base
+                                       for suffix in ("", "_backward")}
+    assert all(torch.Tag.cudagraph_unsafe in op.tags for op in ops)
