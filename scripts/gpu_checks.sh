@@ -122,7 +122,8 @@ stage_squad() {
 }
 stage_tests() {
   python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py tests/test_triton_bias_gelu.py \
-    tests/test_triton_layernorm.py tests/test_triton_layer.py tests/test_lamb_fused.py
+    tests/test_triton_layernorm.py tests/test_triton_layer.py tests/test_triton_compile.py tests/test_lamb_fused.py \
+    tests/test_adam_fused.py
 }
 stage_extra() {
   # the recipe's case: the optimizer once per 8 micro-batches (the targets use 1)
@@ -135,7 +136,7 @@ stage_extra() {
   $smoke || python3 scripts/bench_layer.py --dtype bf16 --shapes 0 1 --json "$results/layer_bf16.json"
 }
 declare -A caps=([check]=90 [tune]=60 [syncs]=75 [optim]=45 [pretrain128]=150 [pretrain512]=90 [profile]=60 [maxmicro]=150
-                 [compile]=180 [squad]=100 [tests]=150 [extra]=300)
+                 [compile]=300 [squad]=100 [tests]=200 [extra]=300)
 
 run_stage() {  # run_stage NAME: under a timeout of min(its cap, what is left of the budget)
   local name=$1 left=$((budget - (SECONDS - start))) rc
