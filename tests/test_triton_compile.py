@@ -115,6 +115,28 @@ def test_layer_compiles_as_one_graph_equal_to_eager(pre_layer_norm, unpad):
 
 
 @pytest.mark.parametrize("pre_layer_norm", [False, True], ids=["post-ln", "pre-ln"])
+def test_layer_under_autocast_compiles_equal_to_eager(pre_layer_norm):
+    """bf16 autocast, as the engine runs: the graph hands the ops the same low-precision inputs and
+    output dtypes as eager (fp32 weights cast by autocast, LayerNorm outputs in bf16)."""
+    device_type = torch.device(DEVICE).type
+
+    def autocast(fn):
+        def call(x, layout):
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                return fn(x, layout)
+        return call
+
+    layer, x, layout, grad = _layer_case(pre_layer_norm, unpad=True)
+    want = _layer_step(autocast(layer), layer, x, layout, grad)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    got = _layer_step(autocast(compiled), layer, x, layout, grad)
+    assert want["out"].dtype == (torch.float32 if pre_layer_norm else torch.bfloat16)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("pre_layer_norm", [False, True], ids=["post-ln", "pre-ln"])
 def test_layer_under_inductor_matches_eager(pre_layer_norm):
     """Inductor compiles the GEMMs and glue around the custom ops. Its own random numbers differ
     from eager's, so ``fallback_random`` makes it draw the seeds with torch's generator, as eager."""
