@@ -113,10 +113,13 @@ def run_ours(args, model, seq, micro, steps=None, *, dtype, impl, peak, workdir:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     train(cfg, out)
-    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]  # the warm-up window, the measured one
     return {"samples_per_sec": last["samples_per_sec"], "tflops": last.get("tflops"), "mfu": last.get("mfu"),
             "peak_memory_gb": last.get("max_memory_gb"),
-            "real_token_fraction": last["tokens_per_sec"] / (last["samples_per_sec"] * seq)}
+            "real_token_fraction": last["tokens_per_sec"] / (last["samples_per_sec"] * seq),
+            # measured steps that overflowed (fp16) and skipped their update: they cost less than real ones
+            "skipped_steps": last["skipped_steps"] - (first["skipped_steps"] if len(records) > 1 else 0)}
 
 
 def run_hf(args, model, seq, micro, steps=None, *, dtype, peak, workdir: Path) -> dict:
@@ -403,6 +406,9 @@ def print_row(row: dict, header: bool) -> None:
     print(f"{key} {fmt(row['samples_per_sec'], '10.1f', 10)} {fmt(row['tflops'], '8.1f', 8)} "
           f"{fmt(row['mfu'], '6.1%', 6)} {fmt(row['peak_memory_gb'], '7.2f', 7)} "
           f"{fmt(row.get('real_token_fraction'), '5.2f', 5)} {fmt(limit, '>9', 9)}", flush=True)
+    if row.get("skipped_steps"):
+        print(f"{'':<24} ^ {row['skipped_steps']} measured steps overflowed (fp16) and skipped their update",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Each cell times full training steps of ``BertForQuestionAnswering`` as ``python 
 runs them (forward under autocast, QA loss, scaled backward, unscale, global-norm clip, Adam step,
 zero) after ``--warmup`` untimed steps. Kernels: ``torch``, ``torch_unpad`` (``kernel.unpad=true``),
 ``triton`` (unpadded, varlen attention), ``triton_padded``, ``compile`` (``torch.compile`` of the
-torch model), and ``hf``: transformers' ``BertForQuestionAnswering`` (sdpa) with
+torch model), ``triton_compile`` (of the unpadded Triton model: one graph calling the Triton ops;
+``compile=true kernel=triton``), and ``hf``: transformers' ``BertForQuestionAnswering`` (sdpa) with
 ``torch.optim.AdamW`` (fused on CUDA) and ``GradScaler``, the reference user's choice, on the same
 windows. The windows hold random token ids; without ``--squad-file`` every window is full (``--seq``
 real tokens, so unpadding has nothing to skip); with it, each micro-batch takes the attention masks of
@@ -48,9 +49,10 @@ from bertrecipes.squad.model import BertForQuestionAnswering, qa_loss, qa_traini
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 VOCAB_SIZE = 30522  # bert-base/large-uncased
+# name -> (kernel.name, kernel.unpad); hf is transformers'
 KERNELS = {"torch": ("torch", False), "torch_unpad": ("torch", True), "triton": ("triton", True),
            "triton_padded": ("triton", False), "compile": ("torch", False),
-           "hf": None}  # name -> (kernel.name, kernel.unpad); hf is transformers'
+           "triton_compile": ("triton", True), "hf": None}
 
 
 def real_window_masks(squad_file: Path, vocab_file: Path, seq: int) -> torch.Tensor:
@@ -93,11 +95,14 @@ def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
     kernel_name, unpad = KERNELS[kernel]
     layer_factory = build_layer_factory(OmegaConf.structured(KernelConfig(name=kernel_name)))
     model = BertForQuestionAnswering(config, layer_factory=layer_factory, unpad=unpad).to(device).train()
-    forward = torch.compile(model) if kernel == "compile" else model
+    forward = torch.compile(model) if kernel in ("compile", "triton_compile") else model
     optimizer = Adam(build_param_groups(model, 0.0), lr=3e-5, bias_correction=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    scaler = LossScaler(scale=2.0**16 if precision == "fp16" else 1.0, dynamic=False, device=device)
-    step_optimizer = OptimizerStep(params, optimizer, scaler, lambda _: 3e-5, TrainState(), max_grad_norm=1.0)
+    # fp16: the recipe's dynamic scale from 2^16 (a static one would skip every step after an overflow)
+    fp16 = precision == "fp16"
+    scaler = LossScaler(scale=2.0**16 if fp16 else 1.0, dynamic=fp16, device=device)
+    state = TrainState()
+    step_optimizer = OptimizerStep(params, optimizer, scaler, lambda _: 3e-5, state, max_grad_norm=1.0)
     host, starts, ends = make_inputs(config, micro_batch, seq)
     starts, ends = starts.to(device), ends.to(device)
 
@@ -110,6 +115,11 @@ def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
         (qa_loss(start_logits, end_logits, starts, ends) * step_optimizer.loss_scale).backward()
         step_optimizer()
 
+    def skipped_steps() -> int:  # fp16 overflows so far (a skipped step does less work)
+        step_optimizer.resolve()
+        return state.skipped_steps
+
+    step.skipped_steps = skipped_steps
     return step
 
 
@@ -160,9 +170,11 @@ def time_cell(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
                     ours_step(config, kernel, micro_batch, seq, precision, device, next_masks))
         except (ConfigError, ImportError) as e:
             return {"status": "unavailable", "error": str(e)}
+        skipped = getattr(step, "skipped_steps", None)
         for _ in range(warmup):
             step()
         sync(device)
+        skipped_before = skipped() if skipped else None
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
@@ -171,7 +183,9 @@ def time_cell(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
         tflops = samples_per_sec * qa_training_flops_per_sample(config, seq) / 1e12
         return {"status": "ok", "samples_per_sec": samples_per_sec, "tflops": tflops,
                 "mfu": tflops / peak_tflops if peak_tflops else None,
-                "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None}
+                "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None,
+                # of the timed steps, how many overflowed (fp16) and skipped their update
+                "skipped_steps": skipped() - skipped_before if skipped else None}
     except torch.cuda.OutOfMemoryError:
         return {"status": "OOM", "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
     except RuntimeError as e:  # a kernel that fails to compile or launch: record it, time the rest
@@ -196,6 +210,8 @@ def cell_text(r: dict) -> str:
         text += f" {r['mfu']:.0%}"
     if r.get("peak_memory_gb") is not None:
         text += f" {r['peak_memory_gb']:.1f}G"
+    if r.get("skipped_steps"):
+        text += f" !{r['skipped_steps']}skip"
     return text
 
 
@@ -209,7 +225,8 @@ def print_table(results: list[dict], micro_batches: list[int]) -> None:
     for (name, kernel), cells in rows.items():
         print(f"{name:<7}{kernel:<14}" + "".join(f"{cell_text(cells.get(m, {'status': '-'})):>22}"
                                                  for m in micro_batches))
-    print("cells: samples/s, MFU and peak allocated GiB per micro-batch (training step incl. the optimizer)")
+    print("cells: samples/s, MFU and peak allocated GiB per micro-batch (training step incl. the optimizer);"
+          " !Nskip: N timed steps overflowed in fp16 and skipped their update")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,3 +109,16 @@ def test_known_peaks_are_not_run_again():
     assert 8 not in calls and found["probes"][0] == (8, 6.0 + 0.37 * 8)
     expected = max(m for m in range(1, 1000) if 6.0 + 0.37 * m <= 80.0)
     assert (found["max_micro"], found["oom_micro"]) == (expected, expected + 1)
+
+
+def test_measured_steps_that_overflow_are_counted(tmp_path, data_cache, capsys):
+    """A row whose timed steps overflowed in fp16 (and so skipped their update, which costs less)
+    says how many: here a static loss scale of 1e30 overflows every step, so all of them."""
+    out = tmp_path / "bench.json"
+    code = bench.main(["--device", "cpu", "--models", "tiny", "--seqs", "64", "--dtypes", "fp16",
+                       "--micro", "2", "--steps", "3", "--impls", "torch", "--cache-dir", str(data_cache),
+                       "--data", "precision.loss_scale=1e30", "--json", str(out)])
+    assert code == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["skipped_steps"] == 3
+    assert "3 measured steps overflowed" in capsys.readouterr().out

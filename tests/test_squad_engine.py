@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from torch._dynamo.utils import counters
 
 from bertrecipes.checkpoint import load_checkpoint, save_checkpoint
 from bertrecipes.data.tokenizer import train_wordpiece
@@ -161,6 +163,38 @@ def test_train_predict_evaluate_end_to_end(squad_files, tmp_path):
     assert json.loads((unpadded / "predictions.json").read_text()) == predictions
 
 
+@pytest.mark.parametrize("kernel", ["kernel=torch", "kernel=triton"])
+def test_compiled_fine_tuning_follows_the_eager_run(squad_files, tmp_path, kernel):
+    """``compile=true``: training and prediction through torch.compile (Inductor) give the eager
+    run's losses and gradient norms step by step, within fp32 rounding, and its scores. Dropout
+    off, as Inductor's random numbers are its own. The checkpoint keeps the model's own names.
+    (The Triton kernels run in the interpreter here: training only, to keep the test short.)"""
+    triton = kernel == "kernel=triton"
+    if triton:
+        pytest.importorskip("triton")
+    data, vocab = squad_files
+    common = [*TINY, kernel, "dropout=0.0", "max_steps=3", f"train_file={data}", f"predict_file={data}",
+              f"vocab_file={vocab}", f"do_predict={not triton}", *(["train_batch_size=4"] if triton else [])]
+    torch._dynamo.reset()
+    runs, graphs = {}, {}
+    for name in ("eager", "compiled"):
+        out = tmp_path / name
+        counters.clear()
+        run(compose_squad(*common, f"compile={name == 'compiled'}", f"output_dir={out}"))
+        runs[name], graphs[name] = read_metrics(out), counters["stats"]["unique_graphs"]
+    assert graphs["eager"] == 0 and graphs["compiled"] >= 1  # compile=true did go through Dynamo
+    train_records = {name: [r for r in records if "loss" in r] for name, records in runs.items()}
+    assert len(train_records["eager"]) == 3
+    for got, want in zip(train_records["compiled"], train_records["eager"], strict=True):
+        assert got["step"] == want["step"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3)
+    if not triton:
+        assert runs["compiled"][-1]["f1"] == pytest.approx(runs["eager"][-1]["f1"], abs=1e-6)
+    checkpoint = load_checkpoint(tmp_path / "compiled" / "checkpoints")
+    assert "qa_outputs.weight" in checkpoint["model"]
+
+
 def test_fine_tune_from_a_pretraining_checkpoint_with_accumulation(squad_files, tmp_path):
     """bert_tiny pre-trained for 2 steps on the demo data, then fine-tuned (DS checkpoint path)."""
     data, vocab = squad_files
@@ -188,6 +222,9 @@ def test_fine_tune_from_a_pretraining_checkpoint_with_accumulation(squad_files, 
     (["train_batch_size=9"], "not divisible"),
     (["model_file=/nonexistent/ckpt"], "/nonexistent/ckpt does not exist"),
     (["model.max_position_embeddings=32"], "exceeds model.max_position_embeddings=32"),
+    (["compile=true", "compile_mode=fast"],
+     "compile_mode must be one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs, "
+     "got 'fast'"),
 ])
 def test_bad_settings_are_user_errors(squad_files, tmp_path, overrides, message):
     data, vocab = squad_files

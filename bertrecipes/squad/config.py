@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from bertrecipes.config import register_configs
+from bertrecipes.distributed import COMPILE_MODES
 from bertrecipes.errors import ConfigError
 
 CKPT_TYPES = ("DS", "HF", "TF")
@@ -65,6 +66,10 @@ class SquadConfig:
 
     steps_per_print: int = 10
     progress_bar: bool = True
+    compile: bool = False  # torch.compile the model for training and prediction (speed only)
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs: fixed shapes, so kernel.unpad=false)
+    # | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     checkpoint_steps: int = 0  # also save every N steps (0 = only at the end of training)
     keep_last_checkpoints: int = 1
 
@@ -100,3 +105,5 @@ def validate_squad_config(cfg) -> None:
         raise ConfigError(f"max_steps must be positive or null, got {cfg.max_steps}")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1) or null, got {cfg.dropout}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")

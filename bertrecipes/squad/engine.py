@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -238,12 +238,15 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         metrics_path.unlink()
     outputs = RunOutputs(output_dir, MetricsFile(metrics_path), logger, config_yaml)
     summary: dict[str, Any] = {"output_dir": str(output_dir), "global_step": 0}
+    # compile=true: the forward passes go through torch.compile; parameters, checkpoints and the
+    # train/eval switch stay the model's own
+    forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     try:
         if cfg.do_train:
-            summary.update(train(cfg, model, train_features, batch, device, outputs, vocab_file))
+            summary.update(train(cfg, model, train_features, batch, device, outputs, vocab_file, forward))
         if cfg.do_predict and not summary.get("stopped"):
             summary["eval"] = predict_and_evaluate(cfg, model, predict_examples, predict_features, device,
-                                                   outputs, step=summary["global_step"])
+                                                   outputs, step=summary["global_step"], forward=forward)
     finally:
         outputs.metrics.close()
         outputs.logger.finish()
@@ -260,8 +263,11 @@ def shuffled_windows(num_windows: int, seed: int) -> Iterator[int]:
 
 
 def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatures, batch: BatchSizes,
-          device: torch.device, outputs: RunOutputs, vocab_file: Path) -> dict[str, Any]:
-    """The fine-tuning loop; returns the final step, the last logged metrics and the checkpoint."""
+          device: torch.device, outputs: RunOutputs, vocab_file: Path,
+          forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """The fine-tuning loop; returns the final step, the last logged metrics and the checkpoint.
+    ``forward`` runs the model's forward passes (default: the model; a ``torch.compile`` of it)."""
+    forward = forward if forward is not None else model
     if len(features) == 0:
         raise UserError(f"train_file {cfg.train_file} gives no training windows (every answer was "
                         f"unlocatable?)")
@@ -323,8 +329,8 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                     host = {k: torch.from_numpy(v[index]).long() for k, v in arrays.items()}
                     mb, layout = batch_to_device(host, device, cfg.kernel.unpad)
                     with autocast_context(precision, device):
-                        start_logits, end_logits = model(mb["input_ids"], mb["token_type_ids"],
-                                                         mb["attention_mask"], unpadded=layout)
+                        start_logits, end_logits = forward(mb["input_ids"], mb["token_type_ids"],
+                                                           mb["attention_mask"], unpadded=layout)
                     loss = qa_loss(start_logits, end_logits, mb["start_positions"], mb["end_positions"])
                     (loss * (step_optimizer.loss_scale / accum)).backward()
                     loss_sum += loss.detach()
@@ -385,8 +391,12 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
 
 @torch.no_grad()
 def predict_logits(model: BertForQuestionAnswering, features: SquadFeatures, batch_size: int,
-                   device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end logits (fp32, [windows, seq_len]) for every window, in eval mode."""
+                   device: torch.device, precision: str,
+                   forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits (fp32, [windows, seq_len]) for every window, in eval mode (``forward``:
+    as in :func:`train`)."""
+    forward = forward if forward is not None else model
     was_training = model.training
     model.eval()
     starts, ends = [], []
@@ -396,8 +406,8 @@ def predict_logits(model: BertForQuestionAnswering, features: SquadFeatures, bat
                       for name in ("input_ids", "token_type_ids", "attention_mask")}
             mb, layout = batch_to_device(window, device, model.bert.unpad)
             with autocast_context(precision, device):
-                start, end = model(mb["input_ids"], mb["token_type_ids"], mb["attention_mask"],
-                                   unpadded=layout)
+                start, end = forward(mb["input_ids"], mb["token_type_ids"], mb["attention_mask"],
+                                     unpadded=layout)
             starts.append(start.float().cpu())
             ends.append(end.float().cpu())
     finally:
@@ -410,12 +420,13 @@ def predict_logits(model: BertForQuestionAnswering, features: SquadFeatures, bat
 
 def predict_and_evaluate(cfg: DictConfig, model: BertForQuestionAnswering, examples: list[SquadExample],
                          features: SquadFeatures, device: torch.device, outputs: RunOutputs,
-                         step: int) -> dict[str, Any]:
+                         step: int, forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                         ) -> dict[str, Any]:
     """Write predictions.json and nbest_predictions.json; score them if the file has gold answers."""
     throughput = Throughput(device)
     throughput.reset(0, 0)
     start_logits, end_logits = predict_logits(model, features, cfg.predict_batch_size, device,
-                                              cfg.precision.dtype)
+                                              cfg.precision.dtype, forward)
     windows_per_sec, _ = throughput.rates(len(features), 0)
     predictions, nbest = best_spans(examples, features, start_logits, end_logits, cfg.n_best_size,
                                     cfg.max_answer_length)
