@@ -13,6 +13,8 @@ data loader, for each implementation:
   calls, Inductor compiles the GEMMs, embeddings, unpadding, the heads and the loss around them)
 * ``hf``      - ``transformers.BertForPreTraining`` (``attn_implementation="sdpa"``) with
   ``torch.optim.AdamW(fused=True)``: what a user would pick instead; same batches, same precision.
+* ``hf_compile`` - the same transformers model through ``torch.compile`` (what that user gets from
+  ``Trainer(torch_compile=True)``).
 
 FLOPs are counted analytically (``bertrecipes.model.training_flops_per_sample``: 3 x forward matmul
 FLOPs of the encoder, attention, pooler and the MLM head at the masked positions), the same count
@@ -70,6 +72,7 @@ IMPLS = {  # the overrides of each implementation of ours ("hf" is run by run_hf
     "compile_graphs": ["kernel=torch", "compile=true", "compile_mode=reduce-overhead"],
     "triton_compile": ["kernel=triton", "compile=true"],
 }
+HF_IMPLS = ("hf", "hf_compile")  # transformers' model, eager and through torch.compile (run by run_hf)
 FLOPS_FORMULA = ("3 x forward matmul FLOPs per sample (bertrecipes.model.training_flops_per_sample): "
                  "layers x seq x [2(4H^2 + 2HI) + 4 seq H] + preds x 2(H^2 + HV) + 2(H^2 + 2H)")
 
@@ -122,8 +125,9 @@ def run_ours(args, model, seq, micro, steps=None, *, dtype, impl, peak, workdir:
             "skipped_steps": last["skipped_steps"] - (first["skipped_steps"] if len(records) > 1 else 0)}
 
 
-def run_hf(args, model, seq, micro, steps=None, *, dtype, peak, workdir: Path) -> dict:
-    """transformers BertForPreTraining + fused AdamW on the same loader and batches."""
+def run_hf(args, model, seq, micro, steps=None, *, dtype, peak, workdir: Path, compile: bool = False) -> dict:
+    """transformers BertForPreTraining + fused AdamW on the same loader and batches (``compile``:
+    its forward through ``torch.compile``)."""
     import transformers
     from hf_reference import HFUserStep, hf_bert_config
 
@@ -142,6 +146,7 @@ def run_hf(args, model, seq, micro, steps=None, *, dtype, peak, workdir: Path) -
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     net = transformers.BertForPreTraining(hf_bert_config(ours)).to(device).train()
+    forward = torch.compile(net) if compile else net
     user = HFUserStep(net, device, dtype, lr=1e-4, weight_decay=0.01, accumulation=args.accumulation)
     amp_dtype = DTYPES[dtype]
     batches = iter(PretrainingLoader(dataset, micro, seed=cfg.seed, pin_memory=device.type == "cuda"))
@@ -157,9 +162,9 @@ def run_hf(args, model, seq, micro, steps=None, *, dtype, peak, workdir: Path) -
         labels = torch.full_like(b["input_ids"], -100)
         labels.scatter_(1, b["masked_lm_positions"], b["masked_lm_labels"])
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            out = net(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
-                      attention_mask=b["attention_mask"], labels=labels,
-                      next_sentence_label=b["next_sentence_labels"])
+            out = forward(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
+                          attention_mask=b["attention_mask"], labels=labels,
+                          next_sentence_label=b["next_sentence_labels"])
         user.update(out.loss)
 
     micro_steps = steps * args.accumulation  # `steps` optimizer steps per window, as ours
@@ -288,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqs", default="128,512")
     parser.add_argument("--dtypes", default="bf16,fp16")
     parser.add_argument("--impls", default="triton,triton_padded,torch,compile,hf",
-                        help=f"comma list of {', '.join([*IMPLS, 'hf'])}")
+                        help=f"comma list of {', '.join([*IMPLS, *HF_IMPLS])}")
     parser.add_argument("--micro", type=int, default=None,
                         help="micro-batch (default 64 at seq128, 8 at seq512)")
     parser.add_argument("--steps", type=int, default=10, help="steps per window (one warm-up, one measured)")
@@ -320,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":  # kernel=triton runs in Triton's interpreter (chosen before triton loads)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     args.data = shlex.split(args.data)
-    unknown = sorted(set(args.impls.split(",")) - {*IMPLS, "hf"})
+    unknown = sorted(set(args.impls.split(",")) - {*IMPLS, *HF_IMPLS})
     if unknown:
-        print(f"unknown --impls {unknown}; choose from {[*IMPLS, 'hf']}", file=sys.stderr)
+        print(f"unknown --impls {unknown}; choose from {[*IMPLS, *HF_IMPLS]}", file=sys.stderr)
         return 2
     unknown = sorted(set(args.models.split(",")) - set(MODELS))
     if unknown:
@@ -357,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                 for impl in args.impls.split(","):
                     row = {"device": device_name, "dtype": dtype, "model": model, "seq": seq, "micro": micro,
                            "accumulation": args.accumulation, "impl": impl, "matmul_peak_tflops": peak}
-                    if impl == "hf":
-                        once = partial(run_hf, args, model, seq, dtype=dtype, peak=peak, workdir=workdir)
+                    if impl in HF_IMPLS:
+                        once = partial(run_hf, args, model, seq, dtype=dtype, peak=peak, workdir=workdir,
+                                       compile=impl == "hf_compile")
                     else:
                         once = partial(run_ours, args, model, seq, dtype=dtype, impl=impl, peak=peak,
                                        workdir=workdir)
