@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from bertrecipes.checkpoint import CheckpointError, load_checkpoint
 from bertrecipes.engine import train
@@ -210,6 +211,30 @@ def test_previous_checkpoint_survives_a_failed_later_save(make_cfg, tmp_path, mo
 def test_bad_batch_sizes_fail_before_any_work(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="train_batch_size=10.*train_micro_batch_size_per_gpu=4"):
         train(make_cfg(*TINY, "train_batch_size=10", output_dir=tmp_path))
+
+
+@pytest.mark.parametrize("kernel", ["kernel=torch", "kernel=triton"])
+def test_compiled_run_follows_the_eager_run_and_resumes_eagerly(make_cfg, tmp_path, kernel):
+    """``compile=true`` (Inductor; with kernel=triton one graph around the Triton ops, unpadded):
+    the eager run's losses, gradient norms and LAMB coefficients step by step within fp32 rounding
+    (dropout off: Inductor's random numbers are its own), and a checkpoint that an eager run resumes."""
+    triton = kernel == "kernel=triton"
+    if triton:
+        pytest.importorskip("triton")
+    # (the interpreted Triton kernels are slow: one micro-batch per step there)
+    common = [*TINY, kernel, "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0",
+              "total_training_steps=3", *(["train_batch_size=4"] if triton else [])]
+    torch._dynamo.reset()
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    train(make_cfg(*common, "max_steps=3", output_dir=eager))
+    counters.clear()
+    train(make_cfg(*common, "max_steps=2", "compile=true", output_dir=compiled))
+    assert counters["stats"]["unique_graphs"] >= 1  # it did go through Dynamo
+    train(make_cfg(*common, "max_steps=3", "resume=true", output_dir=compiled))  # eager, from its checkpoint
+    a, b = read_metrics(eager), read_metrics(compiled)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for key, rel in (("loss", 1e-4), ("mlm_loss", 1e-4), ("grad_norm", 1e-3), ("lamb_coeff_mean", 1e-3)):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=rel), key
 
 
 def test_unknown_compile_mode_fails_before_any_work_naming_the_modes(make_cfg, tmp_path):
