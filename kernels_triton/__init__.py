@@ -2,6 +2,10 @@
 in-kernel dropout), bias + GELU, bias + dropout + residual + LayerNorm, each with its backward and a
 PyTorch reference, and :class:`TritonBertLayer`, a drop-in for ``BertLayer`` (``kernel=triton``).
 
+Eager calls run through ``torch.autograd.Function``s; inside a ``torch.compile`` graph the same
+launchers run as custom ops (``torch.ops.kernels_triton.*``: forward and backward of each op, with
+fake implementations), so a model on :class:`TritonBertLayer` compiles as one graph.
+
 Depends on torch and triton only. On a machine without a GPU the kernels run in Triton's
 interpreter when ``TRITON_INTERPRET=1`` is set before this package is imported (slow; for tests).
 """
