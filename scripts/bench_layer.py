@@ -9,7 +9,9 @@ mask, fp32 weights under autocast (as ``bertrecipes.engine`` runs). Implementati
 * ``triton-unpad``: the same layer on the batch's real tokens packed ``[tokens, hidden]`` (what
   ``kernel.unpad=true`` runs: varlen attention, no work on padding);
 * ``torch``: ``bertrecipes``' ``BertLayer`` eager (``kernel=torch``, SDPA attention);
-* ``torch.compile``: the same layer through ``torch.compile``;
+* ``triton.compile``: the Triton layer through ``torch.compile`` (one graph: Inductor around the
+  Triton ops, which it calls as custom ops);
+* ``torch.compile``: the torch layer through ``torch.compile``;
 * ``transformers``: Hugging Face's ``BertLayer`` (``attn_implementation="sdpa"``), same weights;
 * ``attn triton`` / ``attn sdpa-flash``: attention alone, our kernel vs SDPA's flash backend (no mask,
   which that backend cannot take), same q/k/v and dropout.
@@ -43,7 +45,7 @@ CHECK_SHAPE = (768, 12, 3072, 128, 8)  # --check: BERT-base layer, seq 128, micr
 CPU_CHECK_SHAPE = (64, 2, 128, 16, 3)  # --check --device cpu: the same rule in Triton's interpreter
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICE = "cuda"
-IMPLS = ("triton", "triton-unpad", "torch", "torch.compile", "transformers")
+IMPLS = ("triton", "triton-unpad", "triton.compile", "torch", "torch.compile", "transformers")
 FLAGS = ("normalize_invertible", "gelu_checkpoint", "attn_dropout_checkpoint", "stochastic_mode")
 
 
@@ -114,12 +116,12 @@ def build(impl: str, config, reference, flags):
     if impl == "torch.compile":
         module = copy.deepcopy(reference)
         return torch.compile(module), module
-    if impl in ("triton", "triton-unpad"):
+    if impl in ("triton", "triton-unpad", "triton.compile"):
         from kernels_triton import TritonBertLayer
 
         module = TritonBertLayer(config, **dict.fromkeys(flags, True)).to(DEVICE)
         module.load_state_dict(reference.state_dict())
-        return module, module
+        return (torch.compile(module) if impl == "triton.compile" else module), module
     module = hf_layer(config, reference.state_dict())
 
     def call(x, mask):  # Hugging Face takes an additive [B, 1, 1, S] mask in the compute dtype
