@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from kernels_triton.utils import OP_TAGS, check_tensors, dropout_seed, interpreter_tiles
+from kernels_triton.utils import check_tensors, dropout_seed, interpreter_tiles, seed_tensor
 
 LOG2E = 1.4426950408889634
 
@@ -57,7 +57,7 @@ def _attn_fwd_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
     stride_mb, stride_lb, stride_lh,
-    nheads, max_seqlen, qk_scale, dropout_p, seed,
+    nheads, max_seqlen, qk_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -74,6 +74,8 @@ def _attn_fwd_kernel(
         seqlen = max_seqlen
     if pid_m * BLOCK_M >= seqlen:
         return
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -159,7 +161,7 @@ def _attn_bwd_kernel(
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_mb, stride_lb, stride_lh,
-    nheads, max_seqlen, sm_scale, qk_scale, dropout_p, seed,
+    nheads, max_seqlen, sm_scale, qk_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DQ_PASS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -179,6 +181,8 @@ def _attn_bwd_kernel(
     fixed = BLOCK_M if DQ_PASS else BLOCK_N
     if pid * fixed >= seqlen:
         return
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     b64 = b.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -263,9 +267,10 @@ def _attn_bwd_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(OUT, seed, max_seqlen, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(OUT, SEED, max_seqlen, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
+    seed = tl.load(SEED)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, max_seqlen, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -361,7 +366,7 @@ class _Layout:
         return mask, cu, stride_mb, flags
 
 
-def _forward(layout: _Layout, q, k, v, scale: float, dropout_p: float, seed: int):
+def _forward(layout: _Layout, q, k, v, scale: float, dropout_p: float, seed: Optional[Tensor]):  # noqa: UP045
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse, stride_lb, stride_lh = layout.new_rowstat(q)
     mask, cu, stride_mb, flags = layout.common(q, dropout_p)
@@ -371,7 +376,7 @@ def _forward(layout: _Layout, q, k, v, scale: float, dropout_p: float, seed: int
         q, k, v, o, lse, mask, cu,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(o),
         stride_mb, stride_lb, stride_lh,
-        layout.nheads, layout.max_seqlen, scale * LOG2E, dropout_p, seed,
+        layout.nheads, layout.max_seqlen, scale * LOG2E, dropout_p, q if seed is None else seed,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
     )
     return o, lse
@@ -394,7 +399,7 @@ def _backward(layout: _Layout, do, q, k, v, o, lse, dq, dk, dv, scale, dropout_p
             *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
             *layout.strides(dq_target), *layout.strides(dk), *layout.strides(dv),
             stride_mb, stride_lb, stride_lh,
-            layout.nheads, layout.max_seqlen, scale, scale * LOG2E, dropout_p, seed)
+            layout.nheads, layout.max_seqlen, scale, scale * LOG2E, dropout_p, q if seed is None else seed)
     block_m, block_n, warps, stages = blocks["dkdv"]
     _attn_bwd_kernel[(triton.cdiv(layout.max_seqlen, block_n), bh)](
         *args, BLOCK_M=block_m, BLOCK_N=block_n, DQ_PASS=False, ATOMIC_DQ=not deterministic,
@@ -410,7 +415,7 @@ def _backward(layout: _Layout, do, q, k, v, o, lse, dq, dk, dv, scale, dropout_p
 
 def _attention_forward(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed):
     """(output, log-sum-exp) of (q, k, v) or of a packed (qkv, None, None)."""
-    check_tensors(q_or_qkv, k, v, key_padding_mask, cu_seqlens)
+    check_tensors(q_or_qkv, k, v, key_padding_mask, cu_seqlens, seed)
     q, k_, v_ = q_or_qkv.unbind(-3) if k is None else (q_or_qkv, k, v)
     layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
     return _forward(layout, q, k_, v_, scale, dropout_p, seed)
@@ -463,13 +468,13 @@ class FlashAttentionFunction(torch.autograd.Function):
 # per call; both run the same launchers.
 
 
-@torch.library.custom_op("kernels_triton::flash_attention", mutates_args=(), tags=OP_TAGS)
+@torch.library.custom_op("kernels_triton::flash_attention", mutates_args=())
 def _attention_op(q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor],  # noqa: UP045
                   key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],  # noqa: UP045
-                  max_seqlen: int, dropout_p: float, scale: float, seed: Tensor, recompute_output: bool,
-                  deterministic: bool) -> tuple[Tensor, Tensor]:
+                  max_seqlen: int, dropout_p: float, scale: float, seed: Optional[Tensor],  # noqa: UP045
+                  recompute_output: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
     return _attention_forward(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale,
-                              int(seed))
+                              seed)
 
 
 @_attention_op.register_fake
@@ -484,13 +489,14 @@ def _(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale
     return q.new_empty(q.shape), lse
 
 
-@torch.library.custom_op("kernels_triton::flash_attention_backward", mutates_args=(), tags=OP_TAGS)
+@torch.library.custom_op("kernels_triton::flash_attention_backward", mutates_args=())
 def _attention_backward_op(do: Tensor, q_or_qkv: Tensor, k: Optional[Tensor], v: Optional[Tensor],  # noqa: UP045
                            key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],  # noqa: UP045
                            o: Optional[Tensor], lse: Optional[Tensor], max_seqlen: int,  # noqa: UP045
-                           dropout_p: float, scale: float, seed: Tensor, deterministic: bool) -> list[Tensor]:
+                           dropout_p: float, scale: float, seed: Optional[Tensor],  # noqa: UP045
+                           deterministic: bool) -> list[Tensor]:
     return list(_attention_backward(do, q_or_qkv, k, v, key_padding_mask, cu_seqlens, o, lse, max_seqlen,
-                                    dropout_p, scale, int(seed), deterministic))
+                                    dropout_p, scale, seed, deterministic))
 
 
 @_attention_backward_op.register_fake
@@ -525,9 +531,8 @@ def _attention(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout
     """The one entry of the public functions: eager, or the custom op inside a torch.compile graph."""
     head_dim = q_or_qkv.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    compiling = torch.compiler.is_compiling()
-    seed = dropout_seed(dropout_p, seed, as_tensor=compiling)
-    if compiling:
+    seed = dropout_seed(dropout_p, seed, q_or_qkv.device)
+    if torch.compiler.is_compiling():
         o, _ = _attention_op(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen or 0, float(dropout_p),
                              scale, seed, recompute_output, deterministic)
         return o
@@ -538,7 +543,8 @@ def _attention(q_or_qkv, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout
 def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None,
                     recompute_output=False, deterministic=True):
     """Attention of q, k, v [B, S, heads, head_dim]; key_padding_mask bool [B, S], True = real key.
-    ``seed`` fixes the dropout mask (default: drawn from torch's CPU generator)."""
+    ``seed`` (an int, or a one-integer tensor) fixes the dropout mask (default: drawn from torch's
+    generator of the inputs' device, on the device)."""
     return _attention(q, k, v, key_padding_mask, None, None, dropout_p, softmax_scale, seed,
                       recompute_output, deterministic)
 
@@ -566,7 +572,7 @@ def flash_attention_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                       recompute_output, deterministic)
 
 
-def attention_dropout_mask(seed: int, batch: int, nheads: int, seqlen: int, dropout_p: float,
+def attention_dropout_mask(seed: int | Tensor, batch: int, nheads: int, seqlen: int, dropout_p: float,
                            device: torch.device | str) -> torch.Tensor:
     """The keep-mask bool [B, heads, S, S] the kernels use for ``seed`` (for tests: replay it in
     :func:`attention_ref`). For varlen calls, pass ``max_seqlen`` as ``seqlen``."""
@@ -574,7 +580,7 @@ def attention_dropout_mask(seed: int, batch: int, nheads: int, seqlen: int, drop
     check_tensors(out)
     block = 32 if interpreter_tiles() else 64
     _dropout_mask_kernel[(triton.cdiv(seqlen, block), batch * nheads)](
-        out, seed, seqlen, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+        out, seed_tensor(seed, device), seqlen, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return out.bool()
 
 

@@ -34,20 +34,20 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from kernels_triton.utils import (
-    OP_TAGS,
     check_tensors,
     dropout_seed,
     finish_column_sum,
     reduction_programs,
     row_dropout_keep,
     row_tile,
+    seed_tensor,
 )
 
 
 @triton.jit
 def _fwd_kernel(
     X, BIAS, RES, W, B, Z, Y, MEAN, RSTD,
-    M, N, stride_x, stride_res, stride_z, stride_y, eps, dropout_p, seed,
+    M, N, stride_x, stride_res, stride_z, stride_y, eps, dropout_p, SEED,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LN: tl.constexpr, STORE_SUM: tl.constexpr,
 ):
@@ -62,7 +62,8 @@ def _fwd_kernel(
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_DROPOUT:
-            x = tl.where(row_dropout_keep(seed, rows, cols, N, dropout_p), x * (1.0 / (1.0 - dropout_p)), 0.0)
+            keep = row_dropout_keep(tl.load(SEED), rows, cols, N, dropout_p)
+            x = tl.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
         z += x
     if STORE_SUM:
         tl.store(Z + rows64[:, None] * stride_z + cols[None, :], z.to(Z.dtype.element_ty), mask=mask)
@@ -81,7 +82,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_kernel(
     DY, DZ, SAVED, W, B, MEAN, RSTD, DRES, DX, DW, DB, DBIAS,
-    M, N, rows_per_program, stride_dy, stride_dz, stride_saved, stride_dres, stride_dx, dropout_p, seed,
+    M, N, rows_per_program, stride_dy, stride_dz, stride_saved, stride_dres, stride_dx, dropout_p, SEED,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LN: tl.constexpr, HAS_DZ: tl.constexpr, INVERTIBLE: tl.constexpr, ATOMIC: tl.constexpr,
 ):
@@ -95,6 +96,8 @@ def _bwd_kernel(
     acc_dw = tl.zeros([BLOCK_N], tl.float32)
     acc_db = tl.zeros([BLOCK_N], tl.float32)
     acc_dbias = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     for start in range(row_start, row_end, ROWS):
@@ -148,10 +151,10 @@ def _bwd_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(OUT, M, N, dropout_p, seed, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(OUT, M, N, dropout_p, SEED, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
-    keep = row_dropout_keep(seed, rows, cols, N, dropout_p)
+    keep = row_dropout_keep(tl.load(SEED), rows, cols, N, dropout_p)
     tl.store(OUT + rows.to(tl.int64)[:, None] * N + cols[None, :], keep.to(tl.int8),
              mask=(rows < M)[:, None] & (cols < N)[None, :])
 
@@ -162,7 +165,7 @@ def _dropout_mask_kernel(OUT, M, N, dropout_p, seed, ROWS: tl.constexpr, BLOCK_N
 def _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible, out_dtype):
     """(z, y, mean, rstd): z (residual's shape) None when neither returned nor needed by the
     backward; y, and mean and rstd (fp32 per row), None without a LayerNorm."""
-    check_tensors(x, bias, residual, weight, ln_bias)
+    check_tensors(x, bias, residual, weight, ln_bias, seed)
     has_branch, has_ln = x is not None, weight is not None
     n = residual.shape[-1]
     res2 = residual.reshape(-1, n)
@@ -177,7 +180,7 @@ def _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_su
     block_n, rows, warps = row_tile(n)
     _fwd_kernel[(triton.cdiv(m, rows),)](
         *ptrs,
-        m, n, ptrs[0].stride(0), res2.stride(0), n, n, float(eps), dropout_p, seed,
+        m, n, ptrs[0].stride(0), res2.stride(0), n, n, float(eps), dropout_p, res2 if seed is None else seed,
         ROWS=rows, BLOCK_N=block_n, HAS_BRANCH=has_branch, HAS_DROPOUT=has_branch and dropout_p > 0.0,
         HAS_LN=has_ln, STORE_SUM=store_sum, num_warps=warps,
     )
@@ -222,7 +225,7 @@ def _backward(dz_in, dy, saved, weight, ln_bias, mean, rstd, has_branch, inverti
                                                     dw, db, dbias)]
     _bwd_kernel[(programs,)](
         *ptrs,
-        m, n, rows_per_program, n, n, n, n, n, p, seed,
+        m, n, rows_per_program, n, n, n, n, n, p, dres if seed is None else seed,
         ROWS=rows, BLOCK_N=block_n, HAS_BRANCH=has_branch, HAS_DROPOUT=has_branch and p > 0.0,
         HAS_LN=has_ln, HAS_DZ=dz2 is not None, INVERTIBLE=invertible, ATOMIC=not deterministic,
         num_warps=warps,
@@ -281,12 +284,12 @@ def _none_if_empty(t):
     return None if t is None or t.numel() == 0 else t
 
 
-@torch.library.custom_op("kernels_triton::bias_dropout_residual_layernorm", mutates_args=(), tags=OP_TAGS)
+@torch.library.custom_op("kernels_triton::bias_dropout_residual_layernorm", mutates_args=())
 def _op(x: Optional[Tensor], bias: Optional[Tensor], residual: Tensor, weight: Optional[Tensor],  # noqa: UP045
-        ln_bias: Optional[Tensor], eps: float, dropout_p: float, seed: Tensor, return_sum: bool,  # noqa: UP045
+        ln_bias: Optional[Tensor], eps: float, dropout_p: float, seed: Optional[Tensor], return_sum: bool,  # noqa: UP045
         invertible: bool, deterministic: bool,
         out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # noqa: UP045
-    z, y, mean, rstd = _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, int(seed), return_sum,
+    z, y, mean, rstd = _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum,
                                 invertible, out_dtype)
     return tuple(residual.new_empty(0) if t is None else t for t in (z, y, mean, rstd))
 
@@ -303,15 +306,14 @@ def _(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, inve
     return z, y, mean, rstd
 
 
-@torch.library.custom_op("kernels_triton::bias_dropout_residual_layernorm_backward", mutates_args=(),
-                         tags=OP_TAGS)
+@torch.library.custom_op("kernels_triton::bias_dropout_residual_layernorm_backward", mutates_args=())
 def _backward_op(dz: Optional[Tensor], dy: Optional[Tensor], saved: Optional[Tensor],  # noqa: UP045
                  weight: Optional[Tensor], ln_bias: Optional[Tensor], mean: Optional[Tensor],  # noqa: UP045
                  rstd: Optional[Tensor], has_branch: bool, invertible: bool, deterministic: bool,  # noqa: UP045
-                 dropout_p: float, seed: Tensor, x_dtype: Optional[torch.dtype],  # noqa: UP045
+                 dropout_p: float, seed: Optional[Tensor], x_dtype: Optional[torch.dtype],  # noqa: UP045
                  bias_dtype: Optional[torch.dtype], res_dtype: torch.dtype) -> list[Tensor]:  # noqa: UP045
     grads = _backward(dz, dy, saved, weight, ln_bias, mean, rstd, has_branch, invertible, deterministic,
-                      dropout_p, int(seed), x_dtype, bias_dtype, res_dtype)
+                      dropout_p, seed, x_dtype, bias_dtype, res_dtype)
     if weight is None:
         grads = grads[:2]  # dresidual is dz: the autograd formula passes it on
     return [g for g in grads if g is not None]
@@ -360,9 +362,8 @@ _op.register_autograd(_op_backward, setup_context=_setup_context)
 def _apply(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible, deterministic,
            out_dtype):
     """Eager: the autograd.Function; inside a torch.compile graph: the custom op."""
-    compiling = torch.compiler.is_compiling()
-    seed = dropout_seed(dropout_p, seed, as_tensor=compiling)
-    if not compiling:
+    seed = dropout_seed(dropout_p if x is not None else 0.0, seed, residual.device)
+    if not torch.compiler.is_compiling():
         return BiasDropoutResidualLayerNormFunction.apply(x, bias, residual, weight, ln_bias, eps,
                                                           float(dropout_p), seed, return_sum, invertible,
                                                           deterministic, out_dtype)
@@ -387,17 +388,18 @@ def bias_dropout_residual(x, bias, residual, dropout_p=0.0, *, seed=None, determ
 
 def layer_norm(x, weight, bias, eps=1e-12, *, invertible=False, deterministic=True, out_dtype=None):
     """LayerNorm over the last dimension; output in ``out_dtype`` (default x's dtype)."""
-    return _apply(None, None, x, weight, bias, eps, 0.0, 0, False, invertible, deterministic,
+    return _apply(None, None, x, weight, bias, eps, 0.0, None, False, invertible, deterministic,
                   out_dtype or x.dtype)
 
 
-def row_dropout_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:
+def row_dropout_mask(seed: int | Tensor, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:
     """The keep-mask bool [rows, cols] these kernels use for ``seed`` on a [rows, cols] input."""
     out = torch.empty(rows, cols, device=device, dtype=torch.int8)
     check_tensors(out)
     block_n, tile_rows, _ = row_tile(cols)
-    _dropout_mask_kernel[(triton.cdiv(rows, tile_rows),)](out, rows, cols, float(dropout_p), seed,
-                                                          ROWS=tile_rows, BLOCK_N=block_n)
+    _dropout_mask_kernel[(triton.cdiv(rows, tile_rows),)](out, rows, cols, float(dropout_p),
+                                                          seed_tensor(seed, device), ROWS=tile_rows,
+                                                          BLOCK_N=block_n)
     return out.bool()
 
 

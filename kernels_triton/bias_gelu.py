@@ -24,7 +24,6 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from kernels_triton.utils import (
-    OP_TAGS,
     check_tensors,
     finish_column_sum,
     interpreter_tiles,
@@ -188,7 +187,7 @@ class BiasGeluLinearFunction(torch.autograd.Function):
 # whole model, no Triton in Dynamo's tracing); eager calls take the autograd.Functions above.
 
 
-@torch.library.custom_op("kernels_triton::bias_gelu", mutates_args=(), tags=OP_TAGS)
+@torch.library.custom_op("kernels_triton::bias_gelu", mutates_args=())
 def _gelu_op(x: Tensor, bias: Tensor, deterministic: bool) -> Tensor:
     return bias_gelu_forward(x, bias)
 
@@ -198,7 +197,7 @@ def _(x, bias, deterministic):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("kernels_triton::bias_gelu_backward", mutates_args=(), tags=OP_TAGS)
+@torch.library.custom_op("kernels_triton::bias_gelu_backward", mutates_args=())
 def _gelu_backward_op(dy: Tensor, x: Tensor, bias: Tensor, deterministic: bool) -> tuple[Tensor, Tensor]:
     return bias_gelu_backward(dy, x, bias, deterministic)
 
@@ -222,7 +221,7 @@ def _gelu_op_backward(ctx, dy):
 _gelu_op.register_autograd(_gelu_op_backward, setup_context=_gelu_setup_context)
 
 
-@torch.library.custom_op("kernels_triton::bias_gelu_linear", mutates_args=(), tags=OP_TAGS)
+@torch.library.custom_op("kernels_triton::bias_gelu_linear", mutates_args=())
 def _linear_op(x: Tensor, bias: Tensor, weight: Tensor, checkpoint: bool,
                deterministic: bool) -> tuple[Tensor, Tensor]:
     return _linear_forward(x, bias, weight)
@@ -233,7 +232,7 @@ def _(x, bias, weight, checkpoint, deterministic):
     return x.new_empty((*x.shape[:-1], weight.shape[0])), torch.empty_like(x)
 
 
-@torch.library.custom_op("kernels_triton::bias_gelu_linear_backward", mutates_args=(), tags=OP_TAGS)
+@torch.library.custom_op("kernels_triton::bias_gelu_linear_backward", mutates_args=())
 def _linear_backward_op(dout: Tensor, x: Tensor, bias: Tensor, weight: Tensor,
                         act: Optional[Tensor], deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:  # noqa: UP045
     return _linear_backward(dout, x, bias, weight, act, deterministic)

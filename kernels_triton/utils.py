@@ -67,28 +67,36 @@ def check_tensors(*tensors: torch.Tensor | None) -> None:
             raise ValueError(f"kernels_triton needs a unit stride in the last dimension, got {t.stride()}")
 
 
-# The tags of this package's custom ops (the Triton ops inside torch.compile graphs). Each reads
-# launch arguments on the host (the dropout seed from its CPU tensor, tile sizes from shapes), which
-# a CUDA-graph capture would freeze at their first values: the same dropout mask at every replay. So
-# Inductor must keep them out of CUDA graphs (with graph partitioning, it graphs what lies between).
-OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+def dropout_seed(dropout_p: float, seed: int | torch.Tensor | None,
+                 device: torch.device | str) -> torch.Tensor | None:
+    """The dropout seed of one call as an int64 tensor [1] on ``device`` (the kernels load it from
+    there), or None without dropout: ``seed`` when given, else one drawn by ``torch.randint`` from
+    torch's generator of that device (reproducible under ``torch.manual_seed``, saved and restored
+    with the other RNG states).
 
-
-def dropout_seed(dropout_p: float, seed: int | None, as_tensor: bool = False) -> int | torch.Tensor:
-    """The dropout seed of one call: ``seed``, or, when it is None and there is dropout, one drawn
-    from torch's CPU generator (reproducible under ``torch.manual_seed``, saved and restored with the
-    other RNG states, and no device synchronisation); 0 without dropout.
-
-    ``as_tensor`` gives it as an int64 CPU tensor [1] instead, for the custom ops a
-    ``torch.compile`` graph calls: there a host int would be a constant baked into the graph (the
-    same mask every step), and reading a drawn one back a graph break. The draw is the same call
-    either way, so eager and compiled runs consume the generator alike."""
+    The host never reads it: no synchronisation in eager runs, no constant baked into a
+    ``torch.compile`` graph (the draw is an op of the graph, a new seed every call), and a CUDA-graph
+    capture records the draw itself, so every replay draws a new seed (torch's CUDA generator is
+    graph-safe) instead of replaying the first call's dropout mask."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if seed is None and dropout_p > 0:
-        drawn = torch.randint(0, 2**31 - 1, (1,))
-        return drawn if as_tensor else int(drawn.item())
-    return torch.tensor([int(seed or 0)]) if as_tensor else int(seed or 0)
+    if dropout_p == 0.0:
+        return None
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), device=device)
+    return seed_tensor(seed, device)
+
+
+def seed_tensor(seed: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A given seed (an int in [0, 2**32) or a one-integer tensor) as the kernels take it."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype == torch.bool:
+            raise ValueError(f"a dropout seed tensor must hold one integer, got {seed.dtype} "
+                             f"{tuple(seed.shape)}")
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    if not 0 <= int(seed) < 2**32:
+        raise ValueError(f"a dropout seed must be in [0, 2**32), got {seed}")
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 
 @functools.cache

@@ -11,6 +11,9 @@ data loader, for each implementation:
 * ``compile_graphs`` - ``compile=true compile_mode=reduce-overhead`` (the same, replayed as CUDA graphs)
 * ``triton_compile`` - ``kernel=triton compile=true`` (one graph: the Triton ops are custom ops it
   calls, Inductor compiles the GEMMs, embeddings, unpadding, the heads and the loss around them)
+* ``triton_graphs`` - ``kernel=triton kernel.unpad=false compile=true compile_mode=reduce-overhead``
+  (the same on the padded batch, whose fixed shapes let the whole step, Triton ops included, replay
+  as CUDA graphs)
 * ``hf``      - ``transformers.BertForPreTraining`` (``attn_implementation="sdpa"``) with
   ``torch.optim.AdamW(fused=True)``: what a user would pick instead; same batches, same precision.
 * ``hf_compile`` - the same transformers model through ``torch.compile`` (what that user gets from
@@ -43,6 +46,7 @@ start after it, so a run cut short still leaves every finished row on disk.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -71,6 +75,7 @@ IMPLS = {  # the overrides of each implementation of ours ("hf" is run by run_hf
     "compile": ["kernel=torch", "compile=true"],
     "compile_graphs": ["kernel=torch", "compile=true", "compile_mode=reduce-overhead"],
     "triton_compile": ["kernel=triton", "compile=true"],
+    "triton_graphs": ["kernel=triton", "kernel.unpad=false", "compile=true", "compile_mode=reduce-overhead"],
 }
 HF_IMPLS = ("hf", "hf_compile")  # transformers' model, eager and through torch.compile (run by run_hf)
 FLOPS_FORMULA = ("3 x forward matmul FLOPs per sample (bertrecipes.model.training_flops_per_sample): "
@@ -117,6 +122,9 @@ def run_ours(args, model, seq, micro, steps=None, *, dtype, impl, peak, workdir:
         torch.cuda.reset_peak_memory_stats()
     train(cfg, out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if len(records) < 2 or records[-1]["step"] != 2 * (steps or args.steps):  # e.g. SIGTERM: a clean stop
+        raise RuntimeError(f"the run stopped at step {records[-1]['step'] if records else 0} of "
+                           f"{2 * (steps or args.steps)}, before the end of its measured window")
     first, last = records[0], records[-1]  # the warm-up window, the measured one
     return {"samples_per_sec": last["samples_per_sec"], "tflops": last.get("tflops"), "mfu": last.get("mfu"),
             "peak_memory_gb": last.get("max_memory_gb"),
@@ -191,15 +199,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def is_oom(error: BaseException) -> bool:
+    """Out of device memory: torch's allocator error, or a library's own (Triton loading a kernel,
+    cuBLAS creating a workspace) as a RuntimeError naming it."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def free_memory() -> None:
+    """Give back what a failed run left (its tensors are only freed once their cycles are collected)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def peak_or_oom(fn: Callable[[int], dict], micro: int) -> float | None:
     """Peak memory (GB) of ``fn(micro)``, or None when it runs out of memory."""
     try:
         return fn(micro).get("peak_memory_gb") or 0.0
-    except torch.cuda.OutOfMemoryError:
-        return None
+    except RuntimeError as e:
+        if is_oom(e):
+            return None
+        raise
     finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
 
 def largest_micro(peak_at: Callable[[int], float | None], start: int, capacity_gb: float | None,
@@ -353,6 +376,18 @@ def main(argv: list[str] | None = None) -> int:
 
             write_json_atomic(args.json, {"meta": meta, "rows": rows})
 
+    rows_total = len(args.dtypes.split(",")) * len(args.models.split(",")) * len(args.seqs.split(",")) * len(
+        args.impls.split(","))
+
+    def probe_budget() -> Callable[[], bool]:
+        """out_of_time for one row's micro-batch probes: an even share of what is left of the budget
+        among this row and those after it, so one implementation's probes cannot starve the next."""
+        if args.time_budget is None:
+            return out_of_time
+        left = args.time_budget - (time.monotonic() - started)
+        deadline = time.monotonic() + left / (rows_total - len(rows) + 1)
+        return lambda: out_of_time() or time.monotonic() > deadline
+
     for dtype in args.dtypes.split(","):
         peak = args.peak_tflops or (None if out_of_time() else measure_peak(args.device, dtype))
         meta.setdefault("matmul_peak_tflops", {})[dtype] = peak
@@ -373,19 +408,32 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         try:
                             row.update(once(micro))
-                        except torch.cuda.OutOfMemoryError:
-                            row["error"] = "OOM"
                         except Exception as e:  # one failing implementation must not hide the others
-                            row["error"] = f"{type(e).__name__}: {e}"[:300]
-                    if args.find_max_micro and "samples_per_sec" in row:
-                        found = largest_micro(partial(peak_or_oom, partial(once, steps=args.probe_steps)),
-                                              micro, capacity, args.micro_resolution, out_of_time=out_of_time,
-                                              known={micro: row.get("peak_memory_gb") or 0.0})
-                        row.update(max_micro=found["max_micro"], oom_micro=found["oom_micro"],
-                                   max_micro_closed=found["closed"], max_micro_probes=found["probes"])
+                            row["error"] = "OOM" if is_oom(e) else f"{type(e).__name__}: {e}"[:300]
+                            free_memory()
+                    probe_out_of_time = probe_budget()
                     rows.append(row)
+                    save()  # the row stands even if its probes are cut short
+                    if args.find_max_micro and "samples_per_sec" in row:
+                        probes = [(micro, row.get("peak_memory_gb") or 0.0)]
+
+                        def probe(m, once=once, row=row, probes=probes):
+                            peak_gb = peak_or_oom(partial(once, steps=args.probe_steps), m)
+                            probes.append((m, peak_gb))
+                            row["max_micro_probes"] = list(probes)
+                            save()
+                            return peak_gb
+
+                        try:
+                            found = largest_micro(probe, micro, capacity, args.micro_resolution,
+                                                  out_of_time=probe_out_of_time, known=dict(probes))
+                            row.update(max_micro=found["max_micro"], oom_micro=found["oom_micro"],
+                                       max_micro_closed=found["closed"], max_micro_probes=found["probes"])
+                        except Exception as e:  # a probe that fails otherwise than by OOM
+                            row["max_micro_error"] = f"{type(e).__name__}: {e}"[:300]
+                            free_memory()
+                        save()
                     print_row(row, header=len(rows) == 1)
-                    save()
     if args.json:
         print(f"wrote {args.json}")
     return 0

@@ -5,23 +5,25 @@
     python scripts/bench_squad.py --squad-file dev-v1.1.json --vocab-file vocab.txt   # real padding
     python scripts/bench_squad.py --device cpu --models tiny --micro-batches 2 --seq 64   # smoke test
 
-Each cell times full training steps of ``BertForQuestionAnswering`` as ``python -m bertrecipes.squad``
-runs them (forward under autocast, QA loss, scaled backward, unscale, global-norm clip, Adam step,
-zero) after ``--warmup`` untimed steps. Kernels: ``torch``, ``torch_unpad`` (``kernel.unpad=true``),
-``triton`` (unpadded, varlen attention), ``triton_padded``, ``compile`` (``torch.compile`` of the
-torch model), ``triton_compile`` (of the unpadded Triton model: one graph calling the Triton ops;
-``compile=true kernel=triton``), and ``hf``: transformers' ``BertForQuestionAnswering`` (sdpa) with
+Each cell times full training steps of ``BertForQuestionAnswering`` as ``python -m
+bertrecipes.squad`` runs them (forward under autocast, QA loss, scaled backward, unscale,
+global-norm clip, Adam step, zero) after ``--warmup`` untimed steps. Kernels: ``torch``,
+``torch_unpad`` (``kernel.unpad=true``), ``triton`` (unpadded, varlen attention), ``triton_padded``,
+``compile`` (``torch.compile`` of the torch model), ``triton_compile`` (of the unpadded Triton
+model: one graph calling the Triton ops; ``compile=true kernel=triton``), ``compile_graphs`` and
+``triton_graphs`` (the padded torch and Triton models with ``compile_mode=reduce-overhead``: the
+step replays as CUDA graphs), and ``hf``: transformers' ``BertForQuestionAnswering`` (sdpa) with
 ``torch.optim.AdamW`` (fused on CUDA) and ``GradScaler``, the reference user's choice, on the same
 windows. The windows hold random token ids; without ``--squad-file`` every window is full (``--seq``
-real tokens, so unpadding has nothing to skip); with it, each micro-batch takes the attention masks of
-real SQuAD windows (features built as ``python -m bertrecipes.squad`` builds them, shuffled), so the
-padding is what training meets. TFLOP/s counts ``qa_training_flops_per_sample`` on the padded shape
-for every kernel (so skipped padding shows as more samples/s); MFU divides by a large matmul measured
-in the same run (or ``--peak-tflops``). A micro-batch that runs out of memory is marked OOM (and the
-larger ones are not tried); a kernel that cannot be built (``kernel=triton`` without triton) is marked
-unavailable. Prints a table; ``--json`` is rewritten after every cell with the device, dtype and
-shapes, so a quoted figure can name what produced it and a run cut short keeps what it measured.
-"""
+real tokens, so unpadding has nothing to skip); with it, each micro-batch takes the attention masks
+of real SQuAD windows (features built as ``python -m bertrecipes.squad`` builds them, shuffled), so
+the padding is what training meets. TFLOP/s counts ``qa_training_flops_per_sample`` on the padded
+shape for every kernel (so skipped padding shows as more samples/s); MFU divides by a large matmul
+measured in the same run (or ``--peak-tflops``). A micro-batch that runs out of memory is marked OOM
+(and the larger ones are not tried); a kernel that cannot be built (``kernel=triton`` without
+triton) is marked unavailable. Prints a table; ``--json`` is rewritten after every cell with the
+device, dtype and shapes, so a quoted figure can name what produced it and a run cut short keeps
+what it measured."""
 
 from __future__ import annotations
 
@@ -52,7 +54,10 @@ VOCAB_SIZE = 30522  # bert-base/large-uncased
 # name -> (kernel.name, kernel.unpad); hf is transformers'
 KERNELS = {"torch": ("torch", False), "torch_unpad": ("torch", True), "triton": ("triton", True),
            "triton_padded": ("triton", False), "compile": ("torch", False),
-           "triton_compile": ("triton", True), "hf": None}
+           "triton_compile": ("triton", True), "compile_graphs": ("torch", False),
+           "triton_graphs": ("triton", False), "hf": None}
+COMPILE_MODES = {"compile": "default", "triton_compile": "default", "compile_graphs": "reduce-overhead",
+                 "triton_graphs": "reduce-overhead"}  # the kernels run through torch.compile
 
 
 def real_window_masks(squad_file: Path, vocab_file: Path, seq: int) -> torch.Tensor:
@@ -95,7 +100,7 @@ def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
     kernel_name, unpad = KERNELS[kernel]
     layer_factory = build_layer_factory(OmegaConf.structured(KernelConfig(name=kernel_name)))
     model = BertForQuestionAnswering(config, layer_factory=layer_factory, unpad=unpad).to(device).train()
-    forward = torch.compile(model) if kernel in ("compile", "triton_compile") else model
+    forward = torch.compile(model, mode=COMPILE_MODES[kernel]) if kernel in COMPILE_MODES else model
     optimizer = Adam(build_param_groups(model, 0.0), lr=3e-5, bias_correction=False)
     params = [p for p in model.parameters() if p.requires_grad]
     # fp16: the recipe's dynamic scale from 2^16 (a static one would skip every step after an overflow)

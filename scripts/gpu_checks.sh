@@ -13,7 +13,8 @@
 #   optim        the optimizer step alone at BERT-large's shapes against its memory floor (bench_optimizer.py)
 #   profile      where a step's time goes (profile_step.py): BERT-large triton at seq128 and seq512
 #   maxmicro     the largest micro-batch at seq512, triton and hf
-#   compile      torch.compile at seq128 x 64 (of transformers' model, of ours on torch, of ours on the Triton ops)
+#   compile      torch.compile at seq128 x 64 (of transformers' model, of ours on torch, of ours on the Triton ops,
+#                unpadded, then padded and replayed as CUDA graphs)
 #   squad        bench_squad BERT-large seq384 x 32 bf16, real SQuAD dev padding: triton, torch, hf
 #   tests        the Triton kernels' pytest suite on CUDA
 #   extra        accumulation 8, fp16 and BERT-base rows, the layer timings
@@ -112,7 +113,8 @@ stage_profile() {
 stage_maxmicro()    { bench --models $large --seqs $s512 --dtypes bf16 --impls triton,hf --steps 2 \
                         --find-max-micro --time-budget "$((cap - 30))" \
                         --json "$results/pretrain_large_seq512_maxmicro.json"; }
-stage_compile()     { bench --models $large --seqs $s128 --dtypes bf16 --impls hf_compile,compile,triton_compile \
+stage_compile()     { bench --models $large --seqs $s128 --dtypes bf16 \
+                        --impls hf_compile,compile,triton_compile,triton_graphs \
                         --time-budget "$((cap - 90))" --json "$results/pretrain_large_seq128_compile.json"; }
 stage_squad() {
   # shellcheck disable=SC2086

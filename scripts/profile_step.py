@@ -38,6 +38,17 @@ def device_time_us(event) -> float:
     return 0.0
 
 
+def is_kernel(event) -> bool:
+    """A GPU kernel (or copy/memset) row, not a host-side row. Host rows (``aten::*``, custom ops,
+    ``Optimizer.step#...``) carry the device time of the kernels they launched, and with CUDA
+    activity the profiler also records GPU-side spans of ``ProfilerStep*`` and other user
+    annotations: counting either would count those kernels twice."""
+    from torch.autograd import DeviceType
+
+    return (getattr(event, "device_type", None) == DeviceType.CUDA
+            and not getattr(event, "is_user_annotation", False))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     for event in events:
         per_step.append({"name": event.key, "calls": event.count / args.steps,
                          "device_ms": device_time_us(event) / 1e3 / args.steps,
-                         "host_ms": event.self_cpu_time_total / 1e3 / args.steps})
+                         "host_ms": event.self_cpu_time_total / 1e3 / args.steps,
+                         "kernel": is_kernel(event)})
     key = "device_ms" if on_cuda else "host_ms"
     per_step.sort(key=lambda e: -e[key])
-    kernels = [e for e in per_step if e["device_ms"] > 0 and not e["name"].startswith("aten::")
-               and not e["name"].startswith("autograd::")]
+    kernels = [e for e in per_step if e["kernel"]]
     device_ms = sum(e["device_ms"] for e in kernels)
     summary = {"model": args.model, "seq": args.seq, "micro": micro, "dtype": args.dtype, "impl": args.impl,
                "device": torch.cuda.get_device_name() if on_cuda else "cpu",

@@ -93,25 +93,38 @@ def run(attention, qkv, cu, seq, dropout, do):
 
 
 def time_kind(attention, kind, qkv, cu, seq, dropout, do, iters, device) -> float:
-    """Median ms of the forward (``fwd``) or of the backward (``dkdv``, ``dq``: both backward
-    kernels run; only the one under test changes)."""
-    times = []
+    """ms per call of the forward (``fwd``) or of the backward (``dkdv``, ``dq``: both backward
+    kernels run; only the one under test changes). On a GPU, the kernels' own time from the
+    profiler, summed over ``iters`` calls: one BERT attention kernel runs for tens of microseconds,
+    less than the host needs to launch it, so a wall clock around each call would time the host.
+    On a CPU (the interpreter), the median wall time of a call."""
     if kind == "fwd":
-        with torch.no_grad():
-            for _ in range(iters):
-                sync(device)
-                t0 = time.perf_counter()
+        def call():
+            with torch.no_grad():
                 attention.flash_attention_varlen_qkvpacked(qkv, cu, seq, dropout, seed=1234)
-                sync(device)
-                times.append(time.perf_counter() - t0)
     else:
         out = attention.flash_attention_varlen_qkvpacked(qkv, cu, seq, dropout, seed=1234)
-        for _ in range(iters):
-            sync(device)
-            t0 = time.perf_counter()
+
+        def call():
             torch.autograd.grad(out, qkv, do, retain_graph=True)
+    if device.type == "cuda":
+        from profile_step import device_time_us, is_kernel
+        from torch.profiler import ProfilerActivity, profile
+
+        call()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                call()
             sync(device)
-            times.append(time.perf_counter() - t0)
+        return sum(device_time_us(e) for e in prof.key_averages() if is_kernel(e)) / 1e3 / iters
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        call()
+        sync(device)
+        times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
 
@@ -121,10 +134,25 @@ def agrees(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, tor
                for a, b in zip(got, want, strict=True))
 
 
-def tune(args, shapes, candidates, device, dtype) -> tuple[dict, list[dict]]:
+def winners(timings: dict, cases: dict, min_gain: float) -> dict[str, dict]:
+    """The table: per shape key and kernel, the fastest tile, where it beats the default's time by
+    more than ``min_gain``."""
+    table: dict[str, dict] = {}
+    for (name, kind), times in timings.items():
+        default_ms = times.get(tuple(cases[name][5][kind]))
+        best = min(times, key=times.get)
+        if default_ms and times[best] < default_ms * (1 - min_gain):
+            table.setdefault(cases[name][6], {})[kind] = list(best)
+    return table
+
+
+def tune(args, shapes, candidates, device, dtype, started: float,
+         save=lambda table, report: None) -> tuple[dict, list[dict]]:
     """Try the tiles round-robin over the kernels (the i-th candidate of each kernel, then the
-    i+1-th), each at every shape, so a spent time budget leaves every kernel some candidates; the
-    defaults go first. Returns the table of winners and every trial."""
+    i+1-th), each at every shape, so a spent time budget (``args.time_budget`` seconds from
+    ``started``, a ``time.perf_counter()``) leaves every kernel some candidates; the defaults go
+    first. ``save`` gets the table and the report after every trial (a stage killed mid-way keeps
+    what it measured). Returns the table of winners and every trial."""
     from kernels_triton import attention
 
     cases = {}
@@ -139,7 +167,6 @@ def tune(args, shapes, candidates, device, dtype) -> tuple[dict, list[dict]]:
     tried = {kind: [defaults[kind]] + [c for c in candidates[kind] if c != defaults[kind]] for kind in kinds}
     timings: dict[tuple[str, str], dict[tuple, float]] = {}
     report: list[dict] = []
-    start = time.perf_counter()
     for i in range(max(len(t) for t in tried.values())):
         for kind in kinds:
             if i >= len(tried[kind]):
@@ -147,7 +174,7 @@ def tune(args, shapes, candidates, device, dtype) -> tuple[dict, list[dict]]:
             blocks = tried[kind][i]
             for name, (qkv, cu, do, seq, want, _, key) in cases.items():
                 entry = {"shape": name, "key": key, "kernel": kind, "blocks": list(blocks)}
-                if time.perf_counter() - start > args.time_budget:
+                if time.perf_counter() - started > args.time_budget:
                     report.append(entry | {"status": "budget"})
                     continue
                 try:
@@ -163,14 +190,11 @@ def tune(args, shapes, candidates, device, dtype) -> tuple[dict, list[dict]]:
                 except Exception as e:  # out of resources, an invalid tile: not a candidate here
                     entry |= {"status": "failed", "reason": f"{type(e).__name__}: {str(e)[:200]}"}
                 report.append(entry)
+                save(winners(timings, cases, args.min_gain), report)
                 detail = f"{entry['ms']:8.3f} ms" if "ms" in entry else entry.get("reason", "")[:60]
                 print(f"{name:7} {kind:5} {str(tuple(blocks)):20} {entry['status']:6} {detail}", flush=True)
-    table: dict[str, dict] = {}
-    for (name, kind), times in timings.items():
-        default_ms = times.get(tuple(cases[name][5][kind]))
-        best = min(times, key=times.get)
-        if default_ms and times[best] < default_ms * (1 - args.min_gain):
-            table.setdefault(cases[name][6], {})[kind] = list(best)
+    table = winners(timings, cases, args.min_gain)
+    save(table, report)
     return table, report
 
 
@@ -185,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest difference from the default tiles, relative to the output's scale")
     parser.add_argument("--min-gain", type=float, default=0.03, help="fraction a tile must save to be kept")
     parser.add_argument("--time-budget", type=float, default=float("inf"),
-                        help="seconds; the tiles left when it is spent are skipped")
+                        help="seconds from the start; the tiles left when it is spent are skipped")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and tiles (for the interpreter)")
     parser.add_argument("--out", type=Path, default=None,
                         help="the table, for $KERNELS_TRITON_ATTENTION_BLOCKS")
     parser.add_argument("--json", type=Path, default=None, help="every timing")
     args = parser.parse_args(argv)
+    started = time.perf_counter()  # the budget counts the imports and the default tiles' compiles too
     device = torch.device(args.device)
     if device.type == "cpu":  # the kernels run in Triton's interpreter (chosen before triton loads)
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -199,16 +224,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     shapes, candidates = (SMOKE_SHAPES, SMOKE_CANDIDATES) if args.smoke else (SHAPES, CANDIDATES)
-    table, report = tune(args, shapes, candidates, device, DTYPES[args.dtype])
-    print("tuned:", json.dumps(table) if table else "nothing beats the defaults")
     from bertrecipes.atomic import write_json_atomic
 
-    if args.out:
-        write_json_atomic(args.out, table)
-    if args.json:
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        write_json_atomic(args.json, {"kind": "attention_tiles", "device": where, "dtype": args.dtype,
-                                      "table": table, "results": report})
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+    def save(table: dict, report: list[dict]) -> None:
+        if args.out:
+            write_json_atomic(args.out, table)
+        if args.json:
+            write_json_atomic(args.json, {"kind": "attention_tiles", "device": where, "dtype": args.dtype,
+                                          "table": table, "results": report})
+
+    table, _ = tune(args, shapes, candidates, device, DTYPES[args.dtype], started, save)
+    print("tuned:", json.dumps(table) if table else "nothing beats the defaults")
     return 0
 
 

@@ -25,3 +25,20 @@ def test_window_holds_the_recorded_steps(tmp_path, data_cache):
     calls = {e["name"]: e["calls"] for e in summary["top"]}
     assert calls["Optimizer.step#Lamb.step"] == 1.0
     assert calls["aten::gelu_backward"] == 3.0  # bert_tiny: 2 layers + the MLM head, one micro-batch
+
+
+def test_kernel_time_counts_device_rows_only():
+    """Host rows (an ``aten::`` op, a custom op, ``Optimizer.step#...``) carry the device time of
+    the kernels they launched, and a user annotation's GPU-side span covers the whole step: only
+    device rows that are not annotations are kernels, or their time would be counted twice."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEventAvg
+
+    def event(device_type, annotation=False):
+        e = FunctionEventAvg()
+        e.device_type, e.is_user_annotation = device_type, annotation
+        return e
+
+    assert profile_step.is_kernel(event(DeviceType.CUDA))
+    assert not profile_step.is_kernel(event(DeviceType.CUDA, annotation=True))  # ProfilerStep#3 on the GPU
+    assert not profile_step.is_kernel(event(DeviceType.CPU))  # kernels_triton::flash_attention

@@ -9,7 +9,9 @@ graph calls as it is, so ``kernel=triton compile=true`` compiles the whole model
   count that changes between steps. Against the eager layer, which runs the autograd.Functions:
   bit for bit under ``aot_eager`` (the graph draws the dropout seeds from the same generator in
   the same order), and within fp32 rounding under Inductor.
-* The dropout seeds are drawn per call inside the graph, not baked into it as constants.
+* The dropout seeds are drawn per call inside the graph, on the device, not baked into it as
+  constants, and no op reads a tensor on the host: so CUDA graphs (``mode="reduce-overhead"``) can
+  capture the whole step, the Triton ops and their seed draws included (checked on a GPU).
 
 Without a GPU the kernels run in Triton's interpreter (conftest.py selects it).
 """
@@ -36,7 +38,7 @@ def _t(*shape, offset=0.0):
 
 def _op_cases():
     """(id, op, args) in the configurations TritonBertLayer calls."""
-    seed = torch.tensor([7])
+    seed = torch.tensor([7], device=DEVICE)
     mask = (torch.arange(9)[None] < torch.tensor([[9], [4]])).to(DEVICE)
     cu = torch.tensor([0, 9, 13], dtype=torch.int32, device=DEVICE)
     f32 = torch.float32
@@ -56,8 +58,7 @@ def _op_cases():
         ("residual-no-ln", OPS.bias_dropout_residual_layernorm,
          (_t(18, 32), _t(32), _t(18, 32), None, None, 0.0, 0.1, seed, False, False, False, None)),
         ("layer-norm", OPS.bias_dropout_residual_layernorm,
-         (None, None, _t(18, 32), _t(32, offset=1), _t(32), 1e-12, 0.0, torch.tensor([0]), False, True, True,
-          f32)),
+         (None, None, _t(18, 32), _t(32, offset=1), _t(32), 1e-12, 0.0, None, False, True, True, f32)),
         ("bias-gelu", OPS.bias_gelu, (_t(6, 32), _t(32), True)),
         ("bias-gelu-linear-checkpoint", OPS.bias_gelu_linear, (_t(6, 32), _t(32), _t(16, 32), True, True)),
         ("bias-gelu-linear-atomic", OPS.bias_gelu_linear, (_t(6, 32), _t(32), _t(16, 32), False, False)),
@@ -200,10 +201,12 @@ def test_whole_model_compiles_as_one_graph_equal_to_eager(unpad):
             assert torch.equal(got, want), lengths
 
 
-def test_graphs_call_the_ops_and_keep_them_out_of_cuda_graphs():
-    """The forward and backward graphs of the layer call the custom ops, and every one carries
-    ``cudagraph_unsafe``: each reads its dropout seed on the host, which a CUDA-graph capture would
-    freeze (the same mask at every replay), so Inductor must leave them out of its CUDA graphs."""
+def test_graphs_call_the_ops_with_seeds_drawn_on_the_device():
+    """The forward and backward graphs of the layer call the custom ops; the forward draws every
+    dropout seed with an op of the graph on the inputs' device (``randint``, never a constant), and
+    the backward replays the forward's seeds instead of drawing its own. No op is tagged
+    ``cudagraph_unsafe``: nothing in them needs the host, so a CUDA-graph capture records the
+    draws with the kernels and every replay gets new masks."""
     from torch._dynamo.backends.common import aot_autograd
 
     graphs = []
@@ -217,9 +220,64 @@ def test_graphs_call_the_ops_and_keep_them_out_of_cuda_graphs():
     compiled = torch.compile(layer, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
     _layer_step(compiled, layer, x, layout, grad)
     assert len(graphs) == 2  # forward, backward
-    ops = [node.target for gm in graphs for node in gm.graph.nodes
+    forward, backward = (gm.graph for gm in graphs)
+    ops = [node for g in (forward, backward) for node in g.nodes
            if node.op == "call_function" and str(node.target).startswith("kernels_triton.")]
     base = {"flash_attention", "bias_dropout_residual_layernorm", "bias_gelu_linear"}
-    assert {str(op) for op in ops} == {f"kernels_triton.{name}{suffix}.default" for name in base
-                                       for suffix in ("", "_backward")}
-    assert all(torch.Tag.cudagraph_unsafe in op.tags for op in ops)
+    assert {str(node.target) for node in ops} == {f"kernels_triton.{name}{suffix}.default" for name in base
+                                                  for suffix in ("", "_backward")}
+    assert not any(torch.Tag.cudagraph_unsafe in node.target.tags for node in ops)
+
+    draws = [node for node in forward.nodes if node.op == "call_function" and "randint" in str(node.target)]
+    assert len(draws) == 3  # attention, and the two dropout + residual ends
+    assert all(torch.device(node.kwargs["device"]) == x.device for node in draws)
+    seed_arg = {"kernels_triton.flash_attention.default": 8,  # the schemas' seed positions
+                "kernels_triton.bias_dropout_residual_layernorm.default": 7}
+    seeds = [node.args[seed_arg[str(node.target)]] for node in forward.nodes if str(node.target) in seed_arg]
+    assert sorted(map(str, seeds)) == sorted(node.name for node in draws)
+    assert not any(node.op == "call_function" and "randint" in str(node.target) for node in backward.nodes)
+    assert {node.name for node in draws} <= {node.name for node in backward.nodes if node.op == "placeholder"}
+
+
+def test_the_ops_never_read_a_tensor_on_the_host():
+    """Eager and compiled, forward and backward, the ops launch their kernels without reading any
+    tensor's value on the host (a read is a device synchronisation, and a CUDA-graph capture would
+    freeze it): the seeds stay on the device, the kernels load them."""
+    from test_optimizer_step import HostReads
+
+    layer, x, layout, grad = _layer_case(pre_layer_norm=True, unpad=True)
+    with HostReads() as eager:
+        _layer_step(layer, layer, x, layout, grad)
+    with HostReads() as ops:  # the custom ops a compiled graph calls, run one by one
+        for _, op, args in _op_cases():
+            outputs = op(*args)
+            outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs
+            torch.autograd.backward([t for t in outputs if t.requires_grad and t.numel()],
+                                    [torch.ones_like(t) for t in outputs if t.requires_grad and t.numel()])
+    assert eager.sites == []
+    assert ops.sites == []
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_draw_new_masks():
+    """``compile_mode=reduce-overhead kernel=triton kernel.unpad=false``: Inductor captures the
+    layer's forward and backward, Triton ops and seed draws included, as CUDA graphs (no skip), and
+    every replay draws new dropout masks; without dropout the replays equal the eager layer."""
+    from torch._dynamo.utils import counters
+
+    layer, x, layout, grad = _layer_case(pre_layer_norm=False, unpad=False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    steps = [_layer_step(compiled, layer, x, layout, grad) for _ in range(4)]  # 2 recordings, 2 replays
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    for earlier, later in zip(steps, steps[1:], strict=False):
+        assert not torch.equal(earlier["out"], later["out"])
+        assert not torch.equal(earlier["dx"], later["dx"])
+    layer.eval()
+    want = _layer_step(layer, layer, x, layout, grad)
+    for _ in range(3):
+        got = _layer_step(compiled, layer, x, layout, grad)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-4)
+    assert counters["inductor"]["cudagraph_skips"] == 0

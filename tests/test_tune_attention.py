@@ -85,3 +85,24 @@ def test_a_spent_budget_skips_the_rest_and_writes_nothing(tmp_path):
     assert rows and all(r["status"] == "budget" for r in rows)
     assert {r["kernel"] for r in rows} == {"fwd", "dkdv", "dq"}
     assert json.loads((tmp_path / "blocks.json").read_text()) == {}
+
+
+def test_a_run_killed_midway_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The table and the report are rewritten after every trial: a stage timeout that kills the
+    tuner still leaves the tiles it timed (and a usable table) behind."""
+    real_time_kind, calls = tuner.time_kind, []
+
+    def time_kind(*args):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the stage's timeout, mid-trial
+        return real_time_kind(*args)
+
+    monkeypatch.setattr(tuner, "time_kind", time_kind)
+    with pytest.raises(KeyboardInterrupt):
+        tuner.main(smoke_args(tmp_path, "--min-gain", "-100"))
+    rows = json.loads((tmp_path / "report.json").read_text())["results"]
+    assert [(r["kernel"], r["status"]) for r in rows] == [("fwd", "ok"), ("dkdv", "ok")]
+    key = attention.blocks_key(16, torch.float16, 24)
+    assert json.loads((tmp_path / "blocks.json").read_text()) == {
+        key: {r["kernel"]: r["blocks"] for r in rows}}
