@@ -190,6 +190,9 @@ def bench(args) -> list[dict]:
     rows = []
     shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
     for name, hidden, heads, intermediate, seq, batch in shapes:
+        # Dynamo marks a frame dynamic once it saw two shapes: compile each shape from a clean slate,
+        # so the compiled rows time the static graph a run of that shape gets
+        torch._dynamo.reset()
         config = bert_config(hidden, heads, intermediate, args.dropout, args.pre_layer_norm)
         reference = reference_layer(config).train()
         g = torch.Generator(device=DEVICE).manual_seed(1)
@@ -284,9 +287,10 @@ def _attention_grads(fn, qkv, mask, grad, dtype, **kwargs) -> dict[str, torch.Te
     return {"out": out.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
 
 
-def check(args) -> list[dict]:
+def check(args, save=lambda results: None) -> list[dict]:
     """The three-way rule on a BERT-base layer (padding mask, dropout off: the RNGs differ) and on
-    attention alone with dropout, its mask replayed in the reference."""
+    attention alone with dropout, its mask replayed in the reference. ``save`` gets the results so
+    far after every case (a check cut short keeps them)."""
     from bertrecipes.model.bert import unpad_index, unpad_rows
     from kernels_triton import TritonBertLayer, attention_dropout_mask, attention_ref, flash_attention
 
@@ -311,6 +315,7 @@ def check(args) -> list[dict]:
                 got = _layer_grads(ours, x, mask, grad, dtype)
                 case = f"{dtype_name} {order}-LN flags={'all' if flags else 'none'}"
                 results += [{"case": case} | _three_way(n, got[n], same[n], ref[n], args.atol) for n in ref]
+                save(results)
             # unpadded (kernel.unpad=true, the pre-training default): packed real tokens through varlen
             # attention against the padded references at the real rows
             layout = unpad_index(mask.cpu()).to(DEVICE)
@@ -322,6 +327,7 @@ def check(args) -> list[dict]:
             got = _layer_grads(ours, unpad_rows(x, layout), layout, unpad_rows(real_grad, layout), dtype)
             case = f"{dtype_name} {order}-LN unpadded"
             results += [{"case": case} | _three_way(n, got[n], same[n], ref[n], args.atol) for n in ref]
+            save(results)
 
         keep = attention_dropout_mask(1234, batch, heads, seq, 0.1, DEVICE)
         ref = _attention_grads(attention_ref, qkv, mask, grad_attn, torch.float32, dropout_mask=keep)
@@ -329,6 +335,7 @@ def check(args) -> list[dict]:
         got = _attention_grads(flash_attention, qkv, mask, grad_attn, dtype, seed=1234)
         case = f"{dtype_name} attention, dropout replayed"
         results += [{"case": case} | _three_way(n, got[n], same[n], ref[n], args.atol) for n in ref]
+        save(results)
     return results
 
 
@@ -357,8 +364,14 @@ def main(argv=None) -> int:
         return 2
     meta = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
             "triton": __import__("triton").__version__, "args": vars(args)}
+    def save(rows: list[dict]) -> None:
+        if args.json:
+            from bertrecipes.atomic import write_json_atomic
+
+            write_json_atomic(args.json, meta | {"rows": rows})
+
     if args.check:
-        results = check(args)
+        results = check(args, save)
         print_check(results)
         rows, status = results, int(not all(r["ok"] for r in results))
     else:
@@ -367,10 +380,7 @@ def main(argv=None) -> int:
               f"dropout {args.dropout}, {order}-LN, flags {args.flags or 'none'}")
         rows, status = bench(args), 0
         print_table(rows)
-    if args.json:
-        from bertrecipes.atomic import write_json_atomic
-
-        write_json_atomic(args.json, meta | {"rows": rows})
+    save(rows)
     return status
 
 

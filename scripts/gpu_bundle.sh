@@ -15,6 +15,13 @@ if [ ! -d "$shared/data" ]; then
   exit 2
 fi
 "$shared/tools/device-wheels.sh"
+# the hydra-core and omegaconf this checkout is tested with, if newer than device-wheels.sh's pins
+for pkg in hydra-core omegaconf; do
+  v=$(python3 -c "import importlib.metadata as m; print(m.version('$pkg'))" 2>/dev/null) || continue
+  ls .whl/"${pkg//-/_}-$v"-*.whl >/dev/null 2>&1 && continue
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl "$pkg==$v" &&
+    find .whl -name "${pkg//-/_}-*.whl" ! -name "${pkg//-/_}-$v-*.whl" -delete
+done
 mkdir -p .gpu
 install -m 644 "$shared/data/vocab/bert-base-uncased-vocab.txt" .gpu/vocab.txt
 install -m 644 "$shared/data/squad/dev-v1.1.json" .gpu/dev-v1.1.json

@@ -9,12 +9,12 @@
 #   tune         the attention tiles for this GPU (tune_attention.py); the later stages use the table
 #   pretrain128  bench_pretrain BERT-large seq128 x 64 bf16: triton, torch, hf (+ fused AdamW)
 #   pretrain512  the same at seq512 x 8
-#   syncs        host-device synchronisations per optimizer step (sync_check.py): LAMB bf16, Adam fp16
-#   optim        the optimizer step alone at BERT-large's shapes against its memory floor (bench_optimizer.py)
-#   profile      where a step's time goes (profile_step.py): BERT-large triton at seq128 and seq512
 #   maxmicro     the largest micro-batch at seq512, triton and hf
 #   compile      torch.compile at seq128 x 64 (of transformers' model, of ours on torch, of ours on the Triton ops,
 #                unpadded, then padded and replayed as CUDA graphs)
+#   syncs        host-device synchronisations per optimizer step (sync_check.py): LAMB bf16, Adam fp16
+#   optim        the optimizer step alone at BERT-large's shapes against its memory floor (bench_optimizer.py)
+#   profile      where a step's time goes (profile_step.py): BERT-large triton at seq128 and seq512
 #   squad        bench_squad BERT-large seq384 x 32 bf16, real SQuAD dev padding: triton, torch, hf
 #   tests        the Triton kernels' pytest suite on CUDA
 #   extra        accumulation 8, fp16 and BERT-base rows, the layer timings
@@ -164,8 +164,9 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 cat "$results/device.txt"
 
 if [ "$stage" = all ]; then
-  default_stages="check tune pretrain128 pretrain512 syncs optim profile maxmicro compile squad tests extra"
-  $smoke && default_stages="check tune pretrain128 pretrain512 optim profile compile squad extra"  # no OOM, no CUDA tests
+  # the issue's targets first (MFU, vs transformers, the largest micro-batch, vs torch.compile)
+  default_stages="check tune pretrain128 pretrain512 maxmicro compile syncs optim profile squad tests extra"
+  $smoke && default_stages="check tune pretrain128 pretrain512 compile optim profile squad extra"  # no OOM, no CUDA tests
   for name in ${STAGES:-$default_stages}; do
     run_stage "$name"
     tiles="$results/attention_blocks.json"

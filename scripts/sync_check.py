@@ -1,8 +1,8 @@
 """Count the host-device synchronisations of a pre-training optimizer step on CUDA, and say where
 each one comes from.
 
-The engine (``bertrecipes.engine.train``) runs twice on a small BERT, ``--steps`` and then
-2 x ``--steps`` optimizer steps, logging and checkpointing only at the end, under
+After a one-step warm-up run, the engine (``bertrecipes.engine.train``) runs twice on a small BERT,
+``--steps`` and then 2 x ``--steps`` optimizer steps, logging and checkpointing only at the end, under
 ``torch.cuda.set_sync_debug_mode("warn")``, which warns at every operation that makes the host wait
 for the GPU. The second run's count minus the first's, divided by ``--steps``, is the number per
 optimizer step (set-up, warm-up and the final log cancel out). The engine is built to have none with
@@ -88,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"kernel={args.kernel}", f"precision={args.precision}", f"optimizer={args.optimizer}",
                  "model=bert_tiny", "max_seq_length=128", "max_predictions_per_seq=20",
                  f"train_batch_size={micro * args.accumulation}", f"train_micro_batch_size_per_gpu={micro}",
-                 "checkpoint_at_end=false", "progress_bar=false", "device=cuda", "peak_tflops=1"]
+                 "checkpoint_at_end=false", "progress_bar=false", "device=cuda", "peak_tflops=1",
+                 "data.pin_memory=true"]  # as training runs: a copy from pageable memory may wait
     if args.unpad is not None:
         overrides.append(f"kernel.unpad={args.unpad}")
     overrides.append(f"optimizer.fused={args.fused}")
     workdir = Path(tempfile.mkdtemp(prefix="sync_check_"))
+    count_syncs(overrides, 1, workdir)  # warm-up: what only a first run does (compiles, library set-up)
     short = count_syncs(overrides, args.steps, workdir)
     long = count_syncs(overrides, 2 * args.steps, workdir)
     per_step = {where: (long[where] - short[where]) / args.steps for where in long | short}
