@@ -65,16 +65,25 @@ def init_distributed(cfg: DistributedConfig, device: torch.device) -> DistContex
     if backend not in ("nccl", "gloo"):
         raise ConfigError(f"distributed.backend must be nccl, gloo or null (auto), got {backend!r}")
     if not dist.is_initialized():
+        # NCCL binds each process to its own GPU, which must be named with its index
+        device_id = device_for_rank(device, ctx) if device.type == "cuda" else None
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device_id)
     return ctx
 
 
-def device_for_rank(device: torch.device, ctx: DistContext) -> torch.device:
-    """One GPU per process: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
-    if device.type == "cuda" and ctx.enabled:
+def device_for_rank(device: torch.device, ctx: DistContext | None = None) -> torch.device:
+    """The process's GPU, with its index, made the current device: ``cuda`` becomes
+    ``cuda:LOCAL_RANK`` under torchrun, else the current device; ``cuda:N`` stays. Triton launches
+    its kernels on the current device's stream and CUDA events record there, so a run on
+    ``cuda:1`` must make it current. Any other device is returned as it is."""
+    if device.type != "cuda":
+        return device
+    if ctx is not None and ctx.enabled:
         device = torch.device("cuda", ctx.local_rank)
-        torch.cuda.set_device(device)
+    elif device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
     return device
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -275,9 +275,19 @@ class OptimizerStep:
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device,
                     unpad: bool) -> tuple[dict[str, torch.Tensor], Unpadded | None]:
     """Copy a loader batch to ``device`` (asynchronously from pinned memory). With ``unpad`` the
-    real-token layout is found on the CPU copy of the mask first, so the GPU never waits for it."""
-    layout = unpad_index(batch["attention_mask"]).to(device, non_blocking=True) if unpad else None
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, layout
+    real-token layout is found on the CPU copy of the mask first, so the GPU never waits for it.
+    On a GPU, what is not pinned yet (the layout, a batch built here) is pinned first: a copy from
+    pageable memory may make the host wait for the device."""
+    def pinned(t: torch.Tensor) -> torch.Tensor:
+        return t if device.type != "cuda" or t.is_pinned() else t.pin_memory()
+
+    layout = None
+    if unpad:
+        layout = unpad_index(batch["attention_mask"])
+        layout = replace(layout, indices=pinned(layout.indices),
+                         cu_seqlens=pinned(layout.cu_seqlens), mask=pinned(layout.mask))
+        layout = layout.to(device, non_blocking=True)
+    return {k: pinned(v).to(device, non_blocking=True) for k, v in batch.items()}, layout
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -419,6 +429,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     flops_per_sample = training_flops_per_sample(model_config, cfg.max_seq_length,
                                                  cfg.max_predictions_per_seq)
     peak_tflops = cfg.peak_tflops or measure_peak_tflops(device, autocast_dtype(precision))
+    if device.type == "cuda":  # max_memory_gb is the training's, not the matmul probe's
+        torch.cuda.reset_peak_memory_stats(device)
     params = [p for p in model.parameters() if p.requires_grad]
     step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm)
     accum = batch.gradient_accumulation_steps

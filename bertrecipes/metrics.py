@@ -151,6 +151,8 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat1
             a @ b
         torch.cuda.synchronize(device)
         rates.append(2 * n**3 * iters / (time.perf_counter() - t0) / 1e12)
+    del a, b
+    torch.cuda.empty_cache()  # give the probe's matrices back to the device
     return statistics.median(rates)
 
 

@@ -77,7 +77,7 @@ class Recorder:
 
     def add(self, fn, args, kwargs) -> None:
         jit = JITFunction(fn)
-        signature, constexprs = {}, {}
+        signature, constexprs, divisible = {}, {}, []
         values = dict(zip(jit.arg_names[:len(args)], args, strict=True))
         values.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
         for param in jit.params:
@@ -87,10 +87,21 @@ class Recorder:
                 constexprs[param.name] = value
             else:
                 signature[param.name] = type_of(value)
+                if divisible_by_16(value):
+                    divisible.append(param.name)
         options = {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS}
         launch = {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
-                  "constexprs": constexprs, "options": options}
+                  "constexprs": constexprs, "divisible": divisible, "options": options}
         self.launches.setdefault(json.dumps(launch, sort_keys=True), launch)
+
+
+def divisible_by_16(value) -> bool:
+    """What Triton's GPU launcher specialises on (``tt.divisibility``): a pointer 16-byte aligned, an
+    integer divisible by 16. The recording runs BERT's real widths (strides and row lengths are as
+    on the GPU), so the compile sees the alignment a training step's launches get."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
 
 
 def type_of(value) -> str:
@@ -198,7 +209,8 @@ def compile_one(launch: dict, arch: int) -> dict:
     fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
     if not isinstance(fn, JITFunction):
         raise RuntimeError(f"{launch['kernel']} is not a compiled kernel here (is TRITON_INTERPRET set?)")
-    src = ASTSource(fn, launch["signature"], constexprs=launch["constexprs"])
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in launch.get("divisible", ())}
+    src = ASTSource(fn, launch["signature"], constexprs=launch["constexprs"], attrs=attrs)
     t0 = time.perf_counter()
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch["options"]))
     result = {"shared_bytes": kernel.metadata.shared, "seconds": time.perf_counter() - t0}

@@ -160,6 +160,10 @@ run_stage() {  # run_stage NAME: under a timeout of min(its cap, what is left of
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', \
 triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+  # Triton builds its kernel launcher with a C compiler against Python.h at the first launch
+  echo "C compiler: $( (${CC:-cc} --version || gcc --version || clang --version) 2>/dev/null | head -1)"
+  python3 -c "import os, sysconfig; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); \
+print('Python.h:', h if os.path.exists(h) else 'MISSING (Triton cannot build its launcher)')"
 } > "$results/device.txt" 2>&1
 cat "$results/device.txt"
 

@@ -81,3 +81,38 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a bertrecipes checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+class FakeCuda:
+    """torch.cuda's generator calls for a machine with ``count`` GPUs, the current one ``current``."""
+
+    def __init__(self, monkeypatch, count: int, current: int):
+        self.states = [torch.tensor([i], dtype=torch.uint8) for i in range(count)]
+        self.current = current
+        for name, fn in (("is_available", lambda: True), ("is_initialized", lambda: True),
+                         ("current_device", lambda: self.current),
+                         ("get_rng_state", lambda: self.states[self.current].clone()),
+                         ("set_rng_state", self.set)):
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+    def set(self, state):
+        self.states[self.current] = state.clone()
+
+
+def test_cuda_rng_state_is_the_run_devices_and_resumes_on_fewer_gpus(monkeypatch):
+    """A checkpoint keeps the generator of the run's own GPU (not one per visible GPU), so it
+    resumes on a machine with fewer GPUs; an older checkpoint's per-GPU list restores the current
+    device's entry (or the first, when it has fewer)."""
+    gpus = FakeCuda(monkeypatch, count=4, current=2)
+    saved = ckpt.capture_rng_state()
+    assert torch.equal(saved["cuda"], torch.tensor([2], dtype=torch.uint8))
+    gpus = FakeCuda(monkeypatch, count=1, current=0)  # resumed on a one-GPU machine
+    ckpt.restore_rng_state(saved)
+    assert torch.equal(gpus.states[0], torch.tensor([2], dtype=torch.uint8))
+    older = saved | {"cuda": [torch.tensor([7 + i], dtype=torch.uint8) for i in range(4)]}
+    gpus = FakeCuda(monkeypatch, count=4, current=3)
+    ckpt.restore_rng_state(older)
+    assert gpus.states[3].item() == 10 and [s.item() for s in gpus.states[:3]] == [0, 1, 2]
+    gpus = FakeCuda(monkeypatch, count=8, current=5)  # more GPUs than the old list
+    ckpt.restore_rng_state(older)
+    assert gpus.states[5].item() == 7

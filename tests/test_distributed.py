@@ -136,3 +136,31 @@ def test_a_dying_rank_makes_the_others_exit(tmp_path):
     assert result.returncode != 0
     assert "rank 1 dies at step 3" in result.stdout + result.stderr
     assert time.monotonic() - started < 200
+
+
+def test_each_process_binds_its_own_indexed_gpu(monkeypatch):
+    """``device=auto`` gives ``cuda`` without an index: under torchrun NCCL is bound to
+    ``cuda:LOCAL_RANK`` (``init_process_group`` refuses a device without an index), and in one
+    process a ``cuda:N`` run makes GPU N current (Triton launches on the current device)."""
+    import torch
+    import torch.distributed
+
+    from bertrecipes.distributed import DistContext, DistributedConfig, device_for_rank, init_distributed
+
+    current, calls = [0], {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.__setitem__(0, torch.device(d).index))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **kw: calls.update(kw))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = init_distributed(DistributedConfig(), torch.device("cuda"))
+    assert calls["device_id"] == torch.device("cuda", 1) and current[0] == 1
+    assert device_for_rank(torch.device("cuda"), ctx) == torch.device("cuda", 1)
+
+    current[0] = 0
+    assert device_for_rank(torch.device("cuda", 2), DistContext()) == torch.device("cuda", 2)
+    assert current[0] == 2  # made current
+    assert device_for_rank(torch.device("cuda"), DistContext()) == torch.device("cuda", 2)
+    assert device_for_rank(torch.device("cpu"), DistContext()) == torch.device("cpu")

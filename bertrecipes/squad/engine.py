@@ -37,6 +37,7 @@ from bertrecipes.atomic import write_json_atomic
 from bertrecipes.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bertrecipes.config import BatchSizes, resolve_batch_sizes
 from bertrecipes.data.tokenizer import load_tokenizer
+from bertrecipes.distributed import device_for_rank
 from bertrecipes.engine import (
     OptimizerStep,
     StopRequest,
@@ -196,9 +197,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     """Fine-tune and/or predict as ``cfg`` says; returns a summary (steps, scores, paths)."""
     validate_squad_config(cfg)
     output_dir = prepare_output_dir(output_dir or cfg.output_dir)
-    device = pick_device(cfg.device)
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise ConfigError("SQuAD fine-tuning runs in one process (WORLD_SIZE must be 1)")
+    device = device_for_rank(pick_device(cfg.device))
     autocast_dtype(cfg.precision.dtype)  # validates the name
     if cfg.precision.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("precision=bf16 but this GPU does not support bfloat16; use precision=fp16")
