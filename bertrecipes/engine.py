@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,15 @@ def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device,
     return {k: pinned(v).to(device, non_blocking=True) for k, v in batch.items()}, layout
 
 
+def graph_step_marker(compile: bool, compile_mode: str) -> Callable[[], None]:
+    """What a training loop calls before each forward: with ``compile_mode=reduce-overhead``,
+    ``torch.compiler.cudagraph_mark_step_begin`` (a new step begins, so the CUDA graphs may reuse the
+    previous step's output memory; the loops keep nothing of it), else nothing."""
+    if compile and compile_mode == "reduce-overhead":
+        return torch.compiler.cudagraph_mark_step_begin
+    return lambda: None
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -433,6 +443,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         torch.cuda.reset_peak_memory_stats(device)
     params = [p for p in model.parameters() if p.requires_grad]
     step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm)
+    mark_graph_step = graph_step_marker(cfg.compile, cfg.compile_mode)
     accum = batch.gradient_accumulation_steps
     log.info(
         "model: %.1fM parameters; batch %d = micro %d x accumulation %d x world %d; %d steps on %s, %s",
@@ -481,6 +492,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                 # all-reduced across ranks on the last one only)
                 loss_sum = torch.zeros(3, device=device)
                 for micro_step in range(accum):
+                    mark_graph_step()
                     host_batch = next(batches)
                     real_tokens += int(host_batch["length"].sum())  # on the host copy: no GPU sync
                     micro, layout = batch_to_device(host_batch, device, cfg.kernel.unpad)

@@ -4,7 +4,9 @@ PyTorch reference, and :class:`TritonBertLayer`, a drop-in for ``BertLayer`` (``
 
 Eager calls run through ``torch.autograd.Function``s; inside a ``torch.compile`` graph the same
 launchers run as custom ops (``torch.ops.kernels_triton.*``: forward and backward of each op, with
-fake implementations), so a model on :class:`TritonBertLayer` compiles as one graph.
+fake implementations), so a model on :class:`TritonBertLayer` compiles as one graph. Dropout seeds
+are drawn on the device and loaded by the kernels (``utils.dropout_seed``): no op reads a tensor on
+the host, so CUDA graphs can capture them.
 
 Depends on torch and triton only. On a machine without a GPU the kernels run in Triton's
 interpreter when ``TRITON_INTERPRET=1`` is set before this package is imported (slow; for tests).

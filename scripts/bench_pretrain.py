@@ -120,6 +120,9 @@ def run_ours(args, model, seq, micro, steps=None, *, dtype, impl, peak, workdir:
                                 args.cache_dir or workdir / "cache", args.data, args.accumulation))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    from torch._dynamo.utils import counters
+
+    skips_before = counters["inductor"]["cudagraph_skips"]
     train(cfg, out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     if len(records) < 2 or records[-1]["step"] != 2 * (steps or args.steps):  # e.g. SIGTERM: a clean stop
@@ -130,7 +133,9 @@ def run_ours(args, model, seq, micro, steps=None, *, dtype, impl, peak, workdir:
             "peak_memory_gb": last.get("max_memory_gb"),
             "real_token_fraction": last["tokens_per_sec"] / (last["samples_per_sec"] * seq),
             # measured steps that overflowed (fp16) and skipped their update: they cost less than real ones
-            "skipped_steps": last["skipped_steps"] - (first["skipped_steps"] if len(records) > 1 else 0)}
+            "skipped_steps": last["skipped_steps"] - (first["skipped_steps"] if len(records) > 1 else 0),
+            # graphs Inductor did not capture as CUDA graphs (reduce-overhead rows: 0 means all were)
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips_before}
 
 
 def run_hf(args, model, seq, micro, steps=None, *, dtype, peak, workdir: Path, compile: bool = False) -> dict:
@@ -462,6 +467,9 @@ def print_row(row: dict, header: bool) -> None:
           f"{fmt(row.get('real_token_fraction'), '5.2f', 5)} {fmt(limit, '>9', 9)}", flush=True)
     if row.get("skipped_steps"):
         print(f"{'':<24} ^ {row['skipped_steps']} measured steps overflowed (fp16) and skipped their update",
+              flush=True)
+    if row.get("cudagraph_skips") and "reduce-overhead" in " ".join(IMPLS.get(row["impl"], ())):
+        print(f"{'':<24} ^ Inductor ran {row['cudagraph_skips']} graphs without CUDA graphs (see the log)",
               flush=True)
 
 

@@ -169,6 +169,9 @@ def time_cell(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     step = None
+    from torch._dynamo.utils import counters
+
+    graph_skips = counters["inductor"]["cudagraph_skips"]
     try:
         try:
             step = (hf_step(config, micro_batch, seq, precision, device, next_masks) if kernel == "hf" else
@@ -190,7 +193,9 @@ def time_cell(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
                 "mfu": tflops / peak_tflops if peak_tflops else None,
                 "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None,
                 # of the timed steps, how many overflowed (fp16) and skipped their update
-                "skipped_steps": skipped() - skipped_before if skipped else None}
+                "skipped_steps": skipped() - skipped_before if skipped else None,
+                # graphs Inductor did not capture as CUDA graphs (the *_graphs kernels: 0 means all were)
+                "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - graph_skips}
     except torch.cuda.OutOfMemoryError:
         return {"status": "OOM", "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
     except RuntimeError as e:  # a kernel that fails to compile or launch: record it, time the rest

@@ -99,7 +99,8 @@ def _layer_case(pre_layer_norm, unpad):
 def _layer_step(fn, layer, x, layout, grad, seed=5):
     layer.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
-    torch.manual_seed(seed)
+    if seed is not None:  # None: go on from the generator's state
+        torch.manual_seed(seed)
     out = fn(x, layout)
     out.backward(grad)
     return {"out": out.detach(), "dx": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
@@ -269,7 +270,14 @@ def test_cuda_graph_replays_draw_new_masks():
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
-    steps = [_layer_step(compiled, layer, x, layout, grad) for _ in range(4)]  # 2 recordings, 2 replays
+
+    def step():  # as the engine: a new graph step per forward; copies, as replays reuse the outputs
+        torch.compiler.cudagraph_mark_step_begin()
+        got = _layer_step(compiled, layer, x, layout, grad, seed=None)
+        return {name: t.clone() for name, t in got.items()}
+
+    torch.manual_seed(0)
+    steps = [step() for _ in range(4)]  # warm-up, recording, replays
     assert counters["inductor"]["cudagraph_skips"] == 0
     for earlier, later in zip(steps, steps[1:], strict=False):
         assert not torch.equal(earlier["out"], later["out"])
@@ -277,7 +285,7 @@ def test_cuda_graph_replays_draw_new_masks():
     layer.eval()
     want = _layer_step(layer, layer, x, layout, grad)
     for _ in range(3):
-        got = _layer_step(compiled, layer, x, layout, grad)
+        got = step()
         for name in want:
             torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-4)
     assert counters["inductor"]["cudagraph_skips"] == 0

@@ -46,6 +46,7 @@ from bertrecipes.engine import (
     build_from_config,
     build_layer_factory,
     build_model_config,
+    graph_step_marker,
     pick_device,
     prepare_output_dir,
     seed_everything,
@@ -320,12 +321,14 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     last_saved_step = -1
     progress = tqdm(total=total_steps, disable=not cfg.progress_bar, desc=cfg.job_name, unit="step",
                     dynamic_ncols=True)
+    mark_graph_step = graph_step_marker(cfg.compile, cfg.compile_mode)
     try:
         with StopRequest() as stop:
             while state.global_step < total_steps and not stop.requested:
                 # ---- one optimizer step: accumulate `accum` micro-batches
                 loss_sum = torch.zeros((), device=device)
                 for _ in range(accum):
+                    mark_graph_step()
                     index = np.fromiter(itertools.islice(order, micro), dtype=np.int64, count=micro)
                     host = {k: torch.from_numpy(v[index]).long() for k, v in arrays.items()}
                     mb, layout = batch_to_device(host, device, cfg.kernel.unpad)
