@@ -213,11 +213,14 @@ def test_bad_batch_sizes_fail_before_any_work(make_cfg, tmp_path):
         train(make_cfg(*TINY, "train_batch_size=10", output_dir=tmp_path))
 
 
-@pytest.mark.parametrize("kernel", ["kernel=torch", "kernel=triton"])
+@pytest.mark.parametrize("kernel", ["kernel=torch", "kernel=triton",
+                                    "kernel=torch compile_mode=reduce-overhead"])
 def test_compiled_run_follows_the_eager_run_and_resumes_eagerly(make_cfg, tmp_path, kernel):
-    """``compile=true`` (Inductor; with kernel=triton one graph around the Triton ops, unpadded):
-    the eager run's losses, gradient norms and LAMB coefficients step by step within fp32 rounding
-    (dropout off: Inductor's random numbers are its own), and a checkpoint that an eager run resumes."""
+    """``compile=true`` (Inductor; with kernel=triton one graph around the Triton ops, unpadded;
+    with reduce-overhead, a CUDA-graph step marked per micro-batch, graphs only on a GPU): the eager
+    run's losses, gradient norms and LAMB coefficients step by step within fp32 rounding (dropout
+    off: Inductor's random numbers are its own), and a checkpoint that an eager run resumes."""
+    kernel, *mode = kernel.split()
     triton = kernel == "kernel=triton"
     if triton:
         pytest.importorskip("triton")
@@ -228,7 +231,7 @@ def test_compiled_run_follows_the_eager_run_and_resumes_eagerly(make_cfg, tmp_pa
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     train(make_cfg(*common, "max_steps=3", output_dir=eager))
     counters.clear()
-    train(make_cfg(*common, "max_steps=2", "compile=true", output_dir=compiled))
+    train(make_cfg(*common, "max_steps=2", "compile=true", *mode, output_dir=compiled))
     assert counters["stats"]["unique_graphs"] >= 1  # it did go through Dynamo
     train(make_cfg(*common, "max_steps=3", "resume=true", output_dir=compiled))  # eager, from its checkpoint
     a, b = read_metrics(eager), read_metrics(compiled)
