@@ -5,6 +5,8 @@ data loader, for each implementation:
 
 * ``triton``        - ``kernel=triton`` (fused Triton layer, unpadded: varlen flash attention)
 * ``triton_padded`` - ``kernel=triton kernel.unpad=false`` (the same kernels on the padded batch)
+* ``triton_stochastic`` - ``kernel=triton kernel.stochastic_mode=true`` (DeepSpeed's faster, not
+  bitwise reproducible reductions: dQ by atomics instead of a second attention pass)
 * ``torch``         - ``kernel=torch`` (PyTorch eager, SDPA attention)
 * ``torch_unpad``   - ``kernel=torch kernel.unpad=true`` (projections/FFN on real tokens only)
 * ``compile``       - ``kernel=torch compile=true`` (``torch.compile`` of the model)
@@ -70,6 +72,7 @@ VOCAB = 30528  # BERT's 30522 padded to a multiple of 8, as NVIDIA's recipe does
 IMPLS = {  # the overrides of each implementation of ours ("hf" is run by run_hf)
     "triton": ["kernel=triton"],
     "triton_padded": ["kernel=triton", "kernel.unpad=false"],
+    "triton_stochastic": ["kernel=triton", "kernel.stochastic_mode=true"],
     "torch": ["kernel=torch"],
     "torch_unpad": ["kernel=torch", "kernel.unpad=true"],
     "compile": ["kernel=torch", "compile=true"],

@@ -8,7 +8,7 @@
 #   check        bench_layer --check: fp16/bf16 three-way rule, padded and unpadded, every flag
 #   tune         the attention tiles for this GPU (tune_attention.py); the later stages use the table
 #   pretrain128  bench_pretrain BERT-large seq128 x 64 bf16: triton, torch, hf (+ fused AdamW)
-#   pretrain512  the same at seq512 x 8
+#   pretrain512  the same at seq512 x 8, and triton with stochastic_mode (attention's dQ by atomics)
 #   maxmicro     the largest micro-batch at seq512, triton and hf
 #   compile      torch.compile at seq128 x 64 (of transformers' model, of ours on torch, of ours on the Triton ops,
 #                unpadded, then padded and replayed as CUDA graphs)
@@ -100,8 +100,8 @@ stage_optim() {
 }
 stage_pretrain128() { bench --models $large --seqs $s128 --dtypes bf16 --impls triton,torch,hf \
                         --json "$results/pretrain_large_seq128_bf16.json"; }
-stage_pretrain512() { bench --models $large --seqs $s512 --dtypes bf16 --impls triton,torch,hf \
-                        --json "$results/pretrain_large_seq512_bf16.json"; }
+stage_pretrain512() { bench --models $large --seqs $s512 --dtypes bf16 \
+                        --impls triton,torch,hf,triton_stochastic --json "$results/pretrain_large_seq512_bf16.json"; }
 stage_profile() {
   # shellcheck disable=SC2086
   python3 scripts/profile_step.py --model $large --seq $s128 --impl triton $dev $micro_only --data "$data" \
