@@ -142,8 +142,10 @@ def padding_mask(batch, seq, seed=0):
 
 
 def time_fwd_bwd(fn, modules, inputs, grad, dtype, warmup, iters):
-    """Median forward, backward and forward+backward milliseconds, and peak MiB above the inputs,
-    weights and (for the memory run) no gradients yet."""
+    """Median forward, backward and forward+backward milliseconds (CUDA events around each call:
+    the GPU's time, waits for the host's launches included), the kernels' own milliseconds per
+    forward+backward (the profiler's kernel rows: what the GPU spends computing), and peak MiB above
+    the inputs, weights and (for the memory run) no gradients yet."""
     def clear():
         for m in modules:
             m.zero_grad(set_to_none=True)
@@ -171,12 +173,23 @@ def time_fwd_bwd(fn, modules, inputs, grad, dtype, warmup, iters):
         del out
     clear()
     torch.cuda.synchronize()
+    from profile_step import device_time_us, is_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            clear()
+            forward().backward(grad)
+        torch.cuda.synchronize()
+    kernel_ms = sum(device_time_us(e) for e in prof.key_averages() if is_kernel(e)) / 1e3 / iters
+    clear()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     forward().backward(grad)
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return {k: statistics.median(v) for k, v in times.items()} | {"peak_mib": peak}
+    return {k: statistics.median(v) for k, v in times.items()} | {"kernel_ms": kernel_ms or None,
+                                                                   "peak_mib": peak}
 
 
 def bench(args) -> list[dict]:
@@ -237,7 +250,7 @@ def bench(args) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     header = f"{'model':<11}{'seq x mb':>10}  {'impl':<16}{'fwd ms':>9}{'bwd ms':>9}{'fwd+bwd':>9}" \
-             f"{'peak MiB':>10}{'vs torch':>10}"
+             f"{'kernels':>9}{'peak MiB':>10}{'vs torch':>10}"
     print(header)
     print("-" * len(header))
     baseline = {}
@@ -249,9 +262,11 @@ def print_table(rows: list[dict]) -> None:
         key = (r["model"], r["seq"], r["micro_batch"])
         base = baseline.get((key, r["impl"].startswith("attn")))
         speedup = f"{base / r['fwd+bwd']:.2f}x" if base else "-"
+        kernels = f"{r['kernel_ms']:>9.3f}" if r.get("kernel_ms") else f"{'-':>9}"
         print(f"{r['model']:<11}{r['seq']:>5} x {r['micro_batch']:<2}  {r['impl']:<16}{r['fwd']:>9.3f}"
-              f"{r['bwd']:>9.3f}{r['fwd+bwd']:>9.3f}{r['peak_mib']:>10.0f}{speedup:>10}")
-    print("(vs torch: the torch layer's fwd+bwd time / this one's; attention rows against sdpa-flash)")
+              f"{r['bwd']:>9.3f}{r['fwd+bwd']:>9.3f}{kernels}{r['peak_mib']:>10.0f}{speedup:>10}")
+    print("(ms: CUDA events around each call; kernels: the kernels' own ms per fwd+bwd, no launch gaps;\n"
+          " vs torch: the torch layer's fwd+bwd time / this one's; attention rows against sdpa-flash)")
 
 
 def _three_way(name, got, same_dtype, ref, atol) -> dict:

@@ -113,7 +113,7 @@ def time_kind(attention, kind, qkv, cu, seq, dropout, do, iters, device) -> floa
 
         call()
         sync(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(iters):
                 call()
             sync(device)
