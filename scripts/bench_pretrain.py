@@ -7,6 +7,8 @@ data loader, for each implementation:
 * ``triton_padded`` - ``kernel=triton kernel.unpad=false`` (the same kernels on the padded batch)
 * ``triton_stochastic`` - ``kernel=triton kernel.stochastic_mode=true`` (DeepSpeed's faster, not
   bitwise reproducible reductions: dQ by atomics instead of a second attention pass)
+* ``triton_lowmem`` - ``kernel=triton`` with DeepSpeed's memory flags on (``normalize_invertible``,
+  ``gelu_checkpoint``, ``attn_dropout_checkpoint``): what fits the largest micro-batch
 * ``torch``         - ``kernel=torch`` (PyTorch eager, SDPA attention)
 * ``torch_unpad``   - ``kernel=torch kernel.unpad=true`` (projections/FFN on real tokens only)
 * ``compile``       - ``kernel=torch compile=true`` (``torch.compile`` of the model)
@@ -73,6 +75,8 @@ IMPLS = {  # the overrides of each implementation of ours ("hf" is run by run_hf
     "triton": ["kernel=triton"],
     "triton_padded": ["kernel=triton", "kernel.unpad=false"],
     "triton_stochastic": ["kernel=triton", "kernel.stochastic_mode=true"],
+    "triton_lowmem": ["kernel=triton", "kernel.normalize_invertible=true", "kernel.gelu_checkpoint=true",
+                      "kernel.attn_dropout_checkpoint=true"],
     "torch": ["kernel=torch"],
     "torch_unpad": ["kernel=torch", "kernel.unpad=true"],
     "compile": ["kernel=torch", "compile=true"],

@@ -12,7 +12,8 @@ A target whose rows are missing (not run, skipped, failed) says so instead of gu
 Targets (BERT-large, bf16, one GPU):
   seq128 x 64: MFU >= 55% (kernel=triton); samples/s >= 1.5 x transformers + fused AdamW and >= 1.2 x
   torch.compile (of that transformers model, ``hf_compile``; and of ours on kernel=torch, ``compile``);
-  seq512 x 8: MFU >= 50%; the largest micro-batch at seq512 >= 1.5 x transformers'.
+  seq512 x 8: MFU >= 50%; the largest micro-batch at seq512 >= 1.5 x transformers' (ours: kernel=triton,
+  with or without its memory flags, ``triton_lowmem``, whichever fits more).
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def targets(found: dict[str, list[dict]]) -> list[dict]:
           "samples/s")
     ratio("seq128 samples/s vs torch.compile (kernel=torch)", speed[OURS], speed["compile"], 1.2, "samples/s")
     share("seq512 MFU (kernel=triton)", measured(rows, OURS, 512, "mfu"), 0.50)
-    ratio("seq512 largest micro-batch vs transformers'", measured(rows, OURS, 512, "max_micro"),
+    largest = [m for m in (measured(rows, impl, 512, "max_micro") for impl in (OURS, "triton_lowmem"))
+               if m is not None]
+    ratio("seq512 largest micro-batch vs transformers'", max(largest, default=None),
           measured(rows, "hf", 512, "max_micro"), 1.5, "sequences")
     return lines
 

@@ -9,7 +9,7 @@
 #   tune         the attention tiles for this GPU (tune_attention.py); the later stages use the table
 #   pretrain128  bench_pretrain BERT-large seq128 x 64 bf16: triton, torch, hf (+ fused AdamW)
 #   pretrain512  the same at seq512 x 8, and triton with stochastic_mode (attention's dQ by atomics)
-#   maxmicro     the largest micro-batch at seq512, triton and hf
+#   maxmicro     the largest micro-batch at seq512: triton with its memory flags on, and hf
 #   compile      torch.compile at seq128 x 64 (of transformers' model, of ours on torch, of ours on the Triton ops,
 #                unpadded, then padded and replayed as CUDA graphs)
 #   syncs        host-device synchronisations per optimizer step (sync_check.py): LAMB bf16, Adam fp16
@@ -110,7 +110,7 @@ stage_profile() {
   python3 scripts/profile_step.py --model $large --seq $s512 --impl triton $dev $micro_only --data "$data" \
     --cache-dir "$results/data_cache" --json "$results/profile_large_seq512_triton.json"
 }
-stage_maxmicro()    { bench --models $large --seqs $s512 --dtypes bf16 --impls triton,hf --steps 2 \
+stage_maxmicro()    { bench --models $large --seqs $s512 --dtypes bf16 --impls triton_lowmem,hf --steps 2 \
                         --find-max-micro --time-budget "$((cap - 30))" \
                         --json "$results/pretrain_large_seq512_maxmicro.json"; }
 stage_compile()     { bench --models $large --seqs $s128 --dtypes bf16 \
