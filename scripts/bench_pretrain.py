@@ -476,7 +476,7 @@ def print_row(row: dict, header: bool) -> None:
         print(f"{'':<24} ^ {row['skipped_steps']} measured steps overflowed (fp16) and skipped their update",
               flush=True)
     if row.get("cudagraph_skips") and "reduce-overhead" in " ".join(IMPLS.get(row["impl"], ())):
-        print(f"{'':<24} ^ Inductor ran {row['cudagraph_skips']} graphs without CUDA graphs (see the log)",
+        print(f"{'':<24} ^ Inductor ran {row['cudagraph_skips']} graph(s) without CUDA graphs (see the log)",
               flush=True)
 
 
