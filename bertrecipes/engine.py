@@ -190,10 +190,21 @@ class OptimizerStep:
     use. The skip itself needs an optimizer whose ``step`` takes ``found_inf`` and honours it on the
     device (this package's LAMB and Adam with their fused Triton steps); others read the flag at once
     (one sync).
+
+    ``keep_grads``: the gradients are allocated once (zeros) and zeroed in place after each step,
+    never set to None. A CUDA-graph replay (``compile_mode=reduce-overhead``) reuses its output
+    memory, and autograd would otherwise keep a micro-batch's gradient outputs as the ``.grad``
+    themselves, to be overwritten by the next micro-batch's replay; kept gradients only have the
+    outputs added to them.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scaler: LossScaler,
-                 schedule, state: TrainState, max_grad_norm: float) -> None:
+                 schedule, state: TrainState, max_grad_norm: float, keep_grads: bool = False) -> None:
+        self.keep_grads = keep_grads
+        if keep_grads:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         self.params, self.optimizer, self.scaler = params, optimizer, scaler
         self.schedule, self.state, self.max_grad_norm = schedule, state, max_grad_norm
         self.local = dist.local_optimizer(optimizer)
@@ -238,7 +249,7 @@ class OptimizerStep:
             elif not bool(found_inf):  # an optimizer that cannot skip on the device: read the flag now
                 self.optimizer.step()
         self.scaler.update(found_inf)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.keep_grads)
         self._post(torch.stack([found_inf.to(torch.float32), self.scaler.scale_tensor]))
         return grad_norm
 
@@ -291,11 +302,16 @@ def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device,
     return {k: pinned(v).to(device, non_blocking=True) for k, v in batch.items()}, layout
 
 
+def uses_cuda_graphs(compile: bool, compile_mode: str) -> bool:
+    return compile and compile_mode == "reduce-overhead"
+
+
 def graph_step_marker(compile: bool, compile_mode: str) -> Callable[[], None]:
     """What a training loop calls before each forward: with ``compile_mode=reduce-overhead``,
     ``torch.compiler.cudagraph_mark_step_begin`` (a new step begins, so the CUDA graphs may reuse the
-    previous step's output memory; the loops keep nothing of it), else nothing."""
-    if compile and compile_mode == "reduce-overhead":
+    previous step's output memory: the loops keep none of it, and the gradients are kept apart,
+    ``OptimizerStep(keep_grads=True)``), else nothing."""
+    if uses_cuda_graphs(compile, compile_mode):
         return torch.compiler.cudagraph_mark_step_begin
     return lambda: None
 
@@ -442,7 +458,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     if device.type == "cuda":  # max_memory_gb is the training's, not the matmul probe's
         torch.cuda.reset_peak_memory_stats(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm)
+    step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm,
+                                   keep_grads=uses_cuda_graphs(cfg.compile, cfg.compile_mode))
     mark_graph_step = graph_step_marker(cfg.compile, cfg.compile_mode)
     accum = batch.gradient_accumulation_steps
     log.info(

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from kernels_triton.utils import check_tensors, dropout_seed, interpreter_tiles, seed_tensor
+from kernels_triton.utils import check_tensors, dropout_seed, interpreter_tiles, require_seed, seed_tensor
 
 LOG2E = 1.4426950408889634
 
@@ -367,6 +367,7 @@ class _Layout:
 
 
 def _forward(layout: _Layout, q, k, v, scale: float, dropout_p: float, seed: Optional[Tensor]):  # noqa: UP045
+    require_seed(dropout_p, seed)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse, stride_lb, stride_lh = layout.new_rowstat(q)
     mask, cu, stride_mb, flags = layout.common(q, dropout_p)
@@ -384,6 +385,7 @@ def _forward(layout: _Layout, q, k, v, scale: float, dropout_p: float, seed: Opt
 
 def _backward(layout: _Layout, do, q, k, v, o, lse, dq, dk, dv, scale, dropout_p, seed, deterministic):
     """Writes the gradients into dq, dk, dv (which may be views of one packed buffer)."""
+    require_seed(dropout_p, seed)
     delta, stride_lb, stride_lh = layout.new_rowstat(q)
     mask, cu, stride_mb, flags = layout.common(q, dropout_p)
     blocks = _blocks(layout.head_dim, q.dtype, layout.max_seqlen)

@@ -38,6 +38,7 @@ from kernels_triton.utils import (
     dropout_seed,
     finish_column_sum,
     reduction_programs,
+    require_seed,
     row_dropout_keep,
     row_tile,
     seed_tensor,
@@ -167,6 +168,7 @@ def _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_su
     backward; y, and mean and rstd (fp32 per row), None without a LayerNorm."""
     check_tensors(x, bias, residual, weight, ln_bias, seed)
     has_branch, has_ln = x is not None, weight is not None
+    require_seed(dropout_p if has_branch else 0.0, seed)
     n = residual.shape[-1]
     res2 = residual.reshape(-1, n)
     x2 = x.reshape(-1, n) if has_branch else None
@@ -201,6 +203,7 @@ def _backward(dz_in, dy, saved, weight, ln_bias, mean, rstd, has_branch, inverti
               x_dtype, bias_dtype, res_dtype):
     """(dx, dbias, dresidual, dgamma, dbeta), None where there is no such input. Without a LayerNorm
     dresidual is dz_in itself."""
+    require_seed(p if has_branch else 0.0, seed)
     has_ln = weight is not None
     n = saved.shape[-1] if has_ln else dz_in.shape[-1]
     shape = (dy if has_ln else dz_in).shape

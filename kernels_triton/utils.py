@@ -87,13 +87,21 @@ def dropout_seed(dropout_p: float, seed: int | torch.Tensor | None,
     return seed_tensor(seed, device)
 
 
+def require_seed(dropout_p: float, seed: torch.Tensor | None) -> None:
+    """A launch with dropout must have its seed tensor (the kernel loads it)."""
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError(f"dropout_p={dropout_p} needs a seed tensor (kernels_triton.utils.dropout_seed)")
+
+
 def seed_tensor(seed: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A given seed (an int in [0, 2**32) or a one-integer tensor) as the kernels take it."""
+    """A given seed (an int in [0, 2**32), or a one-integer tensor, used as it is: its value is not
+    read to check it) as the kernels take it: a copy, so the backward replays the forward's mask
+    even if the caller changes its tensor in between."""
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype == torch.bool:
             raise ValueError(f"a dropout seed tensor must hold one integer, got {seed.dtype} "
                              f"{tuple(seed.shape)}")
-        return seed.reshape(1).to(device=device, dtype=torch.int64)
+        return seed.reshape(1).to(device=device, dtype=torch.int64, copy=True)
     if not 0 <= int(seed) < 2**32:
         raise ValueError(f"a dropout seed must be in [0, 2**32), got {seed}")
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)

@@ -16,8 +16,8 @@ data loader, for each implementation:
 * ``triton_compile`` - ``kernel=triton compile=true`` (one graph: the Triton ops are custom ops it
   calls, Inductor compiles the GEMMs, embeddings, unpadding, the heads and the loss around them)
 * ``triton_graphs`` - ``kernel=triton kernel.unpad=false compile=true compile_mode=reduce-overhead``
-  (the same on the padded batch, whose fixed shapes let the whole step, Triton ops included, replay
-  as CUDA graphs)
+  (the same on the padded batch, whose fixed shapes let the model's forward and backward, Triton
+  ops included, replay as CUDA graphs)
 * ``hf``      - ``transformers.BertForPreTraining`` (``attn_implementation="sdpa"``) with
   ``torch.optim.AdamW(fused=True)``: what a user would pick instead; same batches, same precision.
 * ``hf_compile`` - the same transformers model through ``torch.compile`` (what that user gets from

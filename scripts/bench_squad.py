@@ -41,7 +41,13 @@ from omegaconf import OmegaConf
 
 from bertrecipes.atomic import write_json_atomic
 from bertrecipes.config import KernelConfig, ModelConfig
-from bertrecipes.engine import OptimizerStep, TrainState, batch_to_device, build_layer_factory
+from bertrecipes.engine import (
+    OptimizerStep,
+    TrainState,
+    batch_to_device,
+    build_layer_factory,
+    graph_step_marker,
+)
 from bertrecipes.errors import ConfigError
 from bertrecipes.metrics import measure_peak_tflops
 from bertrecipes.model import BertConfig
@@ -107,11 +113,15 @@ def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
     fp16 = precision == "fp16"
     scaler = LossScaler(scale=2.0**16 if fp16 else 1.0, dynamic=fp16, device=device)
     state = TrainState()
-    step_optimizer = OptimizerStep(params, optimizer, scaler, lambda _: 3e-5, state, max_grad_norm=1.0)
+    graphs = COMPILE_MODES.get(kernel) == "reduce-overhead"  # as the engine runs CUDA graphs
+    step_optimizer = OptimizerStep(params, optimizer, scaler, lambda _: 3e-5, state, max_grad_norm=1.0,
+                                   keep_grads=graphs)
+    mark_graph_step = graph_step_marker(graphs, "reduce-overhead")
     host, starts, ends = make_inputs(config, micro_batch, seq)
     starts, ends = starts.to(device), ends.to(device)
 
     def step() -> None:
+        mark_graph_step()
         host["attention_mask"] = next_masks(host["attention_mask"])
         batch, layout = batch_to_device(host, device, unpad)
         with autocast_context(precision, device):

@@ -6,6 +6,7 @@
 #   scripts/gpu_checks.sh all --smoke   # the same run on the CPU at toy sizes: proves the script, no figures
 #
 #   check        bench_layer --check: fp16/bf16 three-way rule, padded and unpadded, every flag
+#   graphs       the Triton layer captured as CUDA graphs (reduce-overhead): new dropout masks every replay
 #   tune         the attention tiles for this GPU (tune_attention.py); the later stages use the table
 #   pretrain128  bench_pretrain BERT-large seq128 x 64 bf16: triton, torch, hf (+ fused AdamW)
 #   pretrain512  the same at seq512 x 8, and triton with stochastic_mode (attention's dQ by atomics)
@@ -76,6 +77,9 @@ bench() {
 
 # shellcheck disable=SC2086
 stage_check()       { python3 scripts/bench_layer.py --check $check_dev --json "$results/layer_check.json"; }
+stage_graphs() {
+  python3 -m pytest -q -p no:cacheprovider tests/test_triton_compile.py -k "cuda_graph or host or seeds_drawn"
+}
 stage_syncs() {
   python3 scripts/sync_check.py --kernel triton --precision bf16 --json "$results/syncs_triton_bf16.json"
   python3 scripts/sync_check.py --kernel torch --precision fp16 --optimizer adam \
@@ -137,7 +141,7 @@ stage_extra() {
     --json "$results/pretrain_base_bf16.json"
   $smoke || python3 scripts/bench_layer.py --dtype bf16 --shapes 0 1 --json "$results/layer_bf16.json"
 }
-declare -A caps=([check]=90 [tune]=60 [syncs]=75 [optim]=45 [pretrain128]=150 [pretrain512]=90 [profile]=60 [maxmicro]=150
+declare -A caps=([check]=90 [graphs]=90 [tune]=60 [syncs]=75 [optim]=45 [pretrain128]=150 [pretrain512]=90 [profile]=60 [maxmicro]=150
                  [compile]=300 [squad]=100 [tests]=200 [extra]=300)
 
 run_stage() {  # run_stage NAME: under a timeout of min(its cap, what is left of the budget)
@@ -169,8 +173,8 @@ cat "$results/device.txt"
 
 if [ "$stage" = all ]; then
   # the targets first (MFU, vs transformers, the largest micro-batch, vs torch.compile)
-  default_stages="check tune pretrain128 pretrain512 maxmicro compile syncs optim profile squad tests extra"
-  $smoke && default_stages="check tune pretrain128 pretrain512 compile optim profile squad extra"  # no OOM, no CUDA tests
+  default_stages="check graphs tune pretrain128 pretrain512 maxmicro compile syncs optim profile squad tests extra"
+  $smoke && default_stages="check graphs tune pretrain128 pretrain512 compile optim profile squad extra"  # no OOM
   for name in ${STAGES:-$default_stages}; do
     run_stage "$name"
     tiles="$results/attention_blocks.json"

@@ -164,3 +164,34 @@ def test_host_reads_of_a_step(kind, expected):
     # the first call has no previous step to account for; later ones read its host copy once
     assert per_step[0] == expected
     assert per_step[1] == per_step[2] == ["engine.py:resolve", *expected]
+
+
+@pytest.mark.parametrize("kind", ["lamb_foreach", "lamb_fused"])
+def test_kept_gradients_take_accumulation_in_place_and_step_alike(kind):
+    """``keep_grads`` (CUDA graphs): the gradients exist before the first backward and are zeroed
+    in place after each step, so a backward adds its outputs to the same tensors (autograd never
+    keeps an output, which a graph replay would overwrite, as the gradient itself); the steps equal
+    the ones with gradients set to None in between."""
+    initial = [torch.randn(shape, generator=torch.Generator().manual_seed(3)) for shape in SHAPES]
+    weights = [torch.randn(shape, generator=torch.Generator().manual_seed(4)) for shape in SHAPES]
+    results = []
+    for keep in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in initial]
+        step = OptimizerStep(params, make_optimizer(kind, params),
+                             LossScaler.from_config(fp16_cfg(initial_scale_power=4)), schedule, TrainState(),
+                             MAX_GRAD_NORM, keep_grads=keep)
+        grads = [p.grad for p in params]
+        assert all(g is not None and not g.any() for g in grads) if keep else all(g is None for g in grads)
+        for _ in range(3):
+            for micro in range(2):  # two micro-batches of accumulation
+                loss = sum(((p * w) * (micro + 1)).sum() for p, w in zip(params, weights, strict=True))
+                (loss * step.loss_scale).backward()
+            step()
+        step.resolve()
+        if keep:
+            assert all(p.grad is g and not g.any() for p, g in zip(params, grads, strict=True))
+        else:
+            assert all(p.grad is None for p in params)
+        results.append([p.detach() for p in params])
+    for kept, dropped in zip(*results, strict=True):
+        assert torch.equal(kept, dropped)

@@ -92,6 +92,22 @@ def test_dropout_rate_and_seeds():
     assert torch.equal(out_b, kt.flash_attention(q, k, v, None, p))
 
 
+def test_a_seed_tensor_changed_after_the_forward_does_not_change_the_backward():
+    """A seed given as a tensor is the kernels' own copy: the backward replays the forward's mask
+    even when the caller's tensor changes in between (as a CUDA-graph input updated in place)."""
+    (q, k, v), grad = qkv_inputs(2, 33, 2, 16, seed=8)
+    want = run(kt.flash_attention, (q, k, v), grad, None, 0.3, seed=7)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    seed = torch.tensor([7], device=DEVICE)
+    out = kt.flash_attention(*leaves, None, 0.3, seed=seed)
+    seed += 1
+    out.backward(grad)
+    for got, expected in zip([out.detach()] + [t.grad for t in leaves], want, strict=True):
+        assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="dropout_p=0.3 needs a seed tensor"):  # the ops, called bare
+        torch.ops.kernels_triton.flash_attention(q, k, v, None, None, 0, 0.3, 0.25, None, False, True)
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_varlen_equals_padded_on_real_tokens(dropout_p):
     lengths, seq, heads, head_dim = [7, 33, 20], 33, 2, 16

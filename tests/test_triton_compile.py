@@ -11,12 +11,17 @@ graph calls as it is, so ``kernel=triton compile=true`` compiles the whole model
   the same order), and within fp32 rounding under Inductor.
 * The dropout seeds are drawn per call inside the graph, on the device, not baked into it as
   constants, and no op reads a tensor on the host: so CUDA graphs (``mode="reduce-overhead"``) can
-  capture the whole step, the Triton ops and their seed draws included (checked on a GPU).
+  capture the layer's forward and backward, the Triton ops and their seed draws included (checked
+  on a GPU).
 
 Without a GPU the kernels run in Triton's interpreter (conftest.py selects it).
 """
 
 from __future__ import annotations
+
+import contextlib
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,23 +245,48 @@ def test_graphs_call_the_ops_with_seeds_drawn_on_the_device():
     assert {node.name for node in draws} <= {node.name for node in backward.nodes if node.op == "placeholder"}
 
 
-def test_the_ops_never_read_a_tensor_on_the_host():
-    """Eager and compiled, forward and backward, the ops launch their kernels without reading any
-    tensor's value on the host (a read is a device synchronisation, and a CUDA-graph capture would
-    freeze it): the seeds stay on the device, the kernels load them."""
-    from test_optimizer_step import HostReads
+@contextlib.contextmanager
+def _host_reads():
+    """Records every read of a tensor's value by the host that kernels_triton's code makes (its
+    innermost frame), forward or backward, inside custom ops too: the Tensor methods that read a
+    value are wrapped while it is open. (A TorchFunctionMode would not see into custom ops or the
+    backward.) Each such read is a device synchronisation, and a CUDA-graph capture would freeze it."""
+    sites: list[str] = []
+    originals = {name: getattr(torch.Tensor, name)
+                 for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")}
 
+    def recording(read):
+        def wrapper(self, *args, **kwargs):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/kernels_triton/" in f.filename]
+            if frames:
+                sites.append(f"{Path(frames[-1].filename).name}:{frames[-1].name}")
+            return read(self, *args, **kwargs)
+        return wrapper
+
+    for name, read in originals.items():
+        setattr(torch.Tensor, name, recording(read))
+    try:
+        yield sites
+    finally:
+        for name, read in originals.items():
+            setattr(torch.Tensor, name, read)
+
+
+def test_the_ops_never_read_a_tensor_on_the_host():
+    """Eager and as the custom ops a compiled graph calls, forward and backward, the ops launch their
+    kernels without reading any tensor's value on the host: the seeds stay on the device, the
+    kernels load them."""
     layer, x, layout, grad = _layer_case(pre_layer_norm=True, unpad=True)
-    with HostReads() as eager:
+    with _host_reads() as eager:
         _layer_step(layer, layer, x, layout, grad)
-    with HostReads() as ops:  # the custom ops a compiled graph calls, run one by one
+    with _host_reads() as ops:  # the custom ops, forward and backward, one by one
         for _, op, args in _op_cases():
             outputs = op(*args)
-            outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs
-            torch.autograd.backward([t for t in outputs if t.requires_grad and t.numel()],
-                                    [torch.ones_like(t) for t in outputs if t.requires_grad and t.numel()])
-    assert eager.sites == []
-    assert ops.sites == []
+            outputs = [t for t in ([outputs] if isinstance(outputs, torch.Tensor) else outputs)
+                       if t.requires_grad and t.numel()]
+            torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+    assert eager == []
+    assert ops == []
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
