@@ -302,8 +302,16 @@ def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device,
     return {k: pinned(v).to(device, non_blocking=True) for k, v in batch.items()}, layout
 
 
-def uses_cuda_graphs(compile: bool, compile_mode: str) -> bool:
-    return compile and compile_mode == "reduce-overhead"
+def uses_cuda_graphs(compile: bool, compile_mode: str, unpad: bool = False) -> bool:
+    """Whether the compiled model replays CUDA graphs (``compile_mode=reduce-overhead``). With
+    ``unpad`` it warns: the packed token count changes every micro-batch, and each new count records
+    a graph of its own."""
+    graphs = bool(compile) and compile_mode == "reduce-overhead"
+    if graphs and unpad:
+        log.warning("compile_mode=reduce-overhead with kernel.unpad=true: the number of real tokens "
+                    "changes every micro-batch and each new number records a CUDA graph of its own "
+                    "(slow, and each keeps its memory); set kernel.unpad=false to replay one graph")
+    return graphs
 
 
 def graph_step_marker(compile: bool, compile_mode: str) -> Callable[[], None]:
@@ -458,8 +466,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     if device.type == "cuda":  # max_memory_gb is the training's, not the matmul probe's
         torch.cuda.reset_peak_memory_stats(device)
     params = [p for p in model.parameters() if p.requires_grad]
+    graphs = uses_cuda_graphs(cfg.compile, cfg.compile_mode, cfg.kernel.unpad)
     step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm,
-                                   keep_grads=uses_cuda_graphs(cfg.compile, cfg.compile_mode))
+                                   keep_grads=graphs)
     mark_graph_step = graph_step_marker(cfg.compile, cfg.compile_mode)
     accum = batch.gradient_accumulation_steps
     log.info(

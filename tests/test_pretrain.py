@@ -364,3 +364,18 @@ def test_unpadded_training_follows_the_padded_run(make_cfg, tmp_path):
     # the batches did hold padding (else the comparison proves nothing): fewer tokens than slots
     tokens_per_sample = runs[True][-1]["tokens_per_sec"] / runs[True][-1]["samples_per_sec"]
     assert tokens_per_sample < 64 * 0.99
+
+
+def test_cuda_graphs_with_unpadding_warn_of_a_graph_per_token_count(caplog):
+    """reduce-overhead replays CUDA graphs of fixed shapes; unpadded batches change shape every
+    micro-batch, so that pairing is named in a warning (and the others are silent)."""
+    from bertrecipes.engine import uses_cuda_graphs
+
+    with caplog.at_level("WARNING", logger="bertrecipes.engine"):
+        assert uses_cuda_graphs(True, "reduce-overhead", unpad=False)
+        assert not uses_cuda_graphs(True, "default", unpad=True)
+        assert not uses_cuda_graphs(False, "reduce-overhead", unpad=True)
+        assert not caplog.records
+        assert uses_cuda_graphs(True, "reduce-overhead", unpad=True)
+    (record,) = caplog.records
+    assert "kernel.unpad=true" in record.getMessage() and "kernel.unpad=false" in record.getMessage()

@@ -295,8 +295,9 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     model_config = model.config
     flops_per_sample = qa_training_flops_per_sample(model_config, cfg.max_seq_length)
     params = [p for p in model.parameters() if p.requires_grad]
+    graphs = uses_cuda_graphs(cfg.compile, cfg.compile_mode, cfg.kernel.unpad)
     step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm,
-                                   keep_grads=uses_cuda_graphs(cfg.compile, cfg.compile_mode))
+                                   keep_grads=graphs)
     checkpoint_dir = outputs.dir / CHECKPOINT_SUBDIR
     log.info("fine-tuning %.1fM parameters: %d steps (%.2f epochs of %d windows), batch %d = micro %d x "
              "accumulation %d, on %s, %s", sum(p.numel() for p in params) / 1e6, total_steps,
