@@ -314,12 +314,12 @@ def uses_cuda_graphs(compile: bool, compile_mode: str, unpad: bool = False) -> b
     return graphs
 
 
-def graph_step_marker(compile: bool, compile_mode: str) -> Callable[[], None]:
-    """What a training loop calls before each forward: with ``compile_mode=reduce-overhead``,
+def graph_step_marker(graphs: bool) -> Callable[[], None]:
+    """What a training loop calls before each forward: with CUDA graphs (:func:`uses_cuda_graphs`),
     ``torch.compiler.cudagraph_mark_step_begin`` (a new step begins, so the CUDA graphs may reuse the
     previous step's output memory: the loops keep none of it, and the gradients are kept apart,
     ``OptimizerStep(keep_grads=True)``), else nothing."""
-    if uses_cuda_graphs(compile, compile_mode):
+    if graphs:
         return torch.compiler.cudagraph_mark_step_begin
     return lambda: None
 
@@ -469,7 +469,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     graphs = uses_cuda_graphs(cfg.compile, cfg.compile_mode, cfg.kernel.unpad)
     step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm,
                                    keep_grads=graphs)
-    mark_graph_step = graph_step_marker(cfg.compile, cfg.compile_mode)
+    mark_graph_step = graph_step_marker(graphs)
     accum = batch.gradient_accumulation_steps
     log.info(
         "model: %.1fM parameters; batch %d = micro %d x accumulation %d x world %d; %d steps on %s, %s",

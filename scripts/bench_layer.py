@@ -171,24 +171,20 @@ def time_fwd_bwd(fn, modules, inputs, grad, dtype, warmup, iters):
             times["bwd"].append(mid.elapsed_time(end))
             times["fwd+bwd"].append(start.elapsed_time(end))
         del out
-    clear()
-    torch.cuda.synchronize()
-    from profile_step import device_time_us, is_kernel
-    from torch.profiler import ProfilerActivity, profile
+    from profile_step import kernel_ms
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            clear()
-            forward().backward(grad)
-        torch.cuda.synchronize()
-    kernel_ms = sum(device_time_us(e) for e in prof.key_averages() if is_kernel(e)) / 1e3 / iters
+    def step():
+        clear()
+        forward().backward(grad)
+
+    kernels = kernel_ms(step, iters)
     clear()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     forward().backward(grad)
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return {k: statistics.median(v) for k, v in times.items()} | {"kernel_ms": kernel_ms or None,
+    return {k: statistics.median(v) for k, v in times.items()} | {"kernel_ms": kernels or None,
                                                                    "peak_mib": peak}
 
 

@@ -140,7 +140,7 @@ def run_ours(args, model, seq, micro, steps=None, *, dtype, impl, peak, workdir:
             "peak_memory_gb": last.get("max_memory_gb"),
             "real_token_fraction": last["tokens_per_sec"] / (last["samples_per_sec"] * seq),
             # measured steps that overflowed (fp16) and skipped their update: they cost less than real ones
-            "skipped_steps": last["skipped_steps"] - (first["skipped_steps"] if len(records) > 1 else 0),
+            "skipped_steps": last["skipped_steps"] - first["skipped_steps"],
             # graphs Inductor did not capture as CUDA graphs (reduce-overhead rows: 0 means all were)
             "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips_before}
 

@@ -49,6 +49,22 @@ def is_kernel(event) -> bool:
             and not getattr(event, "is_user_annotation", False))
 
 
+def kernel_ms(call, iters: int, name_part: str = "") -> float:
+    """The GPU kernels' own milliseconds per ``call()`` (those whose name holds ``name_part``),
+    summed by the profiler over ``iters`` calls after one untimed: no launch gaps, no host time.
+    0.0 when the profiler saw no such kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            call()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if is_kernel(e) and name_part in e.key]
+    return sum(device_time_us(e) for e in rows) / 1e3 / iters
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

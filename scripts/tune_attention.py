@@ -109,19 +109,11 @@ def time_kind(attention, kind, qkv, cu, seq, dropout, do, iters, device) -> floa
         def call():
             torch.autograd.grad(out, qkv, do, retain_graph=True)
     if device.type == "cuda":
-        from profile_step import device_time_us, is_kernel
-        from torch.profiler import ProfilerActivity, profile
+        from profile_step import kernel_ms
 
-        call()
-        sync(device)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                call()
-            sync(device)
-        # the attention kernels only (not the seed's copy, the same for every tile)
-        kernel_us = sum(device_time_us(e) for e in prof.key_averages() if is_kernel(e) and "_attn_" in e.key)
-        if kernel_us > 0:
-            return kernel_us / 1e3 / iters
+        ms = kernel_ms(call, iters, "_attn_")  # the attention kernels only, not the seed's copy
+        if ms > 0:
+            return ms
         print("the profiler saw no kernels: timing by the wall clock", file=sys.stderr)
     times = []
     for _ in range(iters):

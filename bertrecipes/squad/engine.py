@@ -324,7 +324,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     last_saved_step = -1
     progress = tqdm(total=total_steps, disable=not cfg.progress_bar, desc=cfg.job_name, unit="step",
                     dynamic_ncols=True)
-    mark_graph_step = graph_step_marker(cfg.compile, cfg.compile_mode)
+    mark_graph_step = graph_step_marker(graphs)
     try:
         with StopRequest() as stop:
             while state.global_step < total_steps and not stop.requested:
