@@ -132,6 +132,9 @@ class KernelConfig:
     attn_dropout_checkpoint: bool = False  # recompute attention dropout rather than keep it
     stochastic_mode: bool = False  # allow faster non-deterministic reductions
     unpad: bool = False  # run the encoder on real tokens only (packed rows); results unchanged
+    # with unpad: round the packed row count up to a multiple of this (0 = exact), so CUDA graphs
+    # (compile_mode=reduce-overhead) see a few fixed shapes; results unchanged
+    unpad_bucket: int = 0
 
 
 # --------------------------------------------------------------------------- logger
@@ -194,7 +197,8 @@ class PretrainConfig:
     rewarmup: bool = True  # with init_from: restart the LR schedule (warmup) at step 0
     peak_tflops: float | None = None  # for MFU; null = measured with a large matmul on GPU
     compile: bool = False  # torch.compile the model (speed only; results equal within rounding)
-    # torch.compile's mode: default | reduce-overhead (CUDA graphs: fixed shapes, so kernel.unpad=false)
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs: fixed shapes, so kernel.unpad=false
+    # or kernel.unpad_bucket)
     # | max-autotune | max-autotune-no-cudagraphs
     compile_mode: str = "default"
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

@@ -143,7 +143,12 @@ def load_model_weights(model: torch.nn.Module, checkpoint: dict, source: str) ->
 
 
 def build_layer_factory(kernel_cfg: DictConfig) -> LayerFactory | None:
-    """The transformer-layer implementation ``kernel.name`` selects (None = plain PyTorch)."""
+    """The transformer-layer implementation ``kernel.name`` selects (None = plain PyTorch); also
+    checks the group's model-level options (``unpad_bucket``)."""
+    bucket = kernel_cfg.get("unpad_bucket", 0)
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 0:
+        raise ConfigError(f"kernel.unpad_bucket must be a non-negative integer (0 = no rounding, e.g. 256), "
+                          f"got {bucket!r}")
     if kernel_cfg.name == "torch":
         return None
     if kernel_cfg.name == "triton":
@@ -284,10 +289,11 @@ class OptimizerStep:
         log.warning("step %d: gradient overflow, step skipped; loss scale now %g", step, scale)
 
 
-def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device,
-                    unpad: bool) -> tuple[dict[str, torch.Tensor], Unpadded | None]:
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device, unpad: bool,
+                    bucket: int = 0) -> tuple[dict[str, torch.Tensor], Unpadded | None]:
     """Copy a loader batch to ``device`` (asynchronously from pinned memory). With ``unpad`` the
-    real-token layout is found on the CPU copy of the mask first, so the GPU never waits for it.
+    real-token layout is found on the CPU copy of the mask first, so the GPU never waits for it
+    (``bucket``: :func:`~bertrecipes.model.unpad_index`'s rounding, ``kernel.unpad_bucket``).
     On a GPU, what is not pinned yet (the layout, a batch built here) is pinned first: a copy from
     pageable memory may make the host wait for the device."""
     def pinned(t: torch.Tensor) -> torch.Tensor:
@@ -295,22 +301,23 @@ def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device,
 
     layout = None
     if unpad:
-        layout = unpad_index(batch["attention_mask"])
+        layout = unpad_index(batch["attention_mask"], bucket)
         layout = replace(layout, indices=pinned(layout.indices),
                          cu_seqlens=pinned(layout.cu_seqlens), mask=pinned(layout.mask))
         layout = layout.to(device, non_blocking=True)
     return {k: pinned(v).to(device, non_blocking=True) for k, v in batch.items()}, layout
 
 
-def uses_cuda_graphs(compile: bool, compile_mode: str, unpad: bool = False) -> bool:
+def uses_cuda_graphs(compile: bool, compile_mode: str, unpad: bool = False, unpad_bucket: int = 0) -> bool:
     """Whether the compiled model replays CUDA graphs (``compile_mode=reduce-overhead``). With
-    ``unpad`` it warns: the packed token count changes every micro-batch, and each new count records
-    a graph of its own."""
+    ``unpad`` and no ``unpad_bucket`` it warns: the packed token count changes every micro-batch,
+    and each new count records a graph of its own."""
     graphs = bool(compile) and compile_mode == "reduce-overhead"
-    if graphs and unpad:
+    if graphs and unpad and not unpad_bucket:
         log.warning("compile_mode=reduce-overhead with kernel.unpad=true: the number of real tokens "
                     "changes every micro-batch and each new number records a CUDA graph of its own "
-                    "(slow, and each keeps its memory); set kernel.unpad=false to replay one graph")
+                    "(slow, and each keeps its memory); set kernel.unpad_bucket (e.g. 256: one graph "
+                    "per bucket of token counts) or kernel.unpad=false (one graph)")
     return graphs
 
 
@@ -466,7 +473,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     if device.type == "cuda":  # max_memory_gb is the training's, not the matmul probe's
         torch.cuda.reset_peak_memory_stats(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    graphs = uses_cuda_graphs(cfg.compile, cfg.compile_mode, cfg.kernel.unpad)
+    graphs = uses_cuda_graphs(cfg.compile, cfg.compile_mode, cfg.kernel.unpad, cfg.kernel.unpad_bucket)
     step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm,
                                    keep_grads=graphs)
     mark_graph_step = graph_step_marker(graphs)
@@ -521,7 +528,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     mark_graph_step()
                     host_batch = next(batches)
                     real_tokens += int(host_batch["length"].sum())  # on the host copy: no GPU sync
-                    micro, layout = batch_to_device(host_batch, device, cfg.kernel.unpad)
+                    micro, layout = batch_to_device(host_batch, device, cfg.kernel.unpad,
+                                                    cfg.kernel.unpad_bucket)
                     boundary = micro_step == accum - 1
                     with dist.no_sync(model, sync=boundary), autocast_context(precision, device):
                         mlm_logits, nsp_logits = model(

@@ -18,6 +18,9 @@ data loader, for each implementation:
 * ``triton_graphs`` - ``kernel=triton kernel.unpad=false compile=true compile_mode=reduce-overhead``
   (the same on the padded batch, whose fixed shapes let the model's forward and backward, Triton
   ops included, replay as CUDA graphs)
+* ``triton_graphs_bucket`` - ``kernel=triton kernel.unpad_bucket=256 compile=true
+  compile_mode=reduce-overhead`` (CUDA graphs on the unpadded batch: the packed rows rounded up to a
+  multiple of 256 with filler, so one graph per bucket of token counts)
 * ``hf``      - ``transformers.BertForPreTraining`` (``attn_implementation="sdpa"``) with
   ``torch.optim.AdamW(fused=True)``: what a user would pick instead; same batches, same precision.
 * ``hf_compile`` - the same transformers model through ``torch.compile`` (what that user gets from
@@ -83,6 +86,8 @@ IMPLS = {  # the overrides of each implementation of ours ("hf" is run by run_hf
     "compile_graphs": ["kernel=torch", "compile=true", "compile_mode=reduce-overhead"],
     "triton_compile": ["kernel=triton", "compile=true"],
     "triton_graphs": ["kernel=triton", "kernel.unpad=false", "compile=true", "compile_mode=reduce-overhead"],
+    "triton_graphs_bucket": ["kernel=triton", "kernel.unpad_bucket=256", "compile=true",
+                             "compile_mode=reduce-overhead"],
 }
 HF_IMPLS = ("hf", "hf_compile")  # transformers' model, eager and through torch.compile (run by run_hf)
 FLOPS_FORMULA = ("3 x forward matmul FLOPs per sample (bertrecipes.model.training_flops_per_sample): "
@@ -458,11 +463,11 @@ def fmt(value, spec: str, width: int) -> str:
 
 def print_row(row: dict, header: bool) -> None:
     if header:
-        print(f"{'device':<24} {'dtype':<5} {'model':<6} {'seq':>4} {'micro':>5} {'impl':<14} "
+        print(f"{'device':<24} {'dtype':<5} {'model':<6} {'seq':>4} {'micro':>5} {'impl':<20} "
               f"{'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GB':>7} {'real':>5} {'max micro':>9}")
     micro = row["micro"] if row.get("accumulation", 1) == 1 else f"{row['micro']}x{row['accumulation']}"
     key = (f"{row['device'][:24]:<24} {row['dtype']:<5} {row['model']:<6} {row['seq']:>4} "
-           f"{micro:>5} {row['impl']:<14}")
+           f"{micro:>5} {row['impl']:<20}")
     if "samples_per_sec" not in row:
         print(f"{key} {row.get('error') or row.get('skipped')}", flush=True)
         return

@@ -12,7 +12,7 @@
 #   pretrain512  the same at seq512 x 8, and triton with stochastic_mode (attention's dQ by atomics)
 #   maxmicro     the largest micro-batch at seq512: triton with its memory flags on, and hf
 #   compile      torch.compile at seq128 x 64 (of transformers' model, of ours on torch, of ours on the Triton ops,
-#                unpadded, then padded and replayed as CUDA graphs)
+#                unpadded, then replayed as CUDA graphs: padded, and unpadded in token-count buckets of 256)
 #   syncs        host-device synchronisations per optimizer step (sync_check.py): LAMB bf16, Adam fp16
 #   optim        the optimizer step alone at BERT-large's shapes against its memory floor (bench_optimizer.py)
 #   profile      where a step's time goes (profile_step.py): BERT-large triton at seq128 and seq512
@@ -118,7 +118,7 @@ stage_maxmicro()    { bench --models $large --seqs $s512 --dtypes bf16 --impls t
                         --find-max-micro --time-budget "$((cap - 30))" \
                         --json "$results/pretrain_large_seq512_maxmicro.json"; }
 stage_compile()     { bench --models $large --seqs $s128 --dtypes bf16 \
-                        --impls hf_compile,compile,triton_compile,triton_graphs \
+                        --impls hf_compile,compile,triton_compile,triton_graphs,triton_graphs_bucket \
                         --time-budget "$((cap - 90))" --json "$results/pretrain_large_seq128_compile.json"; }
 stage_squad() {
   # shellcheck disable=SC2086

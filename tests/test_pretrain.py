@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 from torch._dynamo.utils import counters
 
 from bertrecipes.checkpoint import CheckpointError, load_checkpoint
@@ -349,33 +350,48 @@ def test_init_from_with_the_wrong_ckpt_type_is_a_clear_error(make_cfg, tmp_path)
 
 
 def test_unpadded_training_follows_the_padded_run(make_cfg, tmp_path):
-    """kernel.unpad=true skips padding through the encoder; with dropout off, four optimizer steps
-    log the same losses and gradient norms as the padded run (to float rounding)."""
+    """kernel.unpad=true skips padding through the encoder, exactly or with the packed rows rounded
+    up to a bucket (kernel.unpad_bucket); with dropout off, four optimizer steps log the same losses
+    and gradient norms as the padded run (to float rounding)."""
     no_dropout = ["model.hidden_dropout_prob=0", "model.attention_probs_dropout_prob=0", "max_steps=4"]
     runs = {}
-    for unpad in (False, True):
-        out = tmp_path / f"unpad_{unpad}"
-        train(make_cfg(*TINY, *no_dropout, f"kernel.unpad={unpad}", output_dir=out))
-        runs[unpad] = read_metrics(out)
+    for unpad, bucket in ((False, 0), (True, 0), (True, 96)):
+        out = tmp_path / f"unpad_{unpad}_{bucket}"
+        train(make_cfg(*TINY, *no_dropout, f"kernel.unpad={unpad}", f"kernel.unpad_bucket={bucket}",
+                       output_dir=out))
+        runs[unpad, bucket] = read_metrics(out)
     for key in ("loss", "mlm_loss", "nsp_loss", "grad_norm"):
-        want = torch.tensor([r[key] for r in runs[False]], dtype=torch.float64)
-        got = torch.tensor([r[key] for r in runs[True]], dtype=torch.float64)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=key)
+        want = torch.tensor([r[key] for r in runs[False, 0]], dtype=torch.float64)
+        for run in ((True, 0), (True, 96)):
+            got = torch.tensor([r[key] for r in runs[run]], dtype=torch.float64)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{key} {run}")
     # the batches did hold padding (else the comparison proves nothing): fewer tokens than slots
-    tokens_per_sample = runs[True][-1]["tokens_per_sec"] / runs[True][-1]["samples_per_sec"]
+    tokens_per_sample = runs[True, 0][-1]["tokens_per_sec"] / runs[True, 0][-1]["samples_per_sec"]
     assert tokens_per_sample < 64 * 0.99
 
 
 def test_cuda_graphs_with_unpadding_warn_of_a_graph_per_token_count(caplog):
     """reduce-overhead replays CUDA graphs of fixed shapes; unpadded batches change shape every
-    micro-batch, so that pairing is named in a warning (and the others are silent)."""
+    micro-batch, so that pairing is named in a warning, with both ways out (and the others, a
+    bucketed layout among them, are silent)."""
     from bertrecipes.engine import uses_cuda_graphs
 
     with caplog.at_level("WARNING", logger="bertrecipes.engine"):
         assert uses_cuda_graphs(True, "reduce-overhead", unpad=False)
+        assert uses_cuda_graphs(True, "reduce-overhead", unpad=True, unpad_bucket=256)
         assert not uses_cuda_graphs(True, "default", unpad=True)
         assert not uses_cuda_graphs(False, "reduce-overhead", unpad=True)
         assert not caplog.records
         assert uses_cuda_graphs(True, "reduce-overhead", unpad=True)
     (record,) = caplog.records
-    assert "kernel.unpad=true" in record.getMessage() and "kernel.unpad=false" in record.getMessage()
+    message = record.getMessage()
+    assert "kernel.unpad=true" in message and "kernel.unpad=false" in message
+    assert "kernel.unpad_bucket" in message
+
+
+@pytest.mark.parametrize("bad", ["-1", "2.5"])
+def test_a_bad_unpad_bucket_is_a_clear_error(make_cfg, tmp_path, bad):
+    """A negative bucket is the engine's error; a fraction is the schema's (an int field)."""
+    errors = (ConfigError, ConfigCompositionException)
+    with pytest.raises(errors, match=rf"unpad_bucket.*{bad}|{bad}.*unpad_bucket"):
+        train(make_cfg(*TINY, "max_steps=1", f"kernel.unpad_bucket={bad}", output_dir=tmp_path))

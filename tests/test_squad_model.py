@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bertrecipes.checkpoint import CheckpointError, save_checkpoint
-from bertrecipes.model import BertConfig, BertForPreTraining
+from bertrecipes.model import BertConfig, BertForPreTraining, unpad_index
 from bertrecipes.squad.engine import build_model, load_initial_model
 from bertrecipes.squad.model import PADDING_LOGIT, BertForQuestionAnswering, qa_loss
 
@@ -56,15 +56,19 @@ def test_logits_and_loss_equal_transformers_on_the_same_weights():
     torch.testing.assert_close(loss, ref.loss, atol=1e-6, rtol=1e-6)
 
 
-def test_unpadded_model_scores_real_tokens_as_transformers_and_padding_out_of_the_softmax():
+@pytest.mark.parametrize("bucket", [0, 16])
+def test_unpadded_model_scores_real_tokens_as_transformers_and_padding_out_of_the_softmax(bucket):
+    """Exact or bucketed (``kernel.unpad_bucket``: filler rows, dropped from the logits)."""
     theirs = hf_qa_model()
     ours = BertForQuestionAnswering(BertConfig(**SMALL), unpad=True).eval()
     ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if not k.endswith("position_ids")})
     ids, types, mask = batch()
     starts, ends = torch.tensor([3, 4, 0]), torch.tensor([5, 7, 8])
+    layout = unpad_index(mask, bucket)
+    assert bucket == 0 or layout.num_tokens % bucket == 0 and layout.num_tokens > mask.sum()
     with torch.no_grad():
         ref = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
-        start_logits, end_logits = ours(ids, types, mask)
+        start_logits, end_logits = ours(ids, types, mask, unpadded=layout)
     real = mask.bool()
     torch.testing.assert_close(start_logits[real], ref.start_logits[real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(end_logits[real], ref.end_logits[real], atol=1e-5, rtol=1e-5)

@@ -83,8 +83,9 @@ def _config(pre_layer_norm, dropout=0.1):
                       pre_layer_norm=pre_layer_norm)
 
 
-def _layer_case(pre_layer_norm, unpad):
-    """A layer with every memory flag on, and its input, layout and output gradient."""
+def _layer_case(pre_layer_norm, unpad, bucket=0):
+    """A layer with every memory flag on, and its input, layout and output gradient (``bucket``:
+    the packed rows rounded up with filler, as ``kernel.unpad_bucket``)."""
     torch.manual_seed(0)
     layer = kt.TritonBertLayer(_config(pre_layer_norm), normalize_invertible=True, gelu_checkpoint=True,
                                attn_dropout_checkpoint=True).to(DEVICE)
@@ -96,7 +97,7 @@ def _layer_case(pre_layer_norm, unpad):
     mask = (torch.arange(17)[None] < torch.tensor([[17], [9]])).to(DEVICE)
     layout = mask
     if unpad:
-        layout = unpad_index(mask.cpu()).to(DEVICE)
+        layout = unpad_index(mask.cpu(), bucket).to(DEVICE)
         x = unpad_rows(x, layout)
     return layer, x, layout, torch.randn_like(x)
 
@@ -178,11 +179,13 @@ def test_compiled_dropout_draws_a_new_seed_every_call():
     assert torch.equal(compiled(x, layout), compiled(x, layout))
 
 
-@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
-def test_whole_model_compiles_as_one_graph_equal_to_eager(unpad):
+@pytest.mark.parametrize("unpad,bucket", [(True, 0), (False, 0), (True, 8)],
+                         ids=["unpadded", "padded", "bucketed"])
+def test_whole_model_compiles_as_one_graph_equal_to_eager(unpad, bucket):
     """``kernel=triton compile=true``: BertForPreTraining on the Triton layers is one graph, in
     training mode (dropout on), with a different number of real tokens at every step (unpadded:
-    a different packed shape), and each step equals the eager model's bit for bit."""
+    a different packed shape; bucketed: filler rows and sequences up to a multiple of 8), and each
+    step equals the eager model's bit for bit."""
     config = _config(pre_layer_norm=False)
     torch.manual_seed(0)
     eager = BertForPreTraining(config, layer_factory=kt.make_layer_factory(), unpad=unpad).to(DEVICE)
@@ -195,7 +198,7 @@ def test_whole_model_compiles_as_one_graph_equal_to_eager(unpad):
     for lengths in ([17, 9], [12, 5], [17, 3]):
         mask = (torch.arange(17)[None] < torch.tensor(lengths)[:, None]).long()
         ids = (torch.randint(5, 99, (2, 17), generator=g) * mask).to(DEVICE)
-        layout = unpad_index(mask).to(DEVICE) if unpad else None
+        layout = unpad_index(mask, bucket).to(DEVICE) if unpad else None
         steps = []
         for model, params in ((eager, eager), (compiled, twin)):
             model.zero_grad(set_to_none=True)
@@ -290,13 +293,15 @@ def test_the_ops_never_read_a_tensor_on_the_host():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-def test_cuda_graph_replays_draw_new_masks():
-    """``compile_mode=reduce-overhead kernel=triton kernel.unpad=false``: Inductor captures the
-    layer's forward and backward, Triton ops and seed draws included, as CUDA graphs (no skip), and
-    every replay draws new dropout masks; without dropout the replays equal the eager layer."""
+@pytest.mark.parametrize("bucket", [None, 16], ids=["padded", "bucketed"])
+def test_cuda_graph_replays_draw_new_masks(bucket):
+    """``compile_mode=reduce-overhead kernel=triton``, padded (``kernel.unpad=false``) or unpadded
+    in buckets (``kernel.unpad_bucket``): Inductor captures the layer's forward and backward, Triton
+    ops and seed draws included, as CUDA graphs (no skip), and every replay draws new dropout masks;
+    without dropout the replays equal the eager layer."""
     from torch._dynamo.utils import counters
 
-    layer, x, layout, grad = _layer_case(pre_layer_norm=False, unpad=False)
+    layer, x, layout, grad = _layer_case(pre_layer_norm=False, unpad=bucket is not None, bucket=bucket or 0)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)

@@ -164,6 +164,38 @@ def test_unpadded_triton_model_matches_padded_torch_model():
 
 
 @pytest.mark.parametrize("pre_layer_norm", [False, True])
+def test_bucketed_rows_change_no_real_row_with_dropout_on(pre_layer_norm):
+    """``kernel.unpad_bucket``: filler rows (and filler sequences for the varlen attention) up to a
+    multiple of the bucket leave the real rows' output and input gradient, and every parameter
+    gradient, as the exact layout gives them, with dropout on (hidden and attention): the dropout
+    masks are keyed by row and by sequence, so real rows keep theirs. (One sequence is full length,
+    so both layouts have max_seqlen = S, which keys the attention masks.) The filler rows get no
+    gradient."""
+    hidden, heads, seq = 64, 2, 17
+    ours = kt.TritonBertLayer(layer_config(hidden, heads, pre_layer_norm, dropout=0.1)).to(DEVICE).train()
+    ours.load_state_dict(random_state(ours))
+    x, mask, grad = padded_input(3, seq, hidden, [seq, 6, 11])
+    runs = []
+    for bucket in (0, 16):
+        layout = unpad_index(mask.cpu(), bucket).to(DEVICE)
+        real = int(mask.sum())
+        packed_grad = unpad_rows(grad, layout)
+        packed_grad[real:] = 0  # no loss reads a filler row
+        torch.manual_seed(5)
+        runs.append(run_layer(ours, unpad_rows(x, layout), layout, packed_grad))
+    (want_out, want_dx, want), (out, dx, got) = runs
+    assert out.shape[0] == 48 and want_out.shape[0] == real == 34
+    torch.testing.assert_close(out[:real], want_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dx[:real], want_dx, atol=1e-6, rtol=1e-6)
+    assert torch.count_nonzero(dx[real:]) == 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    torch.manual_seed(6)  # dropout is really on: another seed, another output
+    assert not torch.allclose(run_layer(ours, unpad_rows(x, layout), layout, packed_grad)[0], out)
+
+
+@pytest.mark.parametrize("pre_layer_norm", [False, True])
 def test_memory_flags_change_what_is_saved_not_what_is_computed(pre_layer_norm):
     batch, seq, hidden, heads = 2, 33, 64, 2
     config = layer_config(hidden, heads, pre_layer_norm, dropout=0.1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bertrecipes.model import BertConfig, BertForPreTraining, pretraining_loss
-from bertrecipes.model.bert import packed_rows, pad_rows, unpad_index, unpad_rows
+from bertrecipes.model.bert import packed_rows, pad_rows, scatter_rows, unpad_index, unpad_rows
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,6 +58,56 @@ def test_unpad_index_matches_a_per_sequence_loop():
 def test_unpad_index_rejects_a_wrong_rank():
     with pytest.raises(ValueError, match=r"\[batch, seq\].*\(2, 3, 4\)"):
         unpad_index(torch.ones(2, 3, 4))
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"non-negative int.*{bad!r}"):
+            unpad_index(torch.ones(2, 3), bad)
+
+
+@pytest.mark.parametrize("bucket", [1, 5, 16, 13, 40])
+def test_bucketed_index_pads_the_packed_rows_to_a_multiple_with_filler_sequences(bucket):
+    """The real rows are the exact layout's; then filler up to the next multiple of the bucket, in
+    sequences of at most S rows that come after the real ones; the shapes depend on the bucket only
+    (two masks with different token counts in one bucket give equal shapes); scattering drops the
+    filler and gathering never reads out of range."""
+    mask = holey_mask()  # 3 x 13, 24 real tokens
+    batch, seq = mask.shape
+    exact, layout = unpad_index(mask), unpad_index(mask, bucket)
+    real = int(mask.sum())
+    total = -(-real // bucket) * bucket
+    assert layout.num_tokens == total and layout.bucket == bucket and layout.max_seqlen == seq
+    assert layout.indices[:real].tolist() == exact.indices.tolist()
+    assert layout.indices[real:].tolist() == [batch * seq] * (total - real)
+    cu = layout.cu_seqlens.tolist()
+    assert cu[:batch + 1] == exact.cu_seqlens.tolist() and cu[-1] == total
+    assert len(cu) == batch + 1 + -(-bucket // seq)
+    assert all(0 <= b - a <= seq for a, b in zip(cu[batch:-1], cu[batch + 1:], strict=True))
+    x = torch.randn(batch, seq, 5)
+    packed = unpad_rows(x, layout)
+    assert packed.shape == (total, 5)
+    torch.testing.assert_close(packed[:real], unpad_rows(x, exact), rtol=0, atol=0)
+    torch.testing.assert_close(pad_rows(packed, layout), x * mask[..., None], rtol=0, atol=0)
+    filled = scatter_rows(packed, layout, -7.0)
+    torch.testing.assert_close(filled, torch.where(mask[..., None].bool(), x, -7.0), rtol=0, atol=0)
+    positions = torch.tensor([[0, 4, 9], [0, 4, 6], [0, 2, 6]])
+    torch.testing.assert_close(packed[packed_rows(layout, positions)], x[torch.arange(3)[:, None], positions],
+                               rtol=0, atol=0)
+
+
+def test_bucketed_shapes_change_only_between_buckets():
+    """Every token count from 17 to 32 in a 4 x 10 batch gives the same shapes with bucket 16 (and
+    the same max_seqlen); 33 gives the next bucket's."""
+    shapes = set()
+    for count in range(17, 34):
+        mask = (torch.arange(40) < count).long().view(4, 10)
+        layout = unpad_index(mask, 16)
+        shapes.add((tuple(layout.indices.shape), tuple(layout.cu_seqlens.shape), layout.max_seqlen,
+                    count == 33))
+    assert shapes == {((32,), (7,), 10, False), ((48,), (7,), 10, True)}
+
+
+def test_bucketed_index_of_an_empty_mask_is_one_bucket_of_filler():
+    layout = unpad_index(torch.zeros(2, 4), 6)
+    assert layout.indices.tolist() == [8] * 6 and layout.cu_seqlens.tolist() == [0, 0, 0, 4, 6]
 
 
 def models(pre_layer_norm=False):
@@ -94,8 +144,11 @@ def test_unpadded_logits_equal_transformers(mask):
     torch.testing.assert_close(seq_out[real], ref_hidden[real], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pre_layer_norm", [False, True])
-def test_unpadded_loss_and_every_gradient_equal_padded(pre_layer_norm):
+@pytest.mark.parametrize("pre_layer_norm,bucket",
+                         [(False, 0), (True, 0), (False, 16), (True, 7), (False, 40)])
+def test_unpadded_loss_and_every_gradient_equal_padded(pre_layer_norm, bucket):
+    """Exact or bucketed (filler rows up to a multiple of ``bucket``): the padded model's loss and
+    gradients; the filler changes nothing."""
     _, padded, unpadded = models(pre_layer_norm)
     mask = right_padded_mask([13, 8, 4], 13)
     g = torch.Generator().manual_seed(2)
@@ -107,7 +160,8 @@ def test_unpadded_loss_and_every_gradient_equal_padded(pre_layer_norm):
     nsp_labels = torch.tensor([0, 1, 1])
     results = []
     for model in (padded, unpadded):
-        mlm, nsp = model(ids, types, mask, positions)
+        layout = unpad_index(mask, bucket) if model is unpadded else None
+        mlm, nsp = model(ids, types, mask, positions, unpadded=layout)
         loss, _, _ = pretraining_loss(mlm, nsp, labels, nsp_labels)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
@@ -147,3 +201,30 @@ def test_dropout_runs_on_real_rows_only_and_ignores_padding_content():
     torch.manual_seed(8)
     other_seed = model(ids * mask, None, mask, torch.tensor([[1], [2], [3]]))[0]
     assert not torch.equal(other_seed, outs[0])  # dropout is really on
+
+
+@pytest.mark.parametrize("bucket", [0, 16])
+def test_a_static_compile_traces_once_per_bucket_not_once_per_token_count(bucket):
+    """What bucketing is for: with static shapes (``dynamic=False``, as a CUDA graph needs) a
+    compiled model traces again for every new shape. Batches of 20, 25, 30 and 40 real tokens are
+    four shapes exactly, two with bucket 16 (32 and 48 rows); the outputs match the eager model."""
+    torch._dynamo.reset()
+    traces = []
+
+    def count(gm, example_inputs):
+        traces.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(**SMALL), unpad=True).eval()
+    compiled = torch.compile(model, backend=count, dynamic=False, fullgraph=True)
+    for tokens in (20, 25, 30, 40):
+        mask = (torch.arange(40) < tokens).long().view(4, 10)
+        ids = torch.randint(5, 99, mask.shape) * mask
+        layout = unpad_index(mask, bucket)
+        with torch.no_grad():
+            got = compiled(ids, None, mask, torch.tensor([[1]] * 4), unpadded=layout)
+            want = model(ids, None, mask, torch.tensor([[1]] * 4), unpadded=unpad_index(mask))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert len(traces) == (2 if bucket else 4)

@@ -26,7 +26,9 @@ attention over ``cu_seqlens``); the PyTorch layer scatters q, k, v back to [B, S
 ``scaled_dot_product_attention`` and gathers the context again. Results at real tokens equal the
 padded model's (the attention mask already kept padding out of them). :func:`unpad_index` finds
 the real tokens; compute it on the CPU copy of the mask (as the training loops do) and no host
-sync is needed on the GPU.
+sync is needed on the GPU. ``unpad_index(mask, bucket=N)`` rounds the packed row count up to a
+multiple of N with filler rows (sequences of their own that no output reads), so the encoder sees
+a few fixed shapes instead of a new one every batch: what CUDA graphs need.
 
 Quick check::
 
@@ -37,7 +39,7 @@ print(BertForPreTraining(BertConfig(vocab_size=100)))"
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -86,13 +88,19 @@ class Unpadded:
     ``indices`` int64 [T]: flat positions ``b * S + s`` of the real tokens, in order;
     ``cu_seqlens`` int32 [B + 1]: sequence b is packed rows ``cu_seqlens[b]:cu_seqlens[b + 1]``;
     ``max_seqlen``: an upper bound of the sequence lengths (a Python int: kernel launch sizes);
-    ``mask`` bool [B, S]: True at real tokens (for layers that attend on the padded layout).
+    ``mask`` bool [B, S]: True at real tokens (for layers that attend on the padded layout);
+    ``bucket``: 0, or the multiple the packed row count was rounded up to. The rows past the real
+    tokens are then filler: their ``indices`` entry is ``B * S`` (a slot past the end, which
+    :func:`scatter_rows` drops), they form sequences of their own after the B real ones in
+    ``cu_seqlens`` (each at most S long; some may be empty), and ``max_seqlen`` is S, so the shapes
+    depend on the bucket alone.
     """
 
     indices: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
     mask: torch.Tensor
+    bucket: int = 0
 
     @property
     def batch(self) -> int:
@@ -106,10 +114,18 @@ class Unpadded:
     def num_tokens(self) -> int:
         return self.indices.shape[0]
 
+    @property
+    def gather_indices(self) -> torch.Tensor:
+        """``indices`` with the filler rows' past-the-end slot replaced by the last real one: where
+        each packed row reads its input (a filler row's value is never used)."""
+        if not self.bucket:
+            return self.indices
+        return self.indices.clamp(max=self.batch * self.seq_len - 1)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Unpadded:
-        return Unpadded(self.indices.to(device, non_blocking=non_blocking),
-                        self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen,
-                        self.mask.to(device, non_blocking=non_blocking))
+        return replace(self, indices=self.indices.to(device, non_blocking=non_blocking),
+                       cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking),
+                       mask=self.mask.to(device, non_blocking=non_blocking))
 
 
 # What a layer's forward takes besides the hidden states: a key-padding mask bool [B, S] (True =
@@ -117,33 +133,63 @@ class Unpadded:
 AttentionLayout = torch.Tensor | Unpadded | None
 
 
-def unpad_index(attention_mask: torch.Tensor) -> Unpadded:
+def unpad_index(attention_mask: torch.Tensor, bucket: int = 0) -> Unpadded:
     """The :class:`Unpadded` of a mask [B, S] (nonzero = real token). On a CUDA mask this waits for
-    the GPU (the token count decides a shape); on the CPU copy it costs microseconds."""
+    the GPU (the token count decides a shape); on the CPU copy it costs microseconds.
+
+    ``bucket`` > 0 rounds the packed row count up to a multiple of ``bucket`` (at least one bucket)
+    with filler rows, as :class:`Unpadded` describes: the encoder's shapes then change only when
+    the token count crosses into another bucket, which is what CUDA graph replay needs."""
     mask = attention_mask.bool()
     if mask.dim() != 2:
         raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(mask.shape)}")
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 0:
+        raise ValueError(f"bucket must be a non-negative int (0 = no rounding), got {bucket!r}")
     seqlens = mask.sum(dim=1, dtype=torch.int32)
     cu_seqlens = F.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
+    if bucket:
+        return _round_up(Unpadded(indices, cu_seqlens, mask.shape[1], mask, bucket))
     max_seqlen = int(seqlens.max()) if mask.device.type == "cpu" and mask.numel() else mask.shape[1]
     return Unpadded(indices, cu_seqlens, max(max_seqlen, 1), mask)
 
 
+def _round_up(layout: Unpadded) -> Unpadded:
+    """Append the filler rows and sequences of a bucketed layout (see :class:`Unpadded`)."""
+    real, bucket, seq_len = layout.indices.numel(), layout.bucket, layout.seq_len
+    extra = max(1, -(-real // bucket)) * bucket - real
+    # enough filler sequences (each at most seq_len rows) for any extra count (at most a bucket), so
+    # the length of cu_seqlens is fixed too
+    n_filler = -(-bucket // seq_len)
+    lengths = (extra - torch.arange(n_filler, device=layout.indices.device) * seq_len).clamp(0, seq_len)
+    ends = real + torch.cumsum(lengths, 0).to(torch.int32)
+    trash = layout.indices.new_full((extra,), layout.batch * seq_len)
+    return replace(layout, indices=torch.cat([layout.indices, trash]),
+                   cu_seqlens=torch.cat([layout.cu_seqlens, ends]))
+
+
 def unpad_rows(x: torch.Tensor, layout: Unpadded) -> torch.Tensor:
-    """[B, S, ...] -> the real tokens' rows [T, ...]."""
-    return x.flatten(0, 1).index_select(0, layout.indices)
+    """[B, S, ...] -> the packed rows [T, ...] (filler rows read the last slot)."""
+    return x.flatten(0, 1).index_select(0, layout.gather_indices)
+
+
+def scatter_rows(x: torch.Tensor, layout: Unpadded, fill: float = 0.0) -> torch.Tensor:
+    """Packed rows [T, ...] -> [B, S, ...], ``fill`` at padding (filler rows are dropped)."""
+    slots = layout.batch * layout.seq_len
+    out = x.new_full((slots + (1 if layout.bucket else 0), *x.shape[1:]), fill)
+    out = out.index_copy(0, layout.indices, x)
+    return out[:slots].view(layout.batch, layout.seq_len, *x.shape[1:])
 
 
 def pad_rows(x: torch.Tensor, layout: Unpadded) -> torch.Tensor:
     """[T, ...] -> [B, S, ...] with zeros at padding."""
-    out = x.new_zeros((layout.batch * layout.seq_len, *x.shape[1:]))
-    return out.index_copy(0, layout.indices, x).view(layout.batch, layout.seq_len, *x.shape[1:])
+    return scatter_rows(x, layout)
 
 
 def packed_rows(layout: Unpadded, positions: torch.Tensor) -> torch.Tensor:
     """Packed row index [B, P] of positions [B, P] (a position at padding maps to row 0)."""
-    row_of = torch.zeros(layout.batch * layout.seq_len, dtype=torch.long, device=layout.indices.device)
+    slots = layout.batch * layout.seq_len + (1 if layout.bucket else 0)
+    row_of = torch.zeros(slots, dtype=torch.long, device=layout.indices.device)
     row_of.index_copy_(0, layout.indices, torch.arange(layout.num_tokens, device=row_of.device))
     base = torch.arange(layout.batch, device=positions.device)[:, None] * layout.seq_len
     return row_of[base + positions.long()]
@@ -331,7 +377,7 @@ class BertModel(nn.Module):
         if seq_len > self.embeddings.position_embeddings.num_embeddings:
             raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings "
                              f"{self.embeddings.position_embeddings.num_embeddings}")
-        idx = unpadded.indices
+        idx = unpadded.gather_indices
         x = self.embeddings(input_ids.flatten().index_select(0, idx),
                             token_type_ids.flatten().index_select(0, idx), idx % seq_len)
         return self.encoder(x, unpadded), unpadded
@@ -489,6 +535,7 @@ __all__ = [
     "Unpadded",
     "unpad_index",
     "pad_rows",
+    "scatter_rows",
     "unpad_rows",
     "packed_rows",
     "gather_positions",

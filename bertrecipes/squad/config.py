@@ -67,7 +67,8 @@ class SquadConfig:
     steps_per_print: int = 10
     progress_bar: bool = True
     compile: bool = False  # torch.compile the model for training and prediction (speed only)
-    # torch.compile's mode: default | reduce-overhead (CUDA graphs: fixed shapes, so kernel.unpad=false)
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs: fixed shapes, so kernel.unpad=false
+    # or kernel.unpad_bucket)
     # | max-autotune | max-autotune-no-cudagraphs
     compile_mode: str = "default"
     checkpoint_steps: int = 0  # also save every N steps (0 = only at the end of training)

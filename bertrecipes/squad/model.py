@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bertrecipes.model import BertConfig, BertModel, LayerFactory, Unpadded, init_bert_weights
+from bertrecipes.model.bert import scatter_rows
 
 # The start/end logit of a padding position when the encoder is unpadded: far below any real
 # logit (so out of the softmax and never a predicted span) yet finite in fp16.
@@ -45,8 +46,7 @@ class BertForQuestionAnswering(nn.Module):
         x, layout = self.bert.encode(input_ids, token_type_ids, attention_mask, unpadded)
         logits = self.qa_outputs(x)
         if layout is not None:  # [T, 2] -> [B, S, 2], padding at PADDING_LOGIT
-            full = logits.new_full((layout.batch * layout.seq_len, 2), PADDING_LOGIT)
-            logits = full.index_copy(0, layout.indices, logits).view(layout.batch, layout.seq_len, 2)
+            logits = scatter_rows(logits, layout, PADDING_LOGIT)
         start_logits, end_logits = logits.unbind(-1)
         return start_logits, end_logits
 
