@@ -34,11 +34,28 @@ from kernels_triton.lamb import (
 
 
 @triton.jit
-def _adam_kernel(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_ADDR, V_ADDR, SKIP, GRAD_SCALE, beta1,
-                 beta2, eps, weight_decay, decay, step_size, bias_correction2_sqrt, ADAM_W: tl.constexpr,
-                 HAS_SKIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    c, t, offs, mask, p_ptr, g_ptr, m_ptr, v_ptr = _chunk(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, P_ADDR, G_ADDR,
-                                                          M_ADDR, V_ADDR, BLOCK)
+def _adam_kernel(TENSOR_OF_CHUNK, CHUNK_START, NUMEL, ALIGNED, P_ADDR, G_ADDR, M_ADDR, V_ADDR, SKIP,
+                 GRAD_SCALE, beta1, beta2, eps, weight_decay, decay, step_size, bias_correction2_sqrt,
+                 ADAM_W: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    t = tl.load(TENSOR_OF_CHUNK + c)
+    if tl.load(ALIGNED + t) != 0:  # the same branch for the whole program (see lamb._chunk)
+        _adam(c, t, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_ADDR, V_ADDR, SKIP, GRAD_SCALE, beta1, beta2, eps,
+              weight_decay, decay, step_size, bias_correction2_sqrt, ADAM_W, HAS_SKIP, HAS_GRAD_SCALE, BLOCK,
+              True)
+    else:
+        _adam(c, t, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_ADDR, V_ADDR, SKIP, GRAD_SCALE, beta1, beta2, eps,
+              weight_decay, decay, step_size, bias_correction2_sqrt, ADAM_W, HAS_SKIP, HAS_GRAD_SCALE, BLOCK,
+              False)
+
+
+@triton.jit
+def _adam(c, t, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_ADDR, V_ADDR, SKIP, GRAD_SCALE, beta1, beta2, eps,
+          weight_decay, decay, step_size, bias_correction2_sqrt, ADAM_W: tl.constexpr, HAS_SKIP: tl.constexpr,
+          HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    offs, mask, p_ptr, g_ptr, m_ptr, v_ptr = _chunk(c, t, CHUNK_START, NUMEL, P_ADDR, G_ADDR, M_ADDR, V_ADDR,
+                                                    BLOCK, ALIGNED)
     g = _load_grad(g_ptr + offs, mask, GRAD_SCALE, HAS_GRAD_SCALE)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     if ADAM_W:

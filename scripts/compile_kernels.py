@@ -4,7 +4,8 @@ No GPU needed: the launches are recorded on the CPU (Triton's interpreter, kerne
 GPU tile sizes forced), then each distinct launch (kernel, argument types, constexprs, warps,
 stages) is compiled ahead of time by Triton for the target (``--arch 90`` = H100) down to a cubin
 with the ptxas Triton ships. Reports per launch the shared memory and registers (from
-``cuobjdump --dump-resource-usage``) and fails when a launch does not compile or needs more shared
+``cuobjdump --dump-resource-usage``), how many of the PTX's global loads and stores move 16 bytes
+per thread (vectorised) against all of them, and fails when a launch does not compile or needs more shared
 memory than the architecture has (the "out of resources" a GPU would raise at launch time).
 
 Recorded: ``TritonBertLayer`` forward + backward at BERT-large's widths (hidden 1024, 16 heads of 64,
@@ -205,6 +206,17 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": int(found.get("REG", -1)), "spill_bytes": int(found.get("LOCAL", 0))}
 
 
+def memory_ops(ptx: str) -> dict:
+    """Global loads and stores in the PTX, by width: how many move 16 bytes per thread (``.v4`` of
+    32-bit words, or ``.v2`` of 64-bit) against one word (or two) at a time."""
+    ops = re.findall(r"\b(ld|st)\.global(?:\.[\w:]+?)*?(?:\.(v2|v4|v8))?\.([bfsu])(\d+)\b", ptx)
+    counts = {"vector_loads": 0, "scalar_loads": 0, "vector_stores": 0, "scalar_stores": 0}
+    for op, vec, _, bits in ops:
+        wide = int(vec[1:] if vec else 1) * int(bits) >= 128
+        counts[f"{'vector' if wide else 'scalar'}_{'loads' if op == 'ld' else 'stores'}"] += 1
+    return counts
+
+
 def compile_one(launch: dict, arch: int) -> dict:
     fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
     if not isinstance(fn, JITFunction):
@@ -215,6 +227,7 @@ def compile_one(launch: dict, arch: int) -> dict:
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch["options"]))
     result = {"shared_bytes": kernel.metadata.shared, "seconds": time.perf_counter() - t0}
     result.update(resource_usage(kernel.asm["cubin"]))
+    result.update(memory_ops(kernel.asm["ptx"]))
     return result
 
 
@@ -269,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         failures += "error" in row
         rows.append(row)
         status = row.get("error") or (f"shared {row['shared_bytes']:>6} B  regs {row['registers']:>3}  "
-                                      f"spill {row['spill_bytes']} B  {row['seconds']:.1f}s")
+                                      f"spill {row['spill_bytes']} B  16-byte ld/st "
+                                      f"{row['vector_loads']}/{row['vector_stores']} of "
+                                      f"{row['vector_loads'] + row['scalar_loads']}/"
+                                      f"{row['vector_stores'] + row['scalar_stores']}  {row['seconds']:.1f}s")
         print(f"{row['kernel']:<36} {row['variant'][:70]:<70} {status}")
     print(f"{len(rows) - failures}/{len(rows)} launches compile for sm_{args.arch}"
           + (f" within {limit} B of shared memory" if limit else ""))

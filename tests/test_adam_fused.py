@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import pytest
 import test_adam
-from triton_kernels import force_fused_optimizer, load_kernels
+from triton_kernels import (
+    assert_same_optimizer_state,
+    cpu_case,
+    force_fused_optimizer,
+    fused_and_foreach,
+    load_kernels,
+)
 
 from bertrecipes.optim import Adam
 
@@ -33,7 +39,18 @@ __all__ = [
 
 
 @pytest.fixture(autouse=True)
-def fused_step(monkeypatch):
+def fused_step(monkeypatch, request):
+    if not cpu_case(request):
+        yield
+        return
     calls = force_fused_optimizer(monkeypatch, test_adam, Adam)
     yield
     assert calls, "no step went through the Triton kernel"
+
+
+@pytest.mark.parametrize("adam_w_mode", [True, False])
+def test_on_device_fused_step_matches_foreach_on_aligned_and_unaligned_tensors(adam_w_mode):
+    """The kernel (on a GPU compiled, and vectorised where a tensor is aligned) against the foreach
+    step (itself held to the float64 reference and torch.optim.AdamW) on the same tensors."""
+    settings = dict(lr=1e-3, weight_decay=0.01, adam_w_mode=adam_w_mode)
+    assert_same_optimizer_state(*fused_and_foreach(Adam, settings, DEVICE))

@@ -38,3 +38,12 @@ def test_a_bf16_bert_large_step_compiles_for_h100(tmp_path):
             "_bwd_kernel", "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel", "_lamb_moments_kernel",
             "_lamb_apply_kernel"} <= kernels
     assert all(0 <= r["shared_bytes"] <= 227 * 1024 and 0 < r["registers"] <= 255 for r in rows)
+    # the fused optimizers move 16 bytes per load and store on aligned tensors (their pointers come
+    # from an address table, so only the kernels' hints tell the compiler): with 8 warps over
+    # 4096-element chunks, each thread's 16 elements of an array are 4 vector loads; LAMB's pass 1
+    # reads g, p, m, v and writes m, v; its pass 2 reads p, m, v and writes p; Adam reads 4, writes 3
+    want = {"_lamb_moments_kernel": (16, 8), "_lamb_apply_kernel": (12, 4), "_adam_kernel": (16, 12)}
+    for r in rows:
+        if r["kernel"] in want:
+            loads, stores = want[r["kernel"]]
+            assert r["vector_loads"] >= loads and r["vector_stores"] >= stores, r

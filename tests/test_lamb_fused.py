@@ -5,10 +5,18 @@ partials) and an empty tensor. Without a GPU the kernels run in Triton's interpr
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import test_lamb
 import torch
-from triton_kernels import force_fused_optimizer, load_kernels
+from triton_kernels import (
+    assert_same_optimizer_state,
+    cpu_case,
+    force_fused_optimizer,
+    fused_and_foreach,
+    load_kernels,
+)
 
 from bertrecipes.optim import Lamb
 
@@ -42,7 +50,10 @@ __all__ = [
 
 
 @pytest.fixture(autouse=True)
-def fused_step(monkeypatch):
+def fused_step(monkeypatch, request):
+    if not cpu_case(request):
+        yield
+        return
     calls = force_fused_optimizer(monkeypatch, test_lamb, Lamb)
     yield
     # every test that stepped with gradients went through the Triton step
@@ -153,3 +164,36 @@ def test_direct_call_checks_its_tensors():
     with pytest.raises(ValueError, match="exp_avg_sq"):
         fused_adam.fused_adam_step([p], [g], [m], [v], **options, lr=1e-3, adam_w_mode=True, step_size=1e-3,
                                    bias_correction2_sqrt=1.0)
+
+
+def test_tensors_aligned_or_not_take_their_path_and_match_the_reference():
+    """A tensor whose four pointers are 16-byte aligned and whose size is a multiple of 4 is flagged
+    for the vectorised path; a view one float into its storage, or an odd size, takes the plain
+    one. Both kinds in one step match the float64 reference."""
+    gen = torch.Generator().manual_seed(12)
+    storage = torch.randn(4101, generator=gen) * 0.1
+    params = [torch.nn.Parameter(torch.randn(2, 2048, generator=gen) * 0.1),  # aligned
+              torch.nn.Parameter(storage[1:]),  # 4100 floats from 4 bytes past an aligned address
+              torch.nn.Parameter(torch.randn(4099, generator=gen) * 0.1)]  # not a multiple of 4
+    settings = test_lamb._defaults(weight_decay=0.01)
+    reference = test_lamb.ReferenceLamb(params, [settings] * len(params))
+    opt = Lamb(params, **settings, fused=True)
+    tables = importlib.import_module("kernels_triton.lamb")._TABLES
+    tables.clear()
+    for _ in range(2):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        reference.step(grads)
+        test_lamb._assert_matches(params, reference)
+    assert params[1].data_ptr() % 16 == 4 and params[0].data_ptr() % 16 == 0 == params[2].data_ptr() % 16
+    assert tables and all(table["aligned"].tolist() == [1, 0, 0] for table in tables.values())
+
+
+def test_on_device_fused_step_matches_foreach_on_aligned_and_unaligned_tensors():
+    """The kernels (on a GPU compiled, and vectorised where a tensor is aligned) against the foreach
+    step (itself held to the float64 reference) on the same tensors and gradients."""
+    fused, foreach = fused_and_foreach(Lamb, test_lamb._defaults(weight_decay=0.01), DEVICE)
+    assert_same_optimizer_state(fused, foreach)
+    torch.testing.assert_close(fused.last_coeffs, foreach.last_coeffs, rtol=1e-5, atol=1e-6)
