@@ -185,11 +185,13 @@ def test_bucketed_rows_change_no_real_row_with_dropout_on(pre_layer_norm):
         runs.append(run_layer(ours, unpad_rows(x, layout), layout, packed_grad))
     (want_out, want_dx, want), (out, dx, got) = runs
     assert out.shape[0] == 48 and want_out.shape[0] == real == 34
-    torch.testing.assert_close(out[:real], want_out, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(dx[:real], want_dx, atol=1e-6, rtol=1e-6)
+    # 34 rows against 48: on a GPU cuBLAS may pick another GEMM kernel (another summation order) per
+    # row count, so last-bit differences; a real row reading a filler row would be off by far more
+    torch.testing.assert_close(out[:real], want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx[:real], want_dx, atol=1e-5, rtol=1e-5)
     assert torch.count_nonzero(dx[real:]) == 0
     for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5,
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5,
                                    msg=lambda m, n=name: f"{n}: {m}")
     torch.manual_seed(6)  # dropout is really on: another seed, another output
     assert not torch.allclose(run_layer(ours, unpad_rows(x, layout), layout, packed_grad)[0], out)
@@ -295,7 +297,7 @@ def test_pretraining_with_kernel_triton_follows_kernel_torch(make_cfg, tmp_path)
             "max_predictions_per_seq=6", "model=bert_tiny", "model.hidden_size=32",
             "model.intermediate_size=64", "model.num_attention_heads=2", "model.hidden_dropout_prob=0",
             "model.attention_probs_dropout_prob=0", "train_batch_size=4", "train_micro_batch_size_per_gpu=2",
-            "max_steps=2", "steps_per_print=1", "device=cpu"]
+            "max_steps=2", "steps_per_print=1", f"device={DEVICE}"]  # compiled kernels take CUDA tensors
     runs = {}
     for kernel in ("torch", "triton"):
         out = tmp_path / kernel
