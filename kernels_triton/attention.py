@@ -38,7 +38,15 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from kernels_triton.utils import check_tensors, dropout_seed, interpreter_tiles, require_seed, seed_tensor
+from kernels_triton.utils import (
+    cdiv,
+    check_tensors,
+    dropout_seed,
+    interpreter_tiles,
+    next_power_of_2,
+    require_seed,
+    seed_tensor,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -298,7 +306,7 @@ def default_blocks(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, in
 
 def blocks_key(head_dim: int, dtype: torch.dtype, max_seqlen: int) -> str:
     """The key of a tuned-blocks table: head size, dtype and the sequence length's power of two."""
-    return f"{head_dim},{DTYPE_NAMES.get(dtype, str(dtype))},{triton.next_power_of_2(max(1, max_seqlen))}"
+    return f"{head_dim},{DTYPE_NAMES.get(dtype, str(dtype))},{next_power_of_2(max(1, max_seqlen))}"
 
 
 @functools.cache
@@ -356,7 +364,7 @@ class _Layout:
 
     def common(self, q: torch.Tensor, dropout_p: float):
         dummy = q
-        block_d = max(16, triton.next_power_of_2(self.head_dim))
+        block_d = max(16, next_power_of_2(self.head_dim))
         flags = dict(HEAD_DIM=self.head_dim, BLOCK_D=block_d, IS_VARLEN=self.varlen,
                      HAS_MASK=self.mask is not None, HAS_DROPOUT=dropout_p > 0.0,
                      DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
@@ -372,7 +380,7 @@ def _forward(layout: _Layout, q, k, v, scale: float, dropout_p: float, seed: Opt
     lse, stride_lb, stride_lh = layout.new_rowstat(q)
     mask, cu, stride_mb, flags = layout.common(q, dropout_p)
     block_m, block_n, warps, stages = _blocks(layout.head_dim, q.dtype, layout.max_seqlen)["fwd"]
-    grid = (triton.cdiv(layout.max_seqlen, block_m), layout.batch * layout.nheads)
+    grid = (cdiv(layout.max_seqlen, block_m), layout.batch * layout.nheads)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, mask, cu,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(o),
@@ -391,7 +399,7 @@ def _backward(layout: _Layout, do, q, k, v, o, lse, dq, dk, dv, scale, dropout_p
     blocks = _blocks(layout.head_dim, q.dtype, layout.max_seqlen)
     bh = layout.batch * layout.nheads
     pre_m = blocks["dq"][0]
-    _attn_bwd_preprocess_kernel[(triton.cdiv(layout.max_seqlen, pre_m), bh)](
+    _attn_bwd_preprocess_kernel[(cdiv(layout.max_seqlen, pre_m), bh)](
         o, do, delta, cu, *layout.strides(o), *layout.strides(do), stride_lb, stride_lh,
         layout.nheads, layout.max_seqlen,
         HEAD_DIM=layout.head_dim, BLOCK_M=pre_m, BLOCK_D=flags["BLOCK_D"], IS_VARLEN=layout.varlen,
@@ -403,12 +411,12 @@ def _backward(layout: _Layout, do, q, k, v, o, lse, dq, dk, dv, scale, dropout_p
             stride_mb, stride_lb, stride_lh,
             layout.nheads, layout.max_seqlen, scale, scale * LOG2E, dropout_p, q if seed is None else seed)
     block_m, block_n, warps, stages = blocks["dkdv"]
-    _attn_bwd_kernel[(triton.cdiv(layout.max_seqlen, block_n), bh)](
+    _attn_bwd_kernel[(cdiv(layout.max_seqlen, block_n), bh)](
         *args, BLOCK_M=block_m, BLOCK_N=block_n, DQ_PASS=False, ATOMIC_DQ=not deterministic,
         num_warps=warps, num_stages=stages, **flags)
     if deterministic:
         block_m, block_n, warps, stages = blocks["dq"]
-        _attn_bwd_kernel[(triton.cdiv(layout.max_seqlen, block_m), bh)](
+        _attn_bwd_kernel[(cdiv(layout.max_seqlen, block_m), bh)](
             *args, BLOCK_M=block_m, BLOCK_N=block_n, DQ_PASS=True, ATOMIC_DQ=False,
             num_warps=warps, num_stages=stages, **flags)
     else:
@@ -581,7 +589,7 @@ def attention_dropout_mask(seed: int | Tensor, batch: int, nheads: int, seqlen: 
     out = torch.empty(batch, nheads, seqlen, seqlen, device=device, dtype=torch.int8)
     check_tensors(out)
     block = 32 if interpreter_tiles() else 64
-    _dropout_mask_kernel[(triton.cdiv(seqlen, block), batch * nheads)](
+    _dropout_mask_kernel[(cdiv(seqlen, block), batch * nheads)](
         out, seed_tensor(seed, device), seqlen, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return out.bool()
 

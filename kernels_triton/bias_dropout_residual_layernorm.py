@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from kernels_triton.utils import (
+    cdiv,
     check_tensors,
     dropout_seed,
     finish_column_sum,
@@ -180,7 +181,7 @@ def _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_su
                   for _ in range(2))
     ptrs = [t if t is not None else res2 for t in (x2, bias, res2, weight, ln_bias, z, y, mean, rstd)]
     block_n, rows, warps = row_tile(n)
-    _fwd_kernel[(triton.cdiv(m, rows),)](
+    _fwd_kernel[(cdiv(m, rows),)](
         *ptrs,
         m, n, ptrs[0].stride(0), res2.stride(0), n, n, float(eps), dropout_p, res2 if seed is None else seed,
         ROWS=rows, BLOCK_N=block_n, HAS_BRANCH=has_branch, HAS_DROPOUT=has_branch and dropout_p > 0.0,
@@ -213,8 +214,8 @@ def _backward(dz_in, dy, saved, weight, ln_bias, mean, rstd, has_branch, inverti
     device = (dy2 if has_ln else dz2).device
     block_n, rows, warps = row_tile(n)
     programs = reduction_programs(m, rows, device)
-    rows_per_program = triton.cdiv(triton.cdiv(m, programs), rows) * rows
-    programs = triton.cdiv(m, rows_per_program)
+    rows_per_program = cdiv(cdiv(m, programs), rows) * rows
+    programs = cdiv(m, rows_per_program)
     partial_shape = (n,) if not deterministic else (programs, n)
 
     def partial() -> torch.Tensor:
@@ -400,7 +401,7 @@ def row_dropout_mask(seed: int | Tensor, rows: int, cols: int, dropout_p: float,
     out = torch.empty(rows, cols, device=device, dtype=torch.int8)
     check_tensors(out)
     block_n, tile_rows, _ = row_tile(cols)
-    _dropout_mask_kernel[(triton.cdiv(rows, tile_rows),)](out, rows, cols, float(dropout_p),
+    _dropout_mask_kernel[(cdiv(rows, tile_rows),)](out, rows, cols, float(dropout_p),
                                                           seed_tensor(seed, device), ROWS=tile_rows,
                                                           BLOCK_N=block_n)
     return out.bool()

@@ -24,9 +24,11 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from kernels_triton.utils import (
+    cdiv,
     check_tensors,
     finish_column_sum,
     interpreter_tiles,
+    next_power_of_2,
     reduction_programs,
 )
 
@@ -92,8 +94,8 @@ def _bias_gelu_bwd_kernel(
 def _tile(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the elementwise tiles."""
     if interpreter_tiles():
-        return 16, triton.next_power_of_2(n_cols), 1
-    return 16, min(256, triton.next_power_of_2(n_cols)), 4
+        return 16, next_power_of_2(n_cols), 1
+    return 16, min(256, next_power_of_2(n_cols)), 4
 
 
 def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,7 @@ def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     m, n = x2.shape
     y = torch.empty_like(x2)
     block_m, block_n, warps = _tile(n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (cdiv(m, block_m), cdiv(n, block_n))
     _bias_gelu_fwd_kernel[grid](x2, bias, y, m, n, x2.stride(0), y.stride(0),
                                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return y.view(x.shape)
@@ -116,10 +118,10 @@ def bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, de
     m, n = x2.shape
     dx = torch.empty_like(x2)
     block_m, block_n, warps = _tile(n)
-    column_programs = triton.cdiv(n, block_n)
+    column_programs = cdiv(n, block_n)
     programs = reduction_programs(m, block_m, x.device, column_programs)
-    rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
-    programs = triton.cdiv(m, rows_per_program)
+    rows_per_program = cdiv(cdiv(m, programs), block_m) * block_m
+    programs = cdiv(m, rows_per_program)
     shape = (n,) if not deterministic else (programs, n)
     partial = torch.zeros(shape, device=x.device, dtype=torch.float32)
     _bias_gelu_bwd_kernel[(column_programs, programs)](

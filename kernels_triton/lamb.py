@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels_triton.utils import INTERPRET
+from kernels_triton.utils import INTERPRET, cdiv
 
 CHUNK = 4096  # elements per program
 TABLE_CACHE_SIZE = 16  # address tables kept (one per bucket of an optimizer step is what training uses)
@@ -167,7 +167,7 @@ def _table(quads: list[tuple[torch.Tensor, ...]], device: torch.device) -> dict[
 
 def _build_table(quads: list[tuple[torch.Tensor, ...]], device: torch.device) -> dict[str, torch.Tensor]:
     numels = [p.numel() for p, *_ in quads]
-    chunks = [max(1, triton.cdiv(n, CHUNK)) for n in numels]
+    chunks = [max(1, cdiv(n, CHUNK)) for n in numels]
     host = {
         "tensor_of_chunk": torch.repeat_interleave(torch.arange(len(quads), dtype=torch.int32),
                                                    torch.tensor(chunks)),

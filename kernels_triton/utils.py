@@ -107,6 +107,18 @@ def seed_tensor(seed: int | torch.Tensor, device: torch.device | str) -> torch.T
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints: launch grids. (``triton.cdiv`` is a constexpr function, several
+    microseconds a call, and a training step's launches make hundreds of these calls.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1), on the host: as ``triton.next_power_of_2``, without
+    its constexpr-function call cost."""
+    return 1 << (n - 1).bit_length()
+
+
 @functools.cache
 def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -116,7 +128,7 @@ def reduction_programs(rows: int, rows_per_tile: int, device: torch.device, colu
     """How many row chunks share a column reduction (dbias, dgamma, dbeta): about two waves of
     programs on a GPU (``column_programs`` already run side by side), two under the interpreter
     (enough to exercise the cross-program sum)."""
-    tiles = triton.cdiv(rows, rows_per_tile)
+    tiles = cdiv(rows, rows_per_tile)
     if INTERPRET or device.type != "cuda":
         return max(1, min(tiles, 2))
     return max(1, min(tiles, 2 * _multiprocessor_count(device.index or 0) // column_programs))
@@ -125,7 +137,7 @@ def reduction_programs(rows: int, rows_per_tile: int, device: torch.device, colu
 def row_tile(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) for a row-wise kernel over ``n_cols`` columns: the whole row in
     one block, several rows per tile while the tile stays small."""
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = next_power_of_2(n_cols)
     if interpreter_tiles():
         return block_n, 16, 1
     rows = max(1, min(16, 2048 // block_n))
