@@ -12,10 +12,12 @@ global-norm clip, Adam step, zero) after ``--warmup`` untimed steps. Kernels: ``
 ``compile`` (``torch.compile`` of the torch model), ``triton_compile`` (of the unpadded Triton
 model: one graph calling the Triton ops; ``compile=true kernel=triton``), ``compile_graphs`` and
 ``triton_graphs`` (the padded torch and Triton models with ``compile_mode=reduce-overhead``: the
-step replays as CUDA graphs), and ``hf``: transformers' ``BertForQuestionAnswering`` (sdpa) with
-``torch.optim.AdamW`` (fused on CUDA) and ``GradScaler``, the reference user's choice, on the same
-windows. The windows hold random token ids; without ``--squad-file`` every window is full (``--seq``
-real tokens, so unpadding has nothing to skip); with it, each micro-batch takes the attention masks
+step replays as CUDA graphs), ``triton_graphs_bucket`` (the unpadded Triton model as CUDA graphs,
+its packed rows rounded up to a multiple of 256: ``kernel.unpad_bucket=256``), and ``hf``:
+transformers' ``BertForQuestionAnswering`` (sdpa) with ``torch.optim.AdamW`` (fused on CUDA) and
+``GradScaler``, the reference user's choice, on the same windows. The windows hold random token
+ids; without ``--squad-file`` every window is full (``--seq`` real tokens, so unpadding has nothing
+to skip); with it, each micro-batch takes the attention masks
 of real SQuAD windows (features built as ``python -m bertrecipes.squad`` builds them, shuffled), so
 the padding is what training meets. TFLOP/s counts ``qa_training_flops_per_sample`` on the padded
 shape for every kernel (so skipped padding shows as more samples/s); MFU divides by a large matmul
@@ -61,9 +63,11 @@ VOCAB_SIZE = 30522  # bert-base/large-uncased
 KERNELS = {"torch": ("torch", False), "torch_unpad": ("torch", True), "triton": ("triton", True),
            "triton_padded": ("triton", False), "compile": ("torch", False),
            "triton_compile": ("triton", True), "compile_graphs": ("torch", False),
-           "triton_graphs": ("triton", False), "hf": None}
+           "triton_graphs": ("triton", False), "triton_graphs_bucket": ("triton", True), "hf": None}
 COMPILE_MODES = {"compile": "default", "triton_compile": "default", "compile_graphs": "reduce-overhead",
-                 "triton_graphs": "reduce-overhead"}  # the kernels run through torch.compile
+                 "triton_graphs": "reduce-overhead",
+                 "triton_graphs_bucket": "reduce-overhead"}  # the kernels run through torch.compile
+UNPAD_BUCKETS = {"triton_graphs_bucket": 256}  # kernel.unpad_bucket (0: the exact token count)
 
 
 def real_window_masks(squad_file: Path, vocab_file: Path, seq: int) -> torch.Tensor:
@@ -123,7 +127,7 @@ def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
     def step() -> None:
         mark_graph_step()
         host["attention_mask"] = next_masks(host["attention_mask"])
-        batch, layout = batch_to_device(host, device, unpad)
+        batch, layout = batch_to_device(host, device, unpad, UNPAD_BUCKETS.get(kernel, 0))
         with autocast_context(precision, device):
             start_logits, end_logits = forward(batch["input_ids"], batch["token_type_ids"],
                                                batch["attention_mask"], unpadded=layout)
@@ -236,14 +240,14 @@ def cell_text(r: dict) -> str:
 
 
 def print_table(results: list[dict], micro_batches: list[int]) -> None:
-    header = f"{'model':<7}{'kernel':<14}" + "".join(f"{f'mb={m}':>22}" for m in micro_batches)
+    header = f"{'model':<7}{'kernel':<21}" + "".join(f"{f'mb={m}':>22}" for m in micro_batches)
     print(header)
     print("-" * len(header))
     rows: dict[tuple[str, str], dict[int, dict]] = {}
     for r in results:
         rows.setdefault((r["model"], r["kernel"]), {})[r["micro_batch"]] = r
     for (name, kernel), cells in rows.items():
-        print(f"{name:<7}{kernel:<14}" + "".join(f"{cell_text(cells.get(m, {'status': '-'})):>22}"
+        print(f"{name:<7}{kernel:<21}" + "".join(f"{cell_text(cells.get(m, {'status': '-'})):>22}"
                                                  for m in micro_batches))
     print("cells: samples/s, MFU and peak allocated GiB per micro-batch (training step incl. the optimizer);"
           " !Nskip: N timed steps overflowed in fp16 and skipped their update")
