@@ -188,7 +188,8 @@ def time_fwd_bwd(fn, modules, inputs, grad, dtype, warmup, iters):
                                                                    "peak_mib": peak}
 
 
-def bench(args) -> list[dict]:
+def bench(args, save=lambda rows: None) -> list[dict]:
+    """The timing rows; ``save`` gets them after every row (a run cut short keeps what it timed)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -221,6 +222,7 @@ def bench(args) -> list[dict]:
                 result = time_fwd_bwd(lambda x, fn=fn, mask=mask: fn(x, mask), [module], [x], grad, dtype,
                                       args.warmup, args.iters)
             rows.append(shape | {"impl": impl} | result)
+            save(rows)
             del fn, module
             torch.cuda.empty_cache()
 
@@ -241,6 +243,7 @@ def bench(args) -> list[dict]:
         for impl, fn in (("attn triton", ours), ("attn sdpa-flash", sdpa_flash)):
             result = time_fwd_bwd(fn, [], [q, k, v], grad_attn, dtype, args.warmup, args.iters)
             rows.append(shape | {"impl": impl} | result)
+            save(rows)
     return rows
 
 
@@ -379,7 +382,8 @@ def main(argv=None) -> int:
         if args.json:
             from bertrecipes.atomic import write_json_atomic
 
-            write_json_atomic(args.json, meta | {"rows": rows})
+            # "layer": the timing rows (the check's rows carry a "case" instead)
+            write_json_atomic(args.json, meta | ({} if args.check else {"kind": "layer"}) | {"rows": rows})
 
     if args.check:
         results = check(args, save)
@@ -389,7 +393,7 @@ def main(argv=None) -> int:
         order = "pre" if args.pre_layer_norm else "post"
         print(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype} autocast, "
               f"dropout {args.dropout}, {order}-LN, flags {args.flags or 'none'}")
-        rows, status = bench(args), 0
+        rows, status = bench(args, save), 0
         print_table(rows)
     save(rows)
     return status

@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.time_budget is None:
             return out_of_time
         left = args.time_budget - (time.monotonic() - started)
-        deadline = time.monotonic() + left / (rows_total - len(rows) + 1)
+        # called once the row has run, before it is appended: its probes and each row still to come
+        deadline = time.monotonic() + left / (rows_total - len(rows))
         return lambda: out_of_time() or time.monotonic() > deadline
 
     for dtype in args.dtypes.split(","):
@@ -423,10 +424,16 @@ def main(argv: list[str] | None = None) -> int:
                     if out_of_time():
                         row["skipped"] = f"time budget ({args.time_budget:g} s) spent"
                     else:
+                        # compile from a clean slate (no recompiles or dynamic shapes from an earlier row's
+                        # frames), and free an earlier row's CUDA graphs: their pool would count in this
+                        # row's peak memory
+                        torch._dynamo.reset()
+                        free_memory()
                         try:
                             row.update(once(micro))
                         except Exception as e:  # one failing implementation must not hide the others
                             row["error"] = "OOM" if is_oom(e) else f"{type(e).__name__}: {e}"[:300]
+                        if "error" in row:  # out of the handler: its traceback no longer holds the run
                             free_memory()
                     probe_out_of_time = probe_budget()
                     rows.append(row)
@@ -448,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                                        max_micro_closed=found["closed"], max_micro_probes=found["probes"])
                         except Exception as e:  # a probe that fails otherwise than by OOM
                             row["max_micro_error"] = f"{type(e).__name__}: {e}"[:300]
+                        if "max_micro_error" in row:
                             free_memory()
                         save()
                     print_row(row, header=len(rows) == 1)

@@ -156,7 +156,10 @@ def hf_step(config: BertConfig, micro_batch: int, seq: int, precision: str, devi
 
     def step() -> None:
         host["attention_mask"] = next_masks(host["attention_mask"])
-        batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+        # pinned, as Trainer's loader pins (dataloader_pin_memory): from pageable memory the copy may
+        # wait for the GPU, which ours (batch_to_device pins) does not
+        pin = device.type == "cuda"
+        batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in host.items()}
         with autocast_context(precision, device):
             out = model(**batch, start_positions=starts, end_positions=ends)
         user.update(out.loss)

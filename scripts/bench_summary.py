@@ -29,7 +29,7 @@ OURS = "triton"
 def load(paths: list[Path]) -> dict[str, list[dict]]:
     """Every JSON under ``paths``, sorted by kind: pretrain rows, squad cells, sync counts, checks."""
     found: dict[str, list[dict]] = {"pretrain": [], "squad": [], "syncs": [], "check": [], "profile": [],
-                                    "optimizer": [], "tiles": []}
+                                    "optimizer": [], "tiles": [], "layer": []}
     files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
     for path in files:
         record = json.loads(path.read_text())
@@ -37,6 +37,8 @@ def load(paths: list[Path]) -> dict[str, list[dict]]:
             found["optimizer"].append(record)
         elif record.get("kind") == "attention_tiles":
             found["tiles"].append(record)
+        elif record.get("kind") == "layer":  # bench_layer.py's timings (their rows also name an impl)
+            found["layer"] += [r | {"device": record.get("device")} for r in record["rows"]]
         elif "rows" in record and record["rows"] and "impl" in record["rows"][0]:
             found["pretrain"] += record["rows"]
         elif "results" in record:
@@ -124,6 +126,13 @@ def markdown(found: dict[str, list[dict]]) -> str:
             memory = f"{c['peak_memory_gb']:.1f}" if c.get("peak_memory_gb") is not None else "-"
             out.append(table_row(c["model"], c["kernel"], c["micro_batch"], f"{c['samples_per_sec']:.1f}",
                                  mfu, memory))
+    if found["layer"]:
+        header = ("layer", "seq x micro", "impl", "fwd+bwd ms", "kernels ms", "peak MiB")
+        out += ["", table_row(*header), "|---" * len(header) + "|"]
+        for r in found["layer"]:
+            kernels = f"{r['kernel_ms']:.3f}" if r.get("kernel_ms") else "-"
+            out.append(table_row(r["model"], f"{r['seq']} x {r['micro_batch']}", r["impl"],
+                                 f"{r['fwd+bwd']:.3f}", kernels, f"{r['peak_mib']:.0f}"))
     for record in found["syncs"]:
         args = record["args"]
         run = f"{args['kernel']}, {args['precision']}"

@@ -46,6 +46,10 @@ def results(tmp_path):
     (tmp_path / "tiles.json").write_text(json.dumps({
         "kind": "attention_tiles", "device": "GPU X", "dtype": "bf16", "results": [],
         "table": {"64,bf16,128": {"dq": [64, 64, 4, 3]}}}))
+    # bench_layer.py's timings: rows with an impl (here one that is also a pretrain impl's name)
+    (tmp_path / "layer.json").write_text(json.dumps({"kind": "layer", "device": "GPU X", "rows": [
+        {"model": "large", "seq": 128, "micro_batch": 64, "dtype": "bf16", "impl": "triton", "fwd": 1.0,
+         "bwd": 2.0, "fwd+bwd": 3.0, "kernel_ms": 2.5, "peak_mib": 900.0}]}))
     (tmp_path / "check.json").write_text(json.dumps({"rows": [{"case": "c", "tensor": "out", "ok": True},
                                                               {"case": "c", "tensor": "dx", "ok": False}]}))
     return tmp_path
@@ -86,6 +90,8 @@ def test_markdown_names_device_tables_syncs_and_check(results, tmp_path):
     assert ("Optimizer step, BERT-large (335M parameters, floor 3.00 ms): lamb_fused 5.50 ms, "
             "torch_adamw 9.25 ms") in text
     assert "Layer check: 1/2 tensors" in text
+    assert "| large | 128 x 64 | triton | 3.000 | 2.500 | 900 |" in text
+    assert not [r for r in summary.load([results])["pretrain"] if "fwd+bwd" in r]
     assert ("Profile, BERT-large seq128 x 64 bf16 triton: 100.0 ms per optimizer step, kernels 92.0 ms "
             "(92% busy), 1234 launches") in text
 
