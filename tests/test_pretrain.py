@@ -214,19 +214,22 @@ def test_bad_batch_sizes_fail_before_any_work(make_cfg, tmp_path):
         train(make_cfg(*TINY, "train_batch_size=10", output_dir=tmp_path))
 
 
-@pytest.mark.parametrize("kernel", ["kernel=torch", "kernel=triton",
-                                    "kernel=torch compile_mode=reduce-overhead"])
-def test_compiled_run_follows_the_eager_run_and_resumes_eagerly(make_cfg, tmp_path, kernel):
+@pytest.mark.parametrize("kernel,mode", [
+    ("kernel=torch", ""), ("kernel=triton", ""), ("kernel=torch", "compile_mode=reduce-overhead"),
+    ("kernel=torch kernel.unpad=true kernel.unpad_bucket=64", "compile_mode=reduce-overhead")],
+    ids=["torch", "triton", "torch-graphs", "torch-unpad-bucket-graphs"])
+def test_compiled_run_follows_the_eager_run_and_resumes_eagerly(make_cfg, tmp_path, kernel, mode):
     """``compile=true`` (Inductor; with kernel=triton one graph around the Triton ops, unpadded;
-    with reduce-overhead, a CUDA-graph step marked per micro-batch, graphs only on a GPU): the eager
-    run's losses, gradient norms and LAMB coefficients step by step within fp32 rounding (dropout
-    off: Inductor's random numbers are its own), and a checkpoint that an eager run resumes."""
-    kernel, *mode = kernel.split()
-    triton = kernel == "kernel=triton"
+    with reduce-overhead, a CUDA-graph step marked per micro-batch, graphs only on a GPU; and
+    unpadded in token-count buckets, as CUDA graphs want): the eager run's losses, gradient norms and
+    LAMB coefficients step by step within fp32 rounding (dropout off: Inductor's random numbers are
+    its own), and a checkpoint that an eager run resumes."""
+    kernel, mode = kernel.split(), mode.split()
+    triton = "kernel=triton" in kernel
     if triton:
         pytest.importorskip("triton")
     # (the interpreted Triton kernels are slow: one micro-batch per step there)
-    common = [*TINY, kernel, "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0",
+    common = [*TINY, *kernel, "model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0",
               "total_training_steps=3", *(["train_batch_size=4"] if triton else [])]
     torch._dynamo.reset()
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
