@@ -29,7 +29,7 @@ OURS = "triton"
 def load(paths: list[Path]) -> dict[str, list[dict]]:
     """Every JSON under ``paths``, sorted by kind: pretrain rows, squad cells, sync counts, checks."""
     found: dict[str, list[dict]] = {"pretrain": [], "squad": [], "syncs": [], "check": [], "profile": [],
-                                    "optimizer": [], "tiles": [], "layer": []}
+                                    "optimizer": [], "tiles": [], "layer": [], "host": []}
     files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
     for path in files:
         record = json.loads(path.read_text())
@@ -39,6 +39,8 @@ def load(paths: list[Path]) -> dict[str, list[dict]]:
             found["tiles"].append(record)
         elif record.get("kind") == "layer":  # bench_layer.py's timings (their rows also name an impl)
             found["layer"] += [r | {"device": record.get("device")} for r in record["rows"]]
+        elif record.get("kind") == "host":  # bench_host.py's (rows with an impl too)
+            found["host"].append(record)
         elif "rows" in record and record["rows"] and "impl" in record["rows"][0]:
             found["pretrain"] += record["rows"]
         elif "results" in record:
@@ -133,6 +135,10 @@ def markdown(found: dict[str, list[dict]]) -> str:
             kernels = f"{r['kernel_ms']:.3f}" if r.get("kernel_ms") else "-"
             out.append(table_row(r["model"], f"{r['seq']} x {r['micro_batch']}", r["impl"],
                                  f"{r['fwd+bwd']:.3f}", kernels, f"{r['peak_mib']:.0f}"))
+    for record in found["host"]:
+        rows = ", ".join(f"{r['impl']} {r['ms_per_step']:.1f} ms" for r in record["rows"])
+        out.append(f"\nHost time per eager forward + backward, kernels stubbed ({record['args']['layers']} "
+                   f"layers, {record['cpu']}): {rows}")
     for record in found["syncs"]:
         args = record["args"]
         run = f"{args['kernel']}, {args['precision']}"

@@ -15,7 +15,8 @@
 #                unpadded, then replayed as CUDA graphs: padded, and unpadded in token-count buckets of 256)
 #   syncs        host-device synchronisations per optimizer step (sync_check.py): LAMB bf16, Adam fp16
 #   optim        the optimizer step alone at BERT-large's shapes against its memory floor (bench_optimizer.py)
-#   profile      where a step's time goes (profile_step.py): BERT-large triton at seq128 and seq512
+#   profile      where a step's time goes (profile_step.py): BERT-large triton at seq128 and seq512; and
+#                the host's time per eager step with the kernels stubbed (bench_host.py, CPU only)
 #   squad        bench_squad BERT-large seq384 x 32 bf16, real SQuAD dev padding: triton, torch, hf
 #   tests        the Triton kernels' pytest suite on CUDA
 #   extra        accumulation 8, fp16 and BERT-base rows, the layer timings
@@ -113,6 +114,8 @@ stage_profile() {
   # shellcheck disable=SC2086
   python3 scripts/profile_step.py --model $large --seq $s512 --impl triton $dev $micro_only --data "$data" \
     --cache-dir "$results/data_cache" --json "$results/profile_large_seq512_triton.json"
+  # this machine's host time per eager step with the kernels stubbed (CPU only): is the GPU waiting?
+  python3 scripts/bench_host.py --steps 10 --json "$results/host.json"
 }
 stage_maxmicro()    { bench --models $large --seqs $s512 --dtypes bf16 --impls triton_lowmem,hf --steps 2 \
                         --find-max-micro --time-budget "$((cap - 30))" \

@@ -50,6 +50,9 @@ def results(tmp_path):
     (tmp_path / "layer.json").write_text(json.dumps({"kind": "layer", "device": "GPU X", "rows": [
         {"model": "large", "seq": 128, "micro_batch": 64, "dtype": "bf16", "impl": "triton", "fwd": 1.0,
          "bwd": 2.0, "fwd+bwd": 3.0, "kernel_ms": 2.5, "peak_mib": 900.0}]}))
+    (tmp_path / "host.json").write_text(json.dumps({"kind": "host", "cpu": "x86_64", "args": {"layers": 24},
+                                                    "rows": [{"impl": "triton", "ms_per_step": 25.04},
+                                                             {"impl": "hf", "ms_per_step": 40.0}]}))
     (tmp_path / "check.json").write_text(json.dumps({"rows": [{"case": "c", "tensor": "out", "ok": True},
                                                               {"case": "c", "tensor": "dx", "ok": False}]}))
     return tmp_path
@@ -91,7 +94,9 @@ def test_markdown_names_device_tables_syncs_and_check(results, tmp_path):
             "torch_adamw 9.25 ms") in text
     assert "Layer check: 1/2 tensors" in text
     assert "| large | 128 x 64 | triton | 3.000 | 2.500 | 900 |" in text
-    assert not [r for r in summary.load([results])["pretrain"] if "fwd+bwd" in r]
+    assert not [r for r in summary.load([results])["pretrain"] if "fwd+bwd" in r or "ms_per_step" in r]
+    assert ("Host time per eager forward + backward, kernels stubbed (24 layers, x86_64): triton 25.0 ms, "
+            "hf 40.0 ms") in text
     assert ("Profile, BERT-large seq128 x 64 bf16 triton: 100.0 ms per optimizer step, kernels 92.0 ms "
             "(92% busy), 1234 launches") in text
 
