@@ -21,6 +21,7 @@ from triton_kernels import (
 from bertrecipes.optim import Lamb
 
 kt, DEVICE = load_kernels()
+fused_lamb = importlib.import_module("kernels_triton.lamb")
 
 from test_lamb import (  # noqa: E402  (collected here again, with the fused step patched in)
     test_matches_float64_reference,
@@ -60,15 +61,13 @@ def fused_step(monkeypatch, request):
     assert all(n > 0 for n in calls)
 
 
-def test_tensors_spanning_several_chunks_match_the_reference():
-    chunk = kt.lamb.CHUNK
-    gen = torch.Generator().manual_seed(11)
-    shapes = [(3 * chunk + 17,), (2, chunk), (0,), (5,)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
+def _steps_match_reference(params, gen, steps: int) -> None:
+    """``steps`` fused LAMB steps with random gradients, each against the float64 reference:
+    parameters, moments and trust ratios."""
     settings = test_lamb._defaults(weight_decay=0.01)
     reference = test_lamb.ReferenceLamb(params, [settings] * len(params))
     opt = Lamb(params, **settings, fused=True)
-    for _ in range(3):
+    for _ in range(steps):
         grads = [torch.randn(p.shape, generator=gen) for p in params]
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
@@ -79,9 +78,16 @@ def test_tensors_spanning_several_chunks_match_the_reference():
         torch.testing.assert_close(opt.last_coeffs.double(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_tensors_spanning_several_chunks_match_the_reference():
+    chunk = fused_lamb.CHUNK
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(3 * chunk + 17,), (2, chunk), (0,), (5,)]
+    _steps_match_reference([torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes], gen, 3)
+
+
 def test_fused_and_foreach_steps_agree_and_share_state():
     gen = torch.Generator().manual_seed(12)
-    shapes = [(kt.lamb.CHUNK + 3,), (7, 9), ()]
+    shapes = [(fused_lamb.CHUNK + 3,), (7, 9), ()]
     start = [torch.randn(s, generator=gen) for s in shapes]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
     runs = {}
@@ -175,20 +181,11 @@ def test_tensors_aligned_or_not_take_their_path_and_match_the_reference():
     params = [torch.nn.Parameter(torch.randn(2, 2048, generator=gen) * 0.1),  # aligned
               torch.nn.Parameter(storage[1:]),  # 4100 floats from 4 bytes past an aligned address
               torch.nn.Parameter(torch.randn(4099, generator=gen) * 0.1)]  # not a multiple of 4
-    settings = test_lamb._defaults(weight_decay=0.01)
-    reference = test_lamb.ReferenceLamb(params, [settings] * len(params))
-    opt = Lamb(params, **settings, fused=True)
-    tables = importlib.import_module("kernels_triton.lamb")._TABLES
-    tables.clear()
-    for _ in range(2):
-        grads = [torch.randn(p.shape, generator=gen) for p in params]
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
-        opt.step()
-        reference.step(grads)
-        test_lamb._assert_matches(params, reference)
+    fused_lamb._TABLES.clear()
+    _steps_match_reference(params, gen, 2)
     assert params[1].data_ptr() % 16 == 4 and params[0].data_ptr() % 16 == 0 == params[2].data_ptr() % 16
-    assert tables and all(table["aligned"].tolist() == [1, 0, 0] for table in tables.values())
+    tables = fused_lamb._TABLES.values()
+    assert tables and all(table["aligned"].tolist() == [1, 0, 0] for table in tables)
 
 
 def test_on_device_fused_step_matches_foreach_on_aligned_and_unaligned_tensors():
