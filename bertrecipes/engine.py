@@ -149,6 +149,9 @@ def build_layer_factory(kernel_cfg: DictConfig) -> LayerFactory | None:
     if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 0:
         raise ConfigError(f"kernel.unpad_bucket must be a non-negative integer (0 = no rounding, e.g. 256), "
                           f"got {bucket!r}")
+    if bucket and not kernel_cfg.get("unpad", False):
+        log.warning("kernel.unpad_bucket=%d does nothing with kernel.unpad=false (the batch stays padded)",
+                    bucket)
     if kernel_cfg.name == "torch":
         return None
     if kernel_cfg.name == "triton":

@@ -392,6 +392,19 @@ def test_cuda_graphs_with_unpadding_warn_of_a_graph_per_token_count(caplog):
     assert "kernel.unpad_bucket" in message
 
 
+def test_a_bucket_without_unpadding_is_named_in_a_warning(caplog):
+    from omegaconf import OmegaConf
+
+    from bertrecipes.engine import build_layer_factory
+
+    with caplog.at_level("WARNING", logger="bertrecipes.engine"):
+        build_layer_factory(OmegaConf.create({"name": "torch", "unpad": True, "unpad_bucket": 64}))
+        assert not caplog.records
+        build_layer_factory(OmegaConf.create({"name": "torch", "unpad": False, "unpad_bucket": 64}))
+    (record,) = caplog.records
+    assert "kernel.unpad_bucket=64" in record.getMessage() and "kernel.unpad=false" in record.getMessage()
+
+
 @pytest.mark.parametrize("bad", ["-1", "2.5"])
 def test_a_bad_unpad_bucket_is_a_clear_error(make_cfg, tmp_path, bad):
     """A negative bucket is the engine's error; a fraction is the schema's (an int field)."""
