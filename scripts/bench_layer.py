@@ -65,8 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--check", action="store_true", help="run the fp16/bf16 correctness rule instead")
     parser.add_argument("--atol", type=float, default=1e-3, help="--check: atol, relative to max|fp32 ref|")
-    parser.add_argument("--check-dtypes", nargs="+", choices=sorted(DTYPES), default=list(DTYPES),
-                        help="--check: the autocast dtypes to check")
+    parser.add_argument("--check-dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"],
+                        help="--check: the autocast dtypes to check, in order (bf16, the benchmarks' "
+                             "dtype, first: a check cut short by a time limit has checked it)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: --check only, at a tiny shape in Triton's interpreter (slow; a smoke "
                              "test of this script, not of the GPU)")
