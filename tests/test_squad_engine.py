@@ -156,11 +156,14 @@ def test_train_predict_evaluate_end_to_end(squad_files, tmp_path):
     (record,) = read_metrics(again)
     assert record["step"] == 0 and (record["exact_match"], record["f1"]) == (eval_record["exact_match"],
                                                                            eval_record["f1"])
-    # The unpadded encoder gives the same real-token logits, so the same answers.
-    unpadded = tmp_path / "predict_unpadded"
-    run(compose_squad(*TINY, "do_train=false", "kernel.unpad=true", f"predict_file={data}",
-                      f"model_file={out / 'checkpoints'}", f"output_dir={unpadded}"))
-    assert json.loads((unpadded / "predictions.json").read_text()) == predictions
+    # The unpadded encoder gives the same real-token logits, so the same answers: exactly unpadded,
+    # or in token-count buckets (filler rows dropped from the logits)
+    for bucket in (0, 48):
+        unpadded = tmp_path / f"predict_unpadded_{bucket}"
+        run(compose_squad(*TINY, "do_train=false", "kernel.unpad=true", f"kernel.unpad_bucket={bucket}",
+                          f"predict_file={data}", f"model_file={out / 'checkpoints'}",
+                          f"output_dir={unpadded}"))
+        assert json.loads((unpadded / "predictions.json").read_text()) == predictions, bucket
 
 
 @pytest.mark.parametrize("kernel", ["kernel=torch", "kernel=triton"])
