@@ -79,7 +79,8 @@ bench() {
 # shellcheck disable=SC2086
 stage_check()       { python3 scripts/bench_layer.py --check $check_dev --json "$results/layer_check.json"; }
 stage_graphs() {
-  python3 -m pytest -q -p no:cacheprovider tests/test_triton_compile.py -k "cuda_graph or host or seeds_drawn"
+  # -v: each test's outcome as it finishes (a stage cut short by its cap still shows those)
+  python3 -m pytest -v -p no:cacheprovider tests/test_triton_compile.py -k "cuda_graph or host or seeds_drawn"
 }
 stage_syncs() {
   python3 scripts/sync_check.py --kernel triton --precision bf16 --json "$results/syncs_triton_bf16.json"
