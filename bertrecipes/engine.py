@@ -43,11 +43,11 @@ from bertrecipes.metrics import MetricsFile, NullLogger, Throughput, finite_or_n
 from bertrecipes.model import (
     BertConfig,
     BertForPreTraining,
+    BertModel,
     LayerFactory,
     Unpadded,
     pretraining_loss,
     training_flops_per_sample,
-    unpad_index,
 )
 from bertrecipes.optim import build_param_groups
 from bertrecipes.precision import LossScaler, autocast_context, autocast_dtype
@@ -142,16 +142,21 @@ def load_model_weights(model: torch.nn.Module, checkpoint: dict, source: str) ->
         )
 
 
-def build_layer_factory(kernel_cfg: DictConfig) -> LayerFactory | None:
-    """The transformer-layer implementation ``kernel.name`` selects (None = plain PyTorch); also
-    checks the group's model-level options (``unpad_bucket``)."""
-    bucket = kernel_cfg.get("unpad_bucket", 0)
+def unpad_options(kernel_cfg: DictConfig) -> tuple[bool, int]:
+    """``(kernel.unpad, kernel.unpad_bucket)``, checked: the model-level options of the kernel group
+    (a config made by hand may leave them out: no unpadding, no bucket)."""
+    unpad, bucket = bool(kernel_cfg.get("unpad", False)), kernel_cfg.get("unpad_bucket", 0)
     if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 0:
         raise ConfigError(f"kernel.unpad_bucket must be a non-negative integer (0 = no rounding, e.g. 256), "
                           f"got {bucket!r}")
-    if bucket and not kernel_cfg.get("unpad", False):
+    if bucket and not unpad:
         log.warning("kernel.unpad_bucket=%d does nothing with kernel.unpad=false (the batch stays padded)",
                     bucket)
+    return unpad, bucket
+
+
+def build_layer_factory(kernel_cfg: DictConfig) -> LayerFactory | None:
+    """The transformer-layer implementation ``kernel.name`` selects (None = plain PyTorch)."""
     if kernel_cfg.name == "torch":
         return None
     if kernel_cfg.name == "triton":
@@ -292,19 +297,18 @@ class OptimizerStep:
         log.warning("step %d: gradient overflow, step skipped; loss scale now %g", step, scale)
 
 
-def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device, unpad: bool,
-                    bucket: int = 0) -> tuple[dict[str, torch.Tensor], Unpadded | None]:
-    """Copy a loader batch to ``device`` (asynchronously from pinned memory). With ``unpad`` the
-    real-token layout is found on the CPU copy of the mask first, so the GPU never waits for it
-    (``bucket``: :func:`~bertrecipes.model.unpad_index`'s rounding, ``kernel.unpad_bucket``).
-    On a GPU, what is not pinned yet (the layout, a batch built here) is pinned first: a copy from
-    pageable memory may make the host wait for the device."""
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device,
+                    model: BertModel) -> tuple[dict[str, torch.Tensor], Unpadded | None]:
+    """Copy a loader batch to ``device`` (asynchronously from pinned memory), with the real-token
+    layout ``model`` (the encoder) runs it with, if it unpads (:meth:`BertModel.layout`): found on
+    the CPU copy of the mask first, so the GPU never waits for it. On a GPU, what is not pinned yet
+    (the layout, a batch built here) is pinned first: a copy from pageable memory may make the host
+    wait for the device."""
     def pinned(t: torch.Tensor) -> torch.Tensor:
         return t if device.type != "cuda" or t.is_pinned() else t.pin_memory()
 
-    layout = None
-    if unpad:
-        layout = unpad_index(batch["attention_mask"], bucket)
+    layout = model.layout(batch["attention_mask"])
+    if layout is not None:
         layout = replace(layout, indices=pinned(layout.indices),
                          cu_seqlens=pinned(layout.cu_seqlens), mask=pinned(layout.mask))
         layout = layout.to(device, non_blocking=True)
@@ -417,8 +421,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     if ctx.is_main:
         dist.barrier(ctx)
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
+    unpad, unpad_bucket = unpad_options(cfg.kernel)
     raw_model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel),
-                                   unpad=cfg.kernel.unpad).to(device)
+                                   unpad=unpad, unpad_bucket=unpad_bucket).to(device)
     schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,
                                  total_steps=total_steps)
     scaler = LossScaler.from_config(cfg.precision, device)
@@ -476,7 +481,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     if device.type == "cuda":  # max_memory_gb is the training's, not the matmul probe's
         torch.cuda.reset_peak_memory_stats(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    graphs = uses_cuda_graphs(cfg.compile, cfg.compile_mode, cfg.kernel.unpad, cfg.kernel.unpad_bucket)
+    graphs = uses_cuda_graphs(cfg.compile, cfg.compile_mode, unpad, unpad_bucket)
     step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm,
                                    keep_grads=graphs)
     mark_graph_step = graph_step_marker(graphs)
@@ -531,8 +536,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     mark_graph_step()
                     host_batch = next(batches)
                     real_tokens += int(host_batch["length"].sum())  # on the host copy: no GPU sync
-                    micro, layout = batch_to_device(host_batch, device, cfg.kernel.unpad,
-                                                    cfg.kernel.unpad_bucket)
+                    micro, layout = batch_to_device(host_batch, device, raw_model.bert)
                     boundary = micro_step == accum - 1
                     with dist.no_sync(model, sync=boundary), autocast_context(precision, device):
                         mlm_logits, nsp_logits = model(

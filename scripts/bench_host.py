@@ -43,7 +43,6 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bertrecipes.model import BertConfig, BertForPreTraining, pretraining_loss  # noqa: E402
-from bertrecipes.model.bert import unpad_index  # noqa: E402
 
 IMPLS = ("triton", "triton_padded", "torch", "torch_unpad", "hf")
 WIDTH = dict(vocab_size=128, hidden_size=64, num_attention_heads=2, intermediate_size=128,
@@ -113,7 +112,7 @@ def make_step(impl: str, layers: int, b: dict[str, torch.Tensor]):
                                unpad=unpad).train()
 
     def step() -> None:
-        layout = unpad_index(b["attention_mask"]) if unpad else None  # as the engine: on the host copy
+        layout = model.bert.layout(b["attention_mask"])  # as the engine: on the host copy
         mlm, nsp = model(b["input_ids"], None, b["attention_mask"], b["masked_lm_positions"], unpadded=layout)
         pretraining_loss(mlm, nsp, b["masked_lm_labels"], b["next_sentence_labels"])[0].backward()
 

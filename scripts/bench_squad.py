@@ -109,7 +109,8 @@ def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
     1.0, Adam step, zero)."""
     kernel_name, unpad = KERNELS[kernel]
     layer_factory = build_layer_factory(OmegaConf.structured(KernelConfig(name=kernel_name)))
-    model = BertForQuestionAnswering(config, layer_factory=layer_factory, unpad=unpad).to(device).train()
+    model = BertForQuestionAnswering(config, layer_factory=layer_factory, unpad=unpad,
+                                     unpad_bucket=UNPAD_BUCKETS.get(kernel, 0)).to(device).train()
     forward = torch.compile(model, mode=COMPILE_MODES[kernel]) if kernel in COMPILE_MODES else model
     optimizer = Adam(build_param_groups(model, 0.0), lr=3e-5, bias_correction=False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -127,7 +128,7 @@ def ours_step(config: BertConfig, kernel: str, micro_batch: int, seq: int, preci
     def step() -> None:
         mark_graph_step()
         host["attention_mask"] = next_masks(host["attention_mask"])
-        batch, layout = batch_to_device(host, device, unpad, UNPAD_BUCKETS.get(kernel, 0))
+        batch, layout = batch_to_device(host, device, model.bert)
         with autocast_context(precision, device):
             start_logits, end_logits = forward(batch["input_ids"], batch["token_type_ids"],
                                                batch["attention_mask"], unpadded=layout)

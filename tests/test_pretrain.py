@@ -395,12 +395,14 @@ def test_cuda_graphs_with_unpadding_warn_of_a_graph_per_token_count(caplog):
 def test_a_bucket_without_unpadding_is_named_in_a_warning(caplog):
     from omegaconf import OmegaConf
 
-    from bertrecipes.engine import build_layer_factory
+    from bertrecipes.engine import unpad_options
 
     with caplog.at_level("WARNING", logger="bertrecipes.engine"):
-        build_layer_factory(OmegaConf.create({"name": "torch", "unpad": True, "unpad_bucket": 64}))
+        kernel = OmegaConf.create({"name": "torch", "unpad": True, "unpad_bucket": 64})
+        assert unpad_options(kernel) == (True, 64)
+        assert unpad_options(OmegaConf.create({"name": "torch"})) == (False, 0)
         assert not caplog.records
-        build_layer_factory(OmegaConf.create({"name": "torch", "unpad": False, "unpad_bucket": 64}))
+        unpad_options(OmegaConf.create({"name": "torch", "unpad": False, "unpad_bucket": 64}))
     (record,) = caplog.records
     assert "kernel.unpad_bucket=64" in record.getMessage() and "kernel.unpad=false" in record.getMessage()
 

@@ -228,3 +228,23 @@ def test_a_static_compile_traces_once_per_bucket_not_once_per_token_count(bucket
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     assert len(traces) == (2 if bucket else 4)
+
+
+def test_the_model_makes_its_own_bucketed_layout():
+    """``unpad_bucket`` belongs to the model: :meth:`BertModel.layout` (what the training loops copy
+    to the device) and a forward without a precomputed layout both round up to it; the logits at
+    real tokens are the padded model's."""
+    _, padded, _ = models()
+    bucketed = BertForPreTraining(BertConfig(**SMALL), unpad=True, unpad_bucket=16).eval()
+    bucketed.load_state_dict(padded.state_dict())
+    mask = holey_mask()
+    layout = bucketed.bert.layout(mask)
+    assert layout.bucket == 16 and layout.num_tokens == 32  # 24 real tokens
+    assert padded.bert.layout(mask) is None
+    ids = torch.randint(5, 99, mask.shape) * mask
+    with torch.no_grad():
+        want, want_nsp = padded(ids, None, mask)
+        got, got_nsp = bucketed(ids, None, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_nsp, want_nsp, atol=1e-5, rtol=1e-5)

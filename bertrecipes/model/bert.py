@@ -343,18 +343,25 @@ class BertModel(nn.Module):
     """Embeddings + encoder + pooler; returns (sequence_output [B,S,H], pooled_output [B,H]).
 
     ``unpad=True`` runs the encoder on the real tokens only (see the module docstring); the
-    returned sequence output is then zero at padding. ``unpadded`` passes a precomputed
-    :func:`unpad_index` of ``attention_mask``.
+    returned sequence output is then zero at padding; ``unpad_bucket``: :func:`unpad_index`'s
+    rounding of the packed rows. ``unpadded`` passes a precomputed layout of ``attention_mask``
+    (:meth:`layout` makes the one this model would).
     """
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True,
-                 layer_factory: LayerFactory | None = None, unpad: bool = False):
+                 layer_factory: LayerFactory | None = None, unpad: bool = False, unpad_bucket: int = 0):
         super().__init__()
         self.config = config
         self.unpad = unpad
+        self.unpad_bucket = unpad_bucket
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config, layer_factory)
         self.pooler = BertPooler(config) if add_pooling_layer else None
+
+    def layout(self, attention_mask: torch.Tensor) -> Unpadded | None:
+        """The :class:`Unpadded` this model runs ``attention_mask`` [B, S] with, or None when it
+        does not unpad. Make it from the CPU copy of the mask: on a CUDA mask it waits for the GPU."""
+        return unpad_index(attention_mask, self.unpad_bucket) if self.unpad else None
 
     def encode(
         self,
@@ -367,8 +374,8 @@ class BertModel(nn.Module):
         Unpadded (padding rows never computed)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        if unpadded is None and self.unpad and attention_mask is not None:
-            unpadded = unpad_index(attention_mask)
+        if unpadded is None and attention_mask is not None:
+            unpadded = self.layout(attention_mask)
         if unpadded is None:
             key_padding_mask = None if attention_mask is None else attention_mask.bool()
             x = self.embeddings(input_ids, token_type_ids)
@@ -455,10 +462,10 @@ class BertForPreTraining(nn.Module):
     """
 
     def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None,
-                 unpad: bool = False):
+                 unpad: bool = False, unpad_bucket: int = 0):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, layer_factory=layer_factory, unpad=unpad)
+        self.bert = BertModel(config, layer_factory=layer_factory, unpad=unpad, unpad_bucket=unpad_bucket)
         self.cls = BertPreTrainingHeads(config)
         self.tie_weights()
         init_bert_weights(self, config.initializer_range)

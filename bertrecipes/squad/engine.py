@@ -50,6 +50,7 @@ from bertrecipes.engine import (
     pick_device,
     prepare_output_dir,
     seed_everything,
+    unpad_options,
     uses_cuda_graphs,
 )
 from bertrecipes.errors import ConfigError, UserError
@@ -157,8 +158,9 @@ def build_model(cfg: DictConfig, initial: InitialModel, vocab_size: int) -> Bert
     if cfg.max_seq_length > model_config.max_position_embeddings:
         raise ConfigError(f"max_seq_length={cfg.max_seq_length} exceeds the model's "
                           f"max_position_embeddings={model_config.max_position_embeddings}")
+    unpad, unpad_bucket = unpad_options(cfg.kernel)
     model = BertForQuestionAnswering(model_config, layer_factory=build_layer_factory(cfg.kernel),
-                                     unpad=cfg.kernel.unpad)
+                                     unpad=unpad, unpad_bucket=unpad_bucket)
     if initial.state_dict is not None:
         has_head = load_qa_weights(model, initial.state_dict, initial.source)
         log.info("loaded %s from %s%s", "encoder and QA layer" if has_head else "encoder", initial.source,
@@ -295,7 +297,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     model_config = model.config
     flops_per_sample = qa_training_flops_per_sample(model_config, cfg.max_seq_length)
     params = [p for p in model.parameters() if p.requires_grad]
-    graphs = uses_cuda_graphs(cfg.compile, cfg.compile_mode, cfg.kernel.unpad, cfg.kernel.unpad_bucket)
+    graphs = uses_cuda_graphs(cfg.compile, cfg.compile_mode, model.bert.unpad, model.bert.unpad_bucket)
     step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm,
                                    keep_grads=graphs)
     checkpoint_dir = outputs.dir / CHECKPOINT_SUBDIR
@@ -334,7 +336,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                     mark_graph_step()
                     index = np.fromiter(itertools.islice(order, micro), dtype=np.int64, count=micro)
                     host = {k: torch.from_numpy(v[index]).long() for k, v in arrays.items()}
-                    mb, layout = batch_to_device(host, device, cfg.kernel.unpad, cfg.kernel.unpad_bucket)
+                    mb, layout = batch_to_device(host, device, model.bert)
                     with autocast_context(precision, device):
                         start_logits, end_logits = forward(mb["input_ids"], mb["token_type_ids"],
                                                            mb["attention_mask"], unpadded=layout)
@@ -400,9 +402,9 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
 def predict_logits(model: BertForQuestionAnswering, features: SquadFeatures, batch_size: int,
                    device: torch.device, precision: str,
                    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
-                   unpad_bucket: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Start and end logits (fp32, [windows, seq_len]) for every window, in eval mode (``forward``:
-    as in :func:`train`; ``unpad_bucket``: ``kernel.unpad_bucket``, when the model unpads)."""
+    as in :func:`train`)."""
     forward = forward if forward is not None else model
     was_training = model.training
     model.eval()
@@ -411,7 +413,7 @@ def predict_logits(model: BertForQuestionAnswering, features: SquadFeatures, bat
         for i in range(0, len(features), batch_size):
             window = {name: torch.from_numpy(getattr(features, name)[i:i + batch_size]).long()
                       for name in ("input_ids", "token_type_ids", "attention_mask")}
-            mb, layout = batch_to_device(window, device, model.bert.unpad, unpad_bucket)
+            mb, layout = batch_to_device(window, device, model.bert)
             with autocast_context(precision, device):
                 start, end = forward(mb["input_ids"], mb["token_type_ids"], mb["attention_mask"],
                                      unpadded=layout)
@@ -433,7 +435,7 @@ def predict_and_evaluate(cfg: DictConfig, model: BertForQuestionAnswering, examp
     throughput = Throughput(device)
     throughput.reset(0, 0)
     start_logits, end_logits = predict_logits(model, features, cfg.predict_batch_size, device,
-                                              cfg.precision.dtype, forward, cfg.kernel.unpad_bucket)
+                                              cfg.precision.dtype, forward)
     windows_per_sec, _ = throughput.rates(len(features), 0)
     predictions, nbest = best_spans(examples, features, start_logits, end_logits, cfg.n_best_size,
                                     cfg.max_answer_length)

@@ -29,10 +29,12 @@ class BertForQuestionAnswering(nn.Module):
     padding like any token, as Google's and Hugging Face's do; real-token logits are the same.)
     """
 
-    def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None, unpad: bool = False):
+    def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None, unpad: bool = False,
+                 unpad_bucket: int = 0):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False, layer_factory=layer_factory, unpad=unpad)
+        self.bert = BertModel(config, add_pooling_layer=False, layer_factory=layer_factory, unpad=unpad,
+                              unpad_bucket=unpad_bucket)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         init_bert_weights(self, config.initializer_range)
 
