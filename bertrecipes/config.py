@@ -203,6 +203,13 @@ class PretrainConfig:
     compile_mode: str = "default"
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
+    # Held-out evaluation (bertrecipes.evaluation): MLM and NSP loss and accuracy on fixed instances
+    # made from eval_data with the training vocabulary, logged as eval_* beside the training metrics.
+    eval_data: list[str] = field(default_factory=list)  # files/dirs/globs, any local corpus format
+    eval_steps: int = 0  # evaluate every N optimizer steps; 0 = only after the last step
+    eval_batch_size: int | None = None  # sequences per forward; null = train_micro_batch_size_per_gpu
+    max_eval_samples: int | None = None  # score the first N held-out instances; null = all
+
 
 def register_configs() -> None:
     cs = ConfigStore.instance()

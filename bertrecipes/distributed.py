@@ -220,9 +220,15 @@ def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer).__name__ == "ZeroRedundancyOptimizer"
 
 
-def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.enabled:
+        all_reduce_sum(tensor, ctx)
         tensor /= ctx.world_size
     return tensor
 

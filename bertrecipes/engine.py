@@ -36,8 +36,9 @@ from bertrecipes.checkpoint import (
 )
 from bertrecipes.config import resolve_batch_sizes
 from bertrecipes.data import PretrainingLoader
-from bertrecipes.data.build import build_pretraining_dataset
+from bertrecipes.data.build import build_eval_dataset, build_pretraining_dataset
 from bertrecipes.errors import ConfigError, UserError
+from bertrecipes.evaluation import evaluate_pretraining
 from bertrecipes.interop import load_into_model, load_model_state
 from bertrecipes.metrics import MetricsFile, NullLogger, Throughput, finite_or_none, measure_peak_tflops
 from bertrecipes.model import (
@@ -390,6 +391,12 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                                 cfg.gradient_accumulation_steps, ctx.world_size)
     if cfg.max_steps <= 0:
         raise ConfigError(f"max_steps must be positive, got {cfg.max_steps}")
+    if cfg.eval_steps < 0:
+        raise ConfigError(f"eval_steps must be >= 0 (0 = evaluate after the last step only), "
+                          f"got {cfg.eval_steps}")
+    for key in ("eval_batch_size", "max_eval_samples"):
+        if cfg[key] is not None and cfg[key] < 1:
+            raise ConfigError(f"{key} must be a positive integer or null, got {cfg[key]}")
     if cfg.compile_mode not in dist.COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {', '.join(dist.COMPILE_MODES)}, "
                           f"got {cfg.compile_mode!r}")
@@ -418,6 +425,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     if not ctx.is_main:  # rank 0 builds (or finds) the data cache; the others then read it
         dist.barrier(ctx)
     dataset = build_pretraining_dataset(cfg)
+    eval_dataset = build_eval_dataset(cfg, dataset.vocab_file) if cfg.eval_data else None
     if ctx.is_main:
         dist.barrier(ctx)
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
@@ -512,6 +520,21 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
             )
         dist.barrier(ctx)
 
+    def evaluate() -> dict[str, Any]:
+        """Score the held-out set; its record goes to metrics.jsonl and the logger like a step's."""
+        scores = evaluate_pretraining(raw_model, eval_dataset, device=device, precision=precision,
+                                      batch_size=cfg.eval_batch_size or batch.train_micro_batch_size_per_gpu,
+                                      max_samples=cfg.max_eval_samples, ctx=ctx,
+                                      progress=cfg.progress_bar and ctx.is_main)
+        record = {"step": state.global_step, "samples": state.last_global_data_samples, **scores}
+        if metrics_file is not None:
+            metrics_file.write(record)
+        logger.log(record, step=state.global_step)
+        log.info("step %d: eval loss %.4f, MLM accuracy %.4f, NSP accuracy %.4f (%d sequences)",
+                 state.global_step, scores["eval_loss"], scores["eval_mlm_accuracy"],
+                 scores["eval_nsp_accuracy"], scores["eval_samples"])
+        return record
+
     model.train()
     throughput = Throughput(device)
     real_tokens = 0
@@ -520,6 +543,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     progress = tqdm(total=cfg.max_steps, initial=state.global_step, desc=cfg.job_name, unit="step",
                     disable=not (cfg.progress_bar and ctx.is_main), dynamic_ncols=True)
     last_record: dict[str, Any] = {}
+    last_eval: dict[str, Any] = {}
     last_saved_step = state.global_step if resume_from else -1
     try:
         with StopRequest() as stop:
@@ -600,6 +624,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     last_record = record
                     tokens_at_last_log, real_tokens_logged = real_tokens, global_tokens
                     throughput.reset(state.last_global_data_samples, global_tokens)
+                if eval_dataset is not None and (
+                        is_last or (cfg.eval_steps and state.global_step % cfg.eval_steps == 0)):
+                    last_eval = evaluate()
                 if cfg.checkpoint_steps and state.global_step % cfg.checkpoint_steps == 0:
                     checkpoint(f"global_step{state.global_step}")
                     last_saved_step = state.global_step
@@ -619,6 +646,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         "output_dir": str(output_dir),
         "checkpoint_dir": str(checkpoint_dir),
         "last_metrics": last_record,
+        "last_eval": last_eval,
         "train_state": asdict(state),
     }
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bertrecipes.data import generate_demo_corpus
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Dropout off: with it on, rank 1's dropout masks differ from the second micro-batch's masks of a
@@ -39,6 +41,14 @@ def run(args: list[str], cache: Path, nproc: int = 1, timeout: int = 300) -> sub
 
 
 def losses(run_dir: Path) -> list[dict]:
+    return [r for r in records(run_dir) if "loss" in r]
+
+
+def evals(run_dir: Path) -> list[dict]:
+    return [r for r in records(run_dir) if "eval_loss" in r]
+
+
+def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -47,6 +57,9 @@ def runs(tmp_path_factory):
     """5 steps each: 1 process; 2 processes under DDP, ZeRO-1 and FSDP; DDP and FSDP unpadded."""
     base = tmp_path_factory.mktemp("dist")
     cache = base / "cache"
+    heldout = base / "heldout.txt"  # scored after the last step: 40 sequences, 20 per rank
+    heldout.write_text("\n\n".join("\n".join(doc) for doc in generate_demo_corpus(30, seed=999)) + "\n")
+    evaluation = [f"eval_data=[{heldout}]", "max_eval_samples=40", "eval_batch_size=6"]
     out = {}
     for name, nproc, extra in [
         ("single", 1, []),
@@ -56,7 +69,7 @@ def runs(tmp_path_factory):
         ("ddp_unpad", 2, ["kernel.unpad=true"]),
         ("fsdp_unpad", 2, ["distributed.strategy=fsdp", "kernel.unpad=true"]),
     ]:
-        result = run([*TINY, "max_steps=5", f"output_dir={base / name}", *extra], cache, nproc)
+        result = run([*TINY, "max_steps=5", f"output_dir={base / name}", *evaluation, *extra], cache, nproc)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         out[name] = base / name
     out["cache"] = cache
@@ -89,10 +102,21 @@ def test_unpadded_encoder_under_ddp_and_fsdp_equals_one_padded_process(runs, unp
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp_unpad"])
+def test_held_out_scores_under_ddp_and_fsdp_equal_one_process(runs, name):
+    (single,), (other,) = evals(runs["single"]), evals(runs[name])
+    assert single["step"] == other["step"] == 5
+    assert single["eval_samples"] == other["eval_samples"] == 40
+    assert single["eval_masked_tokens"] == other["eval_masked_tokens"]
+    for key in ("eval_loss", "eval_mlm_loss", "eval_nsp_loss", "eval_mlm_accuracy", "eval_nsp_accuracy"):
+        assert other[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+
+
 def test_only_rank_zero_writes(runs):
     names = sorted(p.name for p in runs["ddp"].iterdir() if not p.name.startswith("."))
     assert names == ["checkpoints", "config.yaml", "metrics.jsonl", "pretrain.log"]  # the last: Hydra's
     assert len(losses(runs["ddp"])) == 5  # one line per step, not one per rank
+    assert len(evals(runs["ddp"])) == 1
 
 
 @pytest.mark.parametrize("source", ["ddp", "zero1", "fsdp"])

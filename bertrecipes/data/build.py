@@ -31,9 +31,19 @@ from bertrecipes.data.sources import SourceSpec
 from bertrecipes.data.tokenizer import continuation_mask, load_tokenizer, special_token_ids
 from bertrecipes.errors import ConfigError
 
-__all__ = ["build_pretraining_dataset", "open_prepared_dataset", "prepare_data"]
+__all__ = [
+    "EVAL_SEED",
+    "build_eval_dataset",
+    "build_pretraining_dataset",
+    "open_prepared_dataset",
+    "prepare_data",
+]
 
 logger = logging.getLogger("bertrecipes.data")
+
+# The held-out set's instances and masks: one fixed draw, so evaluations of every run and checkpoint
+# with the same vocabulary and shapes score the same predictions.
+EVAL_SEED = 20190401
 
 
 def _num_proc(value: int | None) -> int:
@@ -223,4 +233,42 @@ def build_pretraining_dataset(cfg: DictConfig) -> PretrainingDataset:
         max_seq_length=cfg.max_seq_length,
         max_predictions_per_seq=cfg.max_predictions_per_seq,
         vocab_file=vocab_file,
+    )
+
+
+def build_eval_dataset(cfg: DictConfig, vocab_file: str | Path) -> PretrainingDataset:
+    """The held-out set ``cfg.eval_data`` (text files in any local corpus format) as fixed
+    instances for ``cfg.max_seq_length``: tokenized with the training vocabulary ``vocab_file`` and
+    ``cfg.data.lower_case``, one pass over the text (dupe_factor 1), static masks drawn with
+    :data:`EVAL_SEED` at the training data's masking rate. Prepared once, then found in the cache."""
+    data = cfg.data
+    paths = tuple(str(p) for p in cfg.eval_data)
+    settings = CorpusSettings(
+        sources=(SourceSpec(paths=paths),),
+        vocab_file=Path(vocab_file),
+        lower_case=bool(data.get("lower_case", True)),
+        seed=EVAL_SEED,
+        name="eval",
+    )
+    phase = InstanceSettings(
+        max_seq_length=cfg.max_seq_length,
+        max_predictions_per_seq=cfg.max_predictions_per_seq,
+        masked_lm_prob=float(data.get("masked_lm_prob", 0.15)),
+        short_seq_prob=float(data.get("short_seq_prob", 0.1)),
+        dupe_factor=1,
+        whole_word_mask=bool(data.get("whole_word_mask", False)),
+        masking="static",
+        seed=EVAL_SEED,
+    )
+    prepared = prepare_corpus(
+        settings,
+        phase,
+        Path(data.cache_dir).expanduser(),
+        num_proc=_num_proc(data.get("num_proc")),
+        progress=bool(cfg.get("progress_bar", True)),
+    )
+    return open_prepared_dataset(
+        prepared.directory,
+        max_seq_length=cfg.max_seq_length,
+        max_predictions_per_seq=cfg.max_predictions_per_seq,
     )

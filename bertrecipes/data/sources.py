@@ -6,6 +6,9 @@ happens later, per line. Formats (``format: auto`` picks by extension, then by t
 * ``text``: one sentence or paragraph per line, a blank line between documents (Google BERT's input).
 * ``wikiextractor``: WikiExtractor output, ``<doc id=... title="...">`` ... ``</doc>``; the first
   line, which repeats the title, is dropped.
+* ``wikitext``: WikiText-103/-2 (``wiki.{train,valid,test}.{tokens,raw}``): an article per `` = Title = ``
+  heading, section headings dropped, the ``@-@``, ``@,@`` and ``@.@`` splits joined again, and the
+  ``<unk>`` placeholders left out (the file no longer has the rare words they replaced).
 * ``jsonl``: one JSON object per line, the document in ``text_column``.
 * ``parquet``: a table with a string column ``text_column`` (needs pyarrow, which `datasets` brings).
 * ``hub``: any `datasets` hub dataset by ``name``/``config``/``split``, the text in ``text_column``
@@ -60,8 +63,8 @@ __all__ = [
 
 logger = logging.getLogger("bertrecipes.data")
 
-FORMATS = ("auto", "text", "wikiextractor", "jsonl", "parquet", "hub")
-_LOCAL_FORMATS = ("text", "wikiextractor", "jsonl", "parquet")
+FORMATS = ("auto", "text", "wikiextractor", "wikitext", "jsonl", "parquet", "hub")
+_LOCAL_FORMATS = ("text", "wikiextractor", "wikitext", "jsonl", "parquet")
 
 Document = list[str]
 
@@ -194,12 +197,15 @@ def _base_suffix(path: Path) -> str:
 
 
 def detect_format(path: Path) -> str:
-    """The format of one file: by extension (.jsonl/.json, .parquet), else by its first non-blank line."""
+    """The format of one file: by extension (.jsonl/.json, .parquet, .tokens), else by its first
+    non-blank line."""
     suffix = _base_suffix(path)
     if suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
     if suffix in (".parquet", ".pq"):
         return "parquet"
+    if suffix == ".tokens":
+        return "wikitext"
     try:
         with _open_binary(path) as raw:
             head = raw.read(1 << 16)
@@ -208,6 +214,8 @@ def detect_format(path: Path) -> str:
     first = next((line.strip() for line in head.split(b"\n") if line.strip()), b"")
     if first.startswith(b"<doc "):
         return "wikiextractor"
+    if _WIKITEXT_ARTICLE.match(first.decode("utf-8", "replace")):
+        return "wikitext"
     if first.startswith(b"{"):
         return "jsonl"
     return "text"
@@ -287,6 +295,27 @@ def _read_wikiextractor(path: Path, stats: ReadStats) -> Iterator[Document]:
                 doc.append(line)
         if doc is not None:
             logger.warning("%s: the last <doc> has no </doc>; keeping it", path)
+            yield doc
+
+
+_WIKITEXT_ARTICLE = re.compile(r"= [^=].* =$")  # " = Title = "; sections are " = = Section = = "
+_WIKITEXT_SPLIT = re.compile(r" @([-,.])@(?: |$)")  # "0 @.@ 7" was "0.7", "well @-@ known" "well-known"
+
+
+def _read_wikitext(path: Path, stats: ReadStats) -> Iterator[Document]:
+    with _TextFile(path, stats) as f:
+        doc: Document = []
+        for line in f:
+            line = line.strip()
+            if _WIKITEXT_ARTICLE.match(line):
+                if doc:
+                    yield doc
+                doc = []
+            elif line and not (line.startswith("= ") and line.endswith(" =")):  # not a section heading
+                line = " ".join(_WIKITEXT_SPLIT.sub(r"\1", line).replace("<unk>", "").split())
+                if line:
+                    doc.append(line)
+        if doc:
             yield doc
 
 
@@ -378,6 +407,8 @@ def _read_file(path: Path, fmt: str, column: str, stats: ReadStats) -> Iterator[
         yield from _read_text(path, stats)
     elif fmt == "wikiextractor":
         yield from _read_wikiextractor(path, stats)
+    elif fmt == "wikitext":
+        yield from _read_wikitext(path, stats)
     elif fmt == "jsonl":
         yield from _read_jsonl(path, column, stats)
     elif fmt == "parquet":

@@ -1,0 +1,249 @@
+"""Held-out evaluation during pre-training (``eval_data``): its scores against transformers on the
+same weights (the exported checkpoint) and a float64 computation; evaluating changes no training
+number; it runs when due and survives a resume; the set is fixed; the WikiText reader.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_pretrain import TINY
+
+from bertrecipes.data import generate_demo_corpus, open_prepared_dataset
+from bertrecipes.data.build import build_eval_dataset
+from bertrecipes.data.sources import (
+    DataSourceError,
+    ReadStats,
+    SourceSpec,
+    detect_format,
+    iter_source_documents,
+)
+from bertrecipes.distributed import DistContext
+from bertrecipes.engine import train
+from bertrecipes.errors import ConfigError
+from bertrecipes.evaluation import evaluate_pretraining
+from bertrecipes.interop import export_hf
+from bertrecipes.model import BertConfig, BertForPreTraining
+
+SHARED_WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext103"
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory) -> Path:
+    """Documents of the demo corpus's grammar that training never sees (another generator seed)."""
+    path = tmp_path_factory.mktemp("heldout") / "heldout.txt"
+    documents = generate_demo_corpus(30, seed=999)
+    path.write_text("\n\n".join("\n".join(doc) for doc in documents) + "\n")
+    return path
+
+
+def records(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training records, evaluation records) of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+def reference_scores(hf_model, dataset) -> dict[str, float]:
+    """Scores in float64 from transformers' full-sequence logits, one sequence at a time."""
+    hf_model = hf_model.double().eval()
+    mlm_nll, mlm_hits, masked, nsp_nll, nsp_hits = 0.0, 0, 0, 0.0, 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            x = dataset.get_batch([i])
+            out = hf_model(input_ids=x["input_ids"], token_type_ids=x["token_type_ids"],
+                           attention_mask=x["attention_mask"])
+            keep = x["masked_lm_labels"][0] != -100
+            positions, labels = x["masked_lm_positions"][0][keep], x["masked_lm_labels"][0][keep]
+            log_probs = out.prediction_logits[0, positions].log_softmax(-1)
+            mlm_nll -= float(log_probs[torch.arange(len(labels)), labels].sum())
+            mlm_hits += int((log_probs.argmax(-1) == labels).sum())
+            masked += len(labels)
+            nsp = out.seq_relationship_logits[0].log_softmax(-1)
+            label = int(x["next_sentence_labels"][0])
+            nsp_nll -= float(nsp[label])
+            nsp_hits += int(nsp.argmax() == label)
+    n = len(dataset)
+    return {"eval_mlm_loss": mlm_nll / masked, "eval_mlm_accuracy": mlm_hits / masked,
+            "eval_nsp_loss": nsp_nll / n, "eval_nsp_accuracy": nsp_hits / n, "eval_samples": n,
+            "eval_masked_tokens": masked}
+
+
+def test_eval_scores_equal_transformers_on_the_exported_weights(make_cfg, tmp_path, heldout):
+    transformers = pytest.importorskip("transformers")
+    cfg = make_cfg(*TINY, "max_steps=2", f"eval_data=[{heldout}]", "eval_batch_size=5",
+                   output_dir=tmp_path / "run")
+    summary = train(cfg)
+    train_rows, evals = records(tmp_path / "run")
+    assert [r["step"] for r in evals] == [2]  # eval_steps=0: once, after the last step
+    assert summary["last_eval"] == evals[0]
+
+    dataset = build_eval_dataset(cfg, load_vocab(tmp_path / "run"))  # the cached set, reopened
+    hf_dir = export_hf(tmp_path / "run" / "checkpoints", tmp_path / "hf", architecture="pretraining")
+    hf_model = transformers.BertForPreTraining.from_pretrained(hf_dir)
+    expected = reference_scores(hf_model, dataset)
+    got = evals[0]
+    assert got["eval_samples"] == expected["eval_samples"] == len(dataset) > 10
+    assert got["eval_masked_tokens"] == expected["eval_masked_tokens"]
+    for key in ("eval_mlm_loss", "eval_nsp_loss"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+    for key in ("eval_mlm_accuracy", "eval_nsp_accuracy"):
+        assert got[key] == pytest.approx(expected[key], abs=1.5 / expected["eval_masked_tokens"]), key
+    assert got["eval_loss"] == pytest.approx(got["eval_mlm_loss"] + got["eval_nsp_loss"], rel=1e-12)
+    assert got["eval_mlm_perplexity"] == pytest.approx(np.exp(expected["eval_mlm_loss"]), rel=1e-5)
+
+
+def load_vocab(run_dir: Path) -> Path:
+    from bertrecipes.checkpoint import load_checkpoint
+
+    return Path(load_checkpoint(run_dir / "checkpoints")["client_state"]["vocab_file"])
+
+
+def test_evaluating_changes_no_training_number_and_survives_a_resume(make_cfg, tmp_path, heldout):
+    common = [*TINY, "total_training_steps=5", f"eval_data=[{heldout}]", "eval_steps=2",
+              "max_eval_samples=30"]
+    plain = tmp_path / "plain"
+    train(make_cfg(*TINY, "total_training_steps=5", "max_steps=5", output_dir=plain))
+    straight = tmp_path / "straight"
+    train(make_cfg(*common, "max_steps=5", output_dir=straight))
+    split = tmp_path / "split"
+    train(make_cfg(*common, "max_steps=3", output_dir=split))
+    train(make_cfg(*common, "max_steps=5", "resume=true", output_dir=split))
+
+    base, _ = records(plain)
+    steps, evals = records(straight)
+    assert [r["step"] for r in evals] == [2, 4, 5]  # every eval_steps, and after the last step
+    assert all(r["eval_samples"] == 30 for r in evals)
+    for key in ("loss", "mlm_loss", "nsp_loss", "grad_norm", "lr"):  # dropout on: RNG untouched too
+        assert [r[key] for r in steps] == [r[key] for r in base], key
+
+    split_steps, split_evals = records(split)
+    # The first half evaluated at 2 and at its last step, 3; the resumed half at 4 and 5.
+    assert [r["step"] for r in split_evals] == [2, 3, 4, 5]
+    assert [r["loss"] for r in split_steps] == [r["loss"] for r in steps]
+    by_step = {r["step"]: r for r in split_evals}
+    for r in evals:
+        assert by_step[r["step"]] == r
+
+
+def tiny_model(vocab_size: int) -> BertForPreTraining:
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return BertForPreTraining(config)
+
+
+def test_scores_are_token_weighted_and_split_evenly_over_ranks(make_cfg, heldout, monkeypatch):
+    cfg = make_cfg(*TINY, f"eval_data=[{heldout}]")
+    from bertrecipes.data.build import build_pretraining_dataset
+
+    vocab = build_pretraining_dataset(cfg).vocab_file
+    dataset = build_eval_dataset(cfg, vocab)
+    model = tiny_model(dataset.vocab_size).train()
+    n = 2 * (len(dataset) // 2)
+    whole = evaluate_pretraining(model, dataset, batch_size=n, device=torch.device("cpu"), max_samples=n)
+    assert model.training  # its mode is given back
+    # Batches of 3 sequences: a mean of batch means would differ; the token-weighted mean does not.
+    small = evaluate_pretraining(model, dataset, batch_size=3, device=torch.device("cpu"), max_samples=n)
+    for key, value in whole.items():
+        assert small[key] == pytest.approx(value, rel=1e-6), key
+    # Two ranks without a process group (the all-reduce left out): each returns its own share's
+    # scores, and the shares cover the set between them.
+    monkeypatch.setattr("bertrecipes.distributed.all_reduce_sum", lambda tensor, ctx: tensor)
+    shares = [evaluate_pretraining(model, dataset, batch_size=4, device=torch.device("cpu"), max_samples=n,
+                                   ctx=DistContext(rank=r, world_size=2, local_rank=r))
+              for r in (0, 1)]
+    assert [s["eval_samples"] for s in shares] == [n // 2, n // 2]
+    tokens = sum(s["eval_masked_tokens"] for s in shares)
+    assert tokens == whole["eval_masked_tokens"]
+    pooled = sum(s["eval_mlm_loss"] * s["eval_masked_tokens"] for s in shares) / tokens
+    assert pooled == pytest.approx(whole["eval_mlm_loss"], rel=1e-6)
+    with pytest.raises(ConfigError, match="too few for 2 process"):
+        evaluate_pretraining(model, dataset, batch_size=4, device=torch.device("cpu"), max_samples=1,
+                             ctx=DistContext(rank=0, world_size=2, local_rank=0))
+
+
+def test_the_set_does_not_depend_on_the_run_seeds(make_cfg, heldout):
+    a = make_cfg(*TINY, f"eval_data=[{heldout}]", "seed=1", "data.instance_seed=1")
+    b = make_cfg(*TINY, f"eval_data=[{heldout}]", "seed=2", "data.instance_seed=2")
+    from bertrecipes.data.build import build_pretraining_dataset
+
+    vocab = build_pretraining_dataset(a).vocab_file
+    da, db = build_eval_dataset(a, vocab), build_eval_dataset(b, vocab)
+    assert da.directory == db.directory
+    ba, bb = da.get_batch(np.arange(len(da))), db.get_batch(np.arange(len(db)))
+    assert all(torch.equal(ba[k], bb[k]) for k in ba)
+    # static masks at the training data's rate, about 15% of the real tokens (CLS/SEP never masked)
+    rate = float((ba["masked_lm_labels"] != -100).sum()) / float(ba["length"].sum())
+    assert 0.10 < rate < 0.16
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval_steps=-1", "eval_steps must be >= 0"),
+    ("eval_batch_size=0", "eval_batch_size must be a positive integer or null, got 0"),
+    ("max_eval_samples=0", "max_eval_samples must be a positive integer or null, got 0"),
+])
+def test_bad_eval_settings_fail_before_any_work(make_cfg, tmp_path, heldout, override, message):
+    with pytest.raises(ConfigError, match=message):
+        train(make_cfg(*TINY, f"eval_data=[{heldout}]", override, output_dir=tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_missing_eval_data_names_the_path(make_cfg, tmp_path):
+    with pytest.raises(DataSourceError, match="no_such_heldout"):
+        train(make_cfg(*TINY, f"eval_data=[{tmp_path / 'no_such_heldout.txt'}]", output_dir=tmp_path / "run"))
+
+
+# As WikiText-103's files have it: every line starts and ends with a space.
+WIKITEXT = "".join(f" {line} \n" for line in [
+    '',
+    '= Lobster =',
+    '',
+    'The lobster @-@ like animal is 0 @.@ 7 kg , or 1 @,@ 500 g . It has a <unk> claw , <unk> @-@ like .',
+    '',
+    '= = Description = =',
+    '',
+    '<unk> lives in the sea .',
+    '',
+    '= = = Range = = =',
+    '',
+    'It is found near <unk> , in 1932 @,@',
+    '',
+    '= Crab =',
+    '',
+    'A crab walks sideways .',
+    '',
+])
+
+
+def test_wikitext_reader_splits_articles_and_undoes_the_tokenization(tmp_path):
+    path = tmp_path / "wiki.valid.tokens"
+    path.write_text(WIKITEXT)
+    other = tmp_path / "corpus.txt"  # no .tokens suffix: recognised by its first line
+    other.write_text(WIKITEXT)
+    assert detect_format(path) == detect_format(other) == "wikitext"
+    docs = [doc for doc, _ in iter_source_documents(SourceSpec(paths=(str(path),)), ReadStats())]
+    assert docs == [
+        ["The lobster-like animal is 0.7 kg , or 1,500 g . It has a claw , -like .", "lives in the sea .",
+         "It is found near , in 1932,"],
+        ["A crab walks sideways ."],
+    ]
+
+
+@pytest.mark.skipif(not SHARED_WIKITEXT.is_dir(), reason="needs ../shared/data/wikitext103")
+def test_wikitext103_validation_split_as_a_heldout_set(make_cfg):
+    vocab = SHARED_WIKITEXT.parent / "vocab" / "bert-base-uncased-vocab.txt"
+    source = SourceSpec(paths=(str(SHARED_WIKITEXT / "wiki.valid.tokens"),))
+    docs = [doc for doc, _ in iter_source_documents(source, ReadStats())]
+    assert len(docs) == 60  # WikiText-103's validation split has 60 articles
+    assert not any(mark in line for doc in docs for line in doc for mark in ("<unk>", "@-@", "@,@", "@.@"))
+    cfg = make_cfg(f"eval_data=[{SHARED_WIKITEXT / 'wiki.valid.tokens'}]")
+    dataset = build_eval_dataset(cfg, vocab)
+    batch = dataset.get_batch(np.arange(len(dataset)))
+    assert len(dataset) > 1000
+    assert batch["input_ids"].max() < 30522
+    reopened = open_prepared_dataset(dataset.directory, max_seq_length=128)
+    assert len(reopened) == len(dataset)
