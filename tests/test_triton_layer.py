@@ -290,20 +290,26 @@ def test_layer_under_fp16_autocast_within_twice_torch_error(pre_layer_norm):
 
 def test_pretraining_with_kernel_triton_follows_kernel_torch(make_cfg, tmp_path):
     """The engine end to end with kernel=triton (unpadded, varlen attention): with dropout off, two
-    optimizer steps log the losses and gradient norms of kernel=torch (padded)."""
+    optimizer steps log the losses and gradient norms of kernel=torch (padded), and the held-out
+    evaluation after them its scores."""
+    from bertrecipes.data import generate_demo_corpus
     from bertrecipes.engine import train
 
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("\n\n".join("\n".join(doc) for doc in generate_demo_corpus(6, seed=999)) + "\n")
     tiny = ["data.num_documents=40", "data.vocab_size=300", "data.dupe_factor=1", "max_seq_length=48",
             "max_predictions_per_seq=6", "model=bert_tiny", "model.hidden_size=32",
             "model.intermediate_size=64", "model.num_attention_heads=2", "model.hidden_dropout_prob=0",
             "model.attention_probs_dropout_prob=0", "train_batch_size=4", "train_micro_batch_size_per_gpu=2",
-            "max_steps=2", "steps_per_print=1", f"device={DEVICE}"]  # compiled kernels take CUDA tensors
+            "max_steps=2", "steps_per_print=1", f"device={DEVICE}",  # compiled kernels take CUDA tensors
+            f"eval_data=[{heldout}]", "max_eval_samples=6", "eval_batch_size=4"]
     runs = {}
     for kernel in ("torch", "triton"):
         out = tmp_path / kernel
         train(make_cfg(*tiny, f"kernel={kernel}", output_dir=out))
         runs[kernel] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for key in ("loss", "mlm_loss", "nsp_loss", "grad_norm"):
-        want = torch.tensor([r[key] for r in runs["torch"]], dtype=torch.float64)
-        got = torch.tensor([r[key] for r in runs["triton"]], dtype=torch.float64)
+    for key in ("loss", "mlm_loss", "nsp_loss", "grad_norm", "eval_mlm_loss", "eval_nsp_loss"):
+        want = torch.tensor([r[key] for r in runs["torch"] if key in r], dtype=torch.float64)
+        got = torch.tensor([r[key] for r in runs["triton"] if key in r], dtype=torch.float64)
+        assert len(want) == (1 if key.startswith("eval") else 2)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=key)
