@@ -36,7 +36,7 @@ from bertrecipes.checkpoint import (
 )
 from bertrecipes.config import resolve_batch_sizes
 from bertrecipes.data import PretrainingLoader
-from bertrecipes.data.build import build_eval_dataset, build_pretraining_dataset
+from bertrecipes.data.build import build_pretraining_dataset, build_run_eval_dataset
 from bertrecipes.errors import ConfigError, UserError
 from bertrecipes.evaluation import evaluate_pretraining
 from bertrecipes.interop import load_into_model, load_model_state
@@ -425,7 +425,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     if not ctx.is_main:  # rank 0 builds (or finds) the data cache; the others then read it
         dist.barrier(ctx)
     dataset = build_pretraining_dataset(cfg)
-    eval_dataset = build_eval_dataset(cfg, dataset.vocab_file) if cfg.eval_data else None
+    eval_dataset = build_run_eval_dataset(cfg, dataset.vocab_file) if cfg.eval_data else None
     if ctx.is_main:
         dist.barrier(ctx)
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)

@@ -1,7 +1,9 @@
 """Held-out evaluation of a pre-training model: masked-LM and next-sentence loss and accuracy on
-fixed instances (``bertrecipes.data.build.build_eval_dataset``).
+fixed instances (``bertrecipes.data.build.build_eval_dataset``), during training or of any checkpoint.
 
     python -m bertrecipes.pretrain +phase=seq128 eval_data=[wikitext-103/wiki.valid.tokens] eval_steps=500
+    python -m bertrecipes.evaluation runs/seq128/checkpoints --eval-data wikitext-103/wiki.valid.tokens
+    python -m bertrecipes.evaluation uncased_L-12_H-768_A-12/bert_model.ckpt --ckpt-type TF --eval-data ...
 
 The MLM loss is the mean cross-entropy over every masked token of the set (not a mean of batch
 means), the MLM accuracy the share of masked tokens whose top logit is the original token (MLPerf
@@ -12,7 +14,13 @@ remainder of a division by the world size is left out) and the sums are all-redu
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import math
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,11 +29,16 @@ from tqdm import tqdm
 
 from bertrecipes import distributed as dist
 from bertrecipes.data import PretrainingDataset
-from bertrecipes.errors import ConfigError
+from bertrecipes.data.build import build_eval_dataset
+from bertrecipes.errors import ConfigError, UserError
 from bertrecipes.model import BertForPreTraining
-from bertrecipes.precision import autocast_context
+from bertrecipes.precision import DTYPES, autocast_context
 
-__all__ = ["evaluate_pretraining"]
+__all__ = ["evaluate_checkpoint", "evaluate_pretraining"]
+
+log = logging.getLogger(__name__)
+
+_NSP_KEYS = ("eval_loss", "eval_nsp_loss", "eval_nsp_accuracy")
 
 
 def _batch_sums(mlm_logits: torch.Tensor, nsp_logits: torch.Tensor, labels: torch.Tensor,
@@ -97,3 +110,120 @@ def evaluate_pretraining(model: BertForPreTraining, dataset: PretrainingDataset,
         "eval_samples": int(round(sequences)),
         "eval_masked_tokens": int(round(masked)),
     }
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    eval_data: list[str],
+    *,
+    ckpt_type: str = "DS",
+    origin_bert_config_file: str | Path | None = None,
+    vocab_file: str | Path | None = None,
+    do_lower_case: bool | None = None,
+    max_seq_length: int = 128,
+    max_predictions_per_seq: int = 20,
+    masked_lm_prob: float = 0.15,
+    whole_word_mask: bool = False,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Scores of a DS, HF or TF checkpoint (with its masked-LM head) on the held-out text
+    ``eval_data``, tokenized with the checkpoint's vocabulary (or ``vocab_file``). Without an NSP
+    head (or pooler) the NSP scores and ``eval_loss`` are left out."""
+    from bertrecipes.engine import pick_device
+    from bertrecipes.interop import check_vocab_file, load_into_model, load_model_state
+    from bertrecipes.interop.export import infer_lower_case
+
+    imported = load_model_state(checkpoint, ckpt_type, origin_bert_config_file)
+    if imported.config is None:
+        raise UserError(f"{imported.source} came without a BERT config; pass --origin-bert-config-file "
+                        f"(a bert_config.json or config.json)")
+    vocab = Path(vocab_file) if vocab_file else imported.vocab_file
+    if vocab is None:
+        raise UserError(f"no vocab file found with {imported.source}; pass --vocab-file")
+    check_vocab_file(vocab, imported.config.vocab_size, imported.source)
+    if max_seq_length > imported.config.max_position_embeddings:
+        raise ConfigError(f"max_seq_length={max_seq_length} exceeds the checkpoint's "
+                          f"max_position_embeddings={imported.config.max_position_embeddings}")
+    model = BertForPreTraining(imported.config)
+    missing = load_into_model(model, imported).missing_keys
+    if any(k.startswith("cls.predictions.") for k in missing):
+        raise UserError(f"{imported.source} has no masked-LM head (cls.predictions.*), so it cannot predict "
+                        f"masked tokens (a SQuAD or sentence-embedding checkpoint?)")
+    has_nsp = not any(k.startswith(("cls.seq_relationship.", "bert.pooler.")) for k in missing)
+    if cache_dir is None:
+        cache_dir = os.environ.get("BERTRECIPES_CACHE") or Path.home() / ".cache" / "bertrecipes"
+    dataset = build_eval_dataset(
+        eval_data, vocab, max_seq_length=max_seq_length, max_predictions_per_seq=max_predictions_per_seq,
+        cache_dir=cache_dir, lower_case=infer_lower_case(imported, vocab) if do_lower_case is None
+        else do_lower_case, masked_lm_prob=masked_lm_prob, whole_word_mask=whole_word_mask, progress=progress)
+    torch_device = pick_device(device)
+    scores = evaluate_pretraining(model.to(torch_device), dataset, batch_size=batch_size, device=torch_device,
+                                  precision=precision, max_samples=max_samples, progress=progress)
+    if not has_nsp:
+        log.warning("%s has no next-sentence head: NSP scores and eval_loss left out", imported.source)
+        scores = {k: v for k, v in scores.items() if k not in _NSP_KEYS}
+    return scores
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bertrecipes.interop import CKPT_TYPES
+
+    parser = argparse.ArgumentParser(prog="python -m bertrecipes.evaluation",
+                                     description="Masked-LM and NSP scores of a BERT checkpoint on held-out "
+                                                 "text.")
+    parser.add_argument("checkpoint", help="a run's checkpoints/ dir (or a tag dir, state.pt); an HF "
+                                           "directory; a TF checkpoint prefix")
+    parser.add_argument("--eval-data", nargs="+", required=True,
+                        help="held-out text: files, directories or globs (text, WikiExtractor, WikiText, "
+                             "JSONL, parquet)")
+    parser.add_argument("--ckpt-type", default="DS", type=str.upper, choices=CKPT_TYPES,
+                        help="format of CHECKPOINT (default: DS, bertrecipes' own)")
+    parser.add_argument("--origin-bert-config-file", help="bert_config.json/config.json, if not beside it")
+    parser.add_argument("--vocab-file", help="vocab.txt (default: the checkpoint's own)")
+    parser.add_argument("--do-lower-case", action=argparse.BooleanOptionalAction, default=None,
+                        help="lower-case the text (default: the run's data.lower_case, else inferred from "
+                             "the vocabulary)")
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--max-predictions-per-seq", type=int, default=20)
+    parser.add_argument("--masked-lm-prob", type=float, default=0.15)
+    parser.add_argument("--whole-word-mask", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward")
+    parser.add_argument("--max-samples", type=int, help="score the first N instances (default: all)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--cache-dir", help="where the held-out instances are cached (default: "
+                                            "$BERTRECIPES_CACHE, else ~/.cache/bertrecipes)")
+    parser.add_argument("--output", help="also write the scores to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        scores = evaluate_checkpoint(
+            args.checkpoint, args.eval_data, ckpt_type=args.ckpt_type,
+            origin_bert_config_file=args.origin_bert_config_file, vocab_file=args.vocab_file,
+            do_lower_case=args.do_lower_case, max_seq_length=args.max_seq_length,
+            max_predictions_per_seq=args.max_predictions_per_seq, masked_lm_prob=args.masked_lm_prob,
+            whole_word_mask=args.whole_word_mask, batch_size=args.batch_size, max_samples=args.max_samples,
+            device=args.device, precision=args.precision, cache_dir=args.cache_dir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(scores, indent=2)
+    if args.output:
+        from bertrecipes.atomic import write_text_atomic
+
+        write_text_atomic(args.output, text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

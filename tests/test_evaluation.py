@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_export_hf import TinyQA, randomize, save_ds
 from test_pretrain import TINY
 
 from bertrecipes.data import generate_demo_corpus, open_prepared_dataset
-from bertrecipes.data.build import build_eval_dataset
+from bertrecipes.data.build import build_run_eval_dataset
 from bertrecipes.data.sources import (
     DataSourceError,
     ReadStats,
@@ -25,7 +26,7 @@ from bertrecipes.data.sources import (
 from bertrecipes.distributed import DistContext
 from bertrecipes.engine import train
 from bertrecipes.errors import ConfigError
-from bertrecipes.evaluation import evaluate_pretraining
+from bertrecipes.evaluation import evaluate_pretraining, main
 from bertrecipes.interop import export_hf
 from bertrecipes.model import BertConfig, BertForPreTraining
 
@@ -81,7 +82,7 @@ def test_eval_scores_equal_transformers_on_the_exported_weights(make_cfg, tmp_pa
     assert [r["step"] for r in evals] == [2]  # eval_steps=0: once, after the last step
     assert summary["last_eval"] == evals[0]
 
-    dataset = build_eval_dataset(cfg, load_vocab(tmp_path / "run"))  # the cached set, reopened
+    dataset = build_run_eval_dataset(cfg, load_vocab(tmp_path / "run"))  # the cached set, reopened
     hf_dir = export_hf(tmp_path / "run" / "checkpoints", tmp_path / "hf", architecture="pretraining")
     hf_model = transformers.BertForPreTraining.from_pretrained(hf_dir)
     expected = reference_scores(hf_model, dataset)
@@ -94,6 +95,17 @@ def test_eval_scores_equal_transformers_on_the_exported_weights(make_cfg, tmp_pa
         assert got[key] == pytest.approx(expected[key], abs=1.5 / expected["eval_masked_tokens"]), key
     assert got["eval_loss"] == pytest.approx(got["eval_mlm_loss"] + got["eval_nsp_loss"], rel=1e-12)
     assert got["eval_mlm_perplexity"] == pytest.approx(np.exp(expected["eval_mlm_loss"]), rel=1e-5)
+
+    # The command line scores the run's checkpoint, and its Hugging Face export, the same way.
+    for checkpoint, kind in ((tmp_path / "run" / "checkpoints", "DS"), (hf_dir, "HF")):
+        out = tmp_path / f"scores_{kind}.json"
+        assert main([str(checkpoint), "--ckpt-type", kind, "--eval-data", str(heldout), "--max-seq-length",
+                     str(cfg.max_seq_length), "--max-predictions-per-seq", str(cfg.max_predictions_per_seq),
+                     "--batch-size", "7", "--cache-dir", str(cfg.data.cache_dir), "--output", str(out)]) == 0
+        scores = json.loads(out.read_text())
+        assert scores["eval_samples"] == got["eval_samples"], kind
+        for key in ("eval_loss", "eval_mlm_loss", "eval_mlm_accuracy", "eval_nsp_accuracy"):
+            assert scores[key] == pytest.approx(got[key], rel=1e-6), (kind, key)
 
 
 def load_vocab(run_dir: Path) -> Path:
@@ -141,7 +153,7 @@ def test_scores_are_token_weighted_and_split_evenly_over_ranks(make_cfg, heldout
     from bertrecipes.data.build import build_pretraining_dataset
 
     vocab = build_pretraining_dataset(cfg).vocab_file
-    dataset = build_eval_dataset(cfg, vocab)
+    dataset = build_run_eval_dataset(cfg, vocab)
     model = tiny_model(dataset.vocab_size).train()
     n = 2 * (len(dataset) // 2)
     whole = evaluate_pretraining(model, dataset, batch_size=n, device=torch.device("cpu"), max_samples=n)
@@ -172,13 +184,65 @@ def test_the_set_does_not_depend_on_the_run_seeds(make_cfg, heldout):
     from bertrecipes.data.build import build_pretraining_dataset
 
     vocab = build_pretraining_dataset(a).vocab_file
-    da, db = build_eval_dataset(a, vocab), build_eval_dataset(b, vocab)
+    da, db = build_run_eval_dataset(a, vocab), build_run_eval_dataset(b, vocab)
     assert da.directory == db.directory
     ba, bb = da.get_batch(np.arange(len(da))), db.get_batch(np.arange(len(db)))
     assert all(torch.equal(ba[k], bb[k]) for k in ba)
     # static masks at the training data's rate, about 15% of the real tokens (CLS/SEP never masked)
     rate = float((ba["masked_lm_labels"] != -100).sum()) / float(ba["length"].sum())
     assert 0.10 < rate < 0.16
+
+
+SENTENCES = ["the cat sat on a mat.", "a cat sat on the mat.", "the mats sat on a cat.", "a mat sat."]
+
+
+def small_checkpoint(tmp_path: Path, drop: tuple[str, ...] = (), qa: bool = False) -> Path:
+    from test_export_hf import SMALL
+
+    config = BertConfig(**SMALL)
+    model = randomize(TinyQA(config) if qa else BertForPreTraining(config))
+    checkpoints = save_ds(tmp_path / "ckpt", model)
+    if drop:  # rewrite the checkpoint without some tensors
+        from bertrecipes.checkpoint import load_checkpoint, save_checkpoint
+
+        payload = load_checkpoint(checkpoints)
+        state = {k: v for k, v in payload["model"].items() if not k.startswith(drop)}
+        save_checkpoint(checkpoints, "global_step8", {**payload, "model": state},
+                        client_state=payload["client_state"])
+    text = tmp_path / "small.txt"
+    text.write_text("\n\n".join(" ".join(SENTENCES[i:] + SENTENCES[:i]) for i in range(4)) + "\n")
+    return checkpoints
+
+
+def score_small(tmp_path: Path, checkpoints: Path, capsys) -> tuple[int, str, str]:
+    code = main([str(checkpoints), "--eval-data", str(tmp_path / "small.txt"), "--max-seq-length", "16",
+                 "--max-predictions-per-seq", "3", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_checkpoint_without_nsp_head_is_scored_on_masked_lm_alone(tmp_path, capsys):
+    checkpoints = small_checkpoint(tmp_path, drop=("cls.seq_relationship.",))
+    code, out, err = score_small(tmp_path, checkpoints, capsys)
+    assert code == 0, err
+    scores = json.loads(out[out.index("{"):])
+    assert sorted(scores) == ["eval_masked_tokens", "eval_mlm_accuracy", "eval_mlm_loss",
+                              "eval_mlm_perplexity", "eval_samples"]
+    assert scores["eval_masked_tokens"] > 0
+
+
+def test_a_checkpoint_without_masked_lm_head_is_refused_by_name(tmp_path, capsys):
+    code, out, err = score_small(tmp_path, small_checkpoint(tmp_path, qa=True), capsys)
+    assert code == 2
+    assert "has no masked-LM head (cls.predictions.*)" in err and "state.pt" in err
+
+
+def test_a_sequence_longer_than_the_checkpoint_positions_is_refused(tmp_path, capsys):
+    checkpoints = small_checkpoint(tmp_path)
+    code = main([str(checkpoints), "--eval-data", str(tmp_path / "small.txt"), "--max-seq-length", "32",
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert "max_seq_length=32 exceeds the checkpoint's max_position_embeddings=16" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("override, message", [
@@ -241,7 +305,7 @@ def test_wikitext103_validation_split_as_a_heldout_set(make_cfg):
     assert len(docs) == 60  # WikiText-103's validation split has 60 articles
     assert not any(mark in line for doc in docs for line in doc for mark in ("<unk>", "@-@", "@,@", "@.@"))
     cfg = make_cfg(f"eval_data=[{SHARED_WIKITEXT / 'wiki.valid.tokens'}]")
-    dataset = build_eval_dataset(cfg, vocab)
+    dataset = build_run_eval_dataset(cfg, vocab)
     batch = dataset.get_batch(np.arange(len(dataset)))
     assert len(dataset) > 1000
     assert batch["input_ids"].max() < 30522

@@ -35,6 +35,7 @@ __all__ = [
     "EVAL_SEED",
     "build_eval_dataset",
     "build_pretraining_dataset",
+    "build_run_eval_dataset",
     "open_prepared_dataset",
     "prepare_data",
 ]
@@ -236,39 +237,61 @@ def build_pretraining_dataset(cfg: DictConfig) -> PretrainingDataset:
     )
 
 
-def build_eval_dataset(cfg: DictConfig, vocab_file: str | Path) -> PretrainingDataset:
-    """The held-out set ``cfg.eval_data`` (text files in any local corpus format) as fixed
-    instances for ``cfg.max_seq_length``: tokenized with the training vocabulary ``vocab_file`` and
-    ``cfg.data.lower_case``, one pass over the text (dupe_factor 1), static masks drawn with
-    :data:`EVAL_SEED` at the training data's masking rate. Prepared once, then found in the cache."""
-    data = cfg.data
-    paths = tuple(str(p) for p in cfg.eval_data)
+def build_eval_dataset(
+    paths: list[str] | tuple[str, ...],
+    vocab_file: str | Path,
+    *,
+    max_seq_length: int,
+    max_predictions_per_seq: int,
+    cache_dir: str | Path,
+    lower_case: bool = True,
+    masked_lm_prob: float = 0.15,
+    short_seq_prob: float = 0.1,
+    whole_word_mask: bool = False,
+    num_proc: int | None = 1,
+    progress: bool = True,
+) -> PretrainingDataset:
+    """A held-out set: the text at ``paths`` (files, directories or globs in any local corpus format)
+    as fixed instances, tokenized with ``vocab_file``: one pass over the text (dupe_factor 1) and
+    static masks drawn with :data:`EVAL_SEED`, so every model evaluated on it with this vocabulary and
+    these shapes scores the same predictions. Prepared once in ``cache_dir``, then found there."""
     settings = CorpusSettings(
-        sources=(SourceSpec(paths=paths),),
+        sources=(SourceSpec(paths=tuple(str(p) for p in paths)),),
         vocab_file=Path(vocab_file),
-        lower_case=bool(data.get("lower_case", True)),
+        lower_case=lower_case,
         seed=EVAL_SEED,
         name="eval",
     )
     phase = InstanceSettings(
-        max_seq_length=cfg.max_seq_length,
-        max_predictions_per_seq=cfg.max_predictions_per_seq,
-        masked_lm_prob=float(data.get("masked_lm_prob", 0.15)),
-        short_seq_prob=float(data.get("short_seq_prob", 0.1)),
+        max_seq_length=max_seq_length,
+        max_predictions_per_seq=max_predictions_per_seq,
+        masked_lm_prob=masked_lm_prob,
+        short_seq_prob=short_seq_prob,
         dupe_factor=1,
-        whole_word_mask=bool(data.get("whole_word_mask", False)),
+        whole_word_mask=whole_word_mask,
         masking="static",
         seed=EVAL_SEED,
     )
-    prepared = prepare_corpus(
-        settings,
-        phase,
-        Path(data.cache_dir).expanduser(),
-        num_proc=_num_proc(data.get("num_proc")),
-        progress=bool(cfg.get("progress_bar", True)),
-    )
-    return open_prepared_dataset(
-        prepared.directory,
+    prepared = prepare_corpus(settings, phase, Path(cache_dir).expanduser(), num_proc=_num_proc(num_proc),
+                              progress=progress)
+    return open_prepared_dataset(prepared.directory, max_seq_length=max_seq_length,
+                                 max_predictions_per_seq=max_predictions_per_seq)
+
+
+def build_run_eval_dataset(cfg: DictConfig, vocab_file: str | Path) -> PretrainingDataset:
+    """The held-out set of a pre-training run: ``cfg.eval_data`` with the run's vocabulary
+    ``vocab_file``, shapes, ``data.lower_case`` and masking rate, in its data cache."""
+    data = cfg.data
+    return build_eval_dataset(
+        cfg.eval_data,
+        vocab_file,
         max_seq_length=cfg.max_seq_length,
         max_predictions_per_seq=cfg.max_predictions_per_seq,
+        cache_dir=data.cache_dir,
+        lower_case=bool(data.get("lower_case", True)),
+        masked_lm_prob=float(data.get("masked_lm_prob", 0.15)),
+        short_seq_prob=float(data.get("short_seq_prob", 0.1)),
+        whole_word_mask=bool(data.get("whole_word_mask", False)),
+        num_proc=data.get("num_proc"),
+        progress=bool(cfg.get("progress_bar", True)),
     )
