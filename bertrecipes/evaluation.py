@@ -43,18 +43,15 @@ _NSP_KEYS = ("eval_loss", "eval_nsp_loss", "eval_nsp_accuracy")
 
 def _batch_sums(mlm_logits: torch.Tensor, nsp_logits: torch.Tensor, labels: torch.Tensor,
                 nsp_labels: torch.Tensor) -> torch.Tensor:
-    """[MLM loss sum, MLM correct, masked tokens, NSP loss sum, NSP correct, sequences], float64."""
+    """[MLM loss sum, MLM correct, NSP loss sum, NSP correct] of one batch, float64, on its device."""
     mlm_logits, nsp_logits = mlm_logits.float().flatten(0, -2), nsp_logits.float()
     labels, nsp_labels = labels.flatten(), nsp_labels.view(-1)
-    masked = labels != -100
     return torch.stack([
-        F.cross_entropy(mlm_logits, labels, ignore_index=-100, reduction="sum").double(),
-        ((mlm_logits.argmax(-1) == labels) & masked).sum().double(),
-        masked.sum().double(),
-        F.cross_entropy(nsp_logits, nsp_labels, reduction="sum").double(),
-        (nsp_logits.argmax(-1) == nsp_labels).sum().double(),
-        torch.tensor(float(nsp_labels.numel()), dtype=torch.float64, device=labels.device),
-    ])
+        F.cross_entropy(mlm_logits, labels, ignore_index=-100, reduction="sum"),
+        (mlm_logits.argmax(-1) == labels).sum(),  # a label of -100 never equals an argmax
+        F.cross_entropy(nsp_logits, nsp_labels, reduction="sum"),
+        (nsp_logits.argmax(-1) == nsp_labels).sum(),
+    ]).double()
 
 
 @torch.no_grad()
@@ -79,7 +76,8 @@ def evaluate_pretraining(model: BertForPreTraining, dataset: PretrainingDataset,
             f"{world} process(es); give eval_data more text or raise max_eval_samples"
         )
     start = rank * share
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    masked = 0  # counted on the host copies: no device-to-host wait per batch
     was_training = model.training
     model.eval()
     try:
@@ -93,11 +91,13 @@ def evaluate_pretraining(model: BertForPreTraining, dataset: PretrainingDataset,
                                                unpadded=layout)
             sums += _batch_sums(mlm_logits, nsp_logits, batch["masked_lm_labels"],
                                 batch["next_sentence_labels"])
+            masked += int((host["masked_lm_labels"] != -100).sum())
     finally:
         model.train(was_training)
+    totals = torch.cat([sums, torch.tensor([masked, share], dtype=torch.float64, device=device)])
     if ctx is not None:
-        dist.all_reduce_sum(sums, ctx)
-    mlm_loss_sum, mlm_correct, masked, nsp_loss_sum, nsp_correct, sequences = sums.tolist()
+        dist.all_reduce_sum(totals, ctx)
+    mlm_loss_sum, mlm_correct, nsp_loss_sum, nsp_correct, masked, sequences = totals.tolist()
     mlm_loss = mlm_loss_sum / max(masked, 1.0)
     nsp_loss = nsp_loss_sum / sequences
     return {
