@@ -38,7 +38,7 @@ from bertrecipes.config import resolve_batch_sizes
 from bertrecipes.data import PretrainingLoader
 from bertrecipes.data.build import build_pretraining_dataset, build_run_eval_dataset
 from bertrecipes.errors import ConfigError, UserError
-from bertrecipes.evaluation import evaluate_pretraining
+from bertrecipes.evaluation import eval_share, evaluate_pretraining
 from bertrecipes.interop import load_into_model, load_model_state
 from bertrecipes.metrics import MetricsFile, NullLogger, Throughput, finite_or_none, measure_peak_tflops
 from bertrecipes.model import (
@@ -428,6 +428,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     eval_dataset = build_run_eval_dataset(cfg, dataset.vocab_file) if cfg.eval_data else None
     if ctx.is_main:
         dist.barrier(ctx)
+    if eval_dataset is not None:  # too small for the world size: say so now, not after training
+        eval_share(len(eval_dataset), cfg.max_eval_samples, ctx.world_size)
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
     unpad, unpad_bucket = unpad_options(cfg.kernel)
     raw_model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel),
@@ -530,7 +532,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         if metrics_file is not None:
             metrics_file.write(record)
         logger.log(record, step=state.global_step)
-        log.info("step %d: eval loss %.4f, MLM accuracy %.4f, NSP accuracy %.4f (%d sequences)",
+        log.info("step %d: eval loss %s, MLM accuracy %.4f, NSP accuracy %.4f (%d sequences)",
                  state.global_step, scores["eval_loss"], scores["eval_mlm_accuracy"],
                  scores["eval_nsp_accuracy"], scores["eval_samples"])
         return record
@@ -544,6 +546,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     disable=not (cfg.progress_bar and ctx.is_main), dynamic_ncols=True)
     last_record: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
+    first_step = state.global_step
     last_saved_step = state.global_step if resume_from else -1
     try:
         with StopRequest() as stop:
@@ -624,15 +627,20 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     last_record = record
                     tokens_at_last_log, real_tokens_logged = real_tokens, global_tokens
                     throughput.reset(state.last_global_data_samples, global_tokens)
-                if eval_dataset is not None and (
-                        is_last or (cfg.eval_steps and state.global_step % cfg.eval_steps == 0)):
-                    last_eval = evaluate()
                 if cfg.checkpoint_steps and state.global_step % cfg.checkpoint_steps == 0:
                     checkpoint(f"global_step{state.global_step}")
                     last_saved_step = state.global_step
+                # after the checkpoint, so a failed evaluation loses no training
+                if eval_dataset is not None and cfg.eval_steps and not is_last and \
+                        state.global_step % cfg.eval_steps == 0:
+                    with throughput.paused():  # samples/s and MFU count training time only
+                        last_eval = evaluate()
             step_optimizer.resolve()
             if last_saved_step != state.global_step and (cfg.checkpoint_at_end or stopping):
                 checkpoint(f"global_step{state.global_step}")
+            if eval_dataset is not None and not stopping and state.global_step > first_step and \
+                    last_eval.get("step") != state.global_step:
+                last_eval = evaluate()
             if stopping:
                 log.warning("stopped at step %d on request; resume with resume=true output_dir=%s",
                             state.global_step, output_dir)

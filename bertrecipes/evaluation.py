@@ -21,6 +21,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from bertrecipes import distributed as dist
 from bertrecipes.data import PretrainingDataset
 from bertrecipes.data.build import build_eval_dataset
 from bertrecipes.errors import ConfigError, UserError
+from bertrecipes.metrics import finite_or_none
 from bertrecipes.model import BertForPreTraining
 from bertrecipes.precision import DTYPES, autocast_context
 
@@ -54,6 +56,20 @@ def _batch_sums(mlm_logits: torch.Tensor, nsp_logits: torch.Tensor, labels: torc
     ]).double()
 
 
+def eval_share(num_instances: int, max_samples: int | None, world_size: int) -> int:
+    """Instances each of ``world_size`` ranks scores: an equal share of the first ``max_samples``
+    (all when None); an error, before any work, when that leaves a rank nothing."""
+    if max_samples is not None and max_samples < 1:
+        raise ConfigError(f"max_eval_samples must be a positive integer or null, got {max_samples}")
+    share = min(num_instances, max_samples or num_instances) // world_size
+    if share < 1:
+        raise ConfigError(
+            f"the held-out set has {num_instances} instances (max_eval_samples={max_samples}): too few for "
+            f"{world_size} process(es); give eval_data more text or raise max_eval_samples"
+        )
+    return share
+
+
 @torch.no_grad()
 def evaluate_pretraining(model: BertForPreTraining, dataset: PretrainingDataset, *, batch_size: int,
                          device: torch.device, precision: str = "fp32", max_samples: int | None = None,
@@ -67,14 +83,8 @@ def evaluate_pretraining(model: BertForPreTraining, dataset: PretrainingDataset,
 
     world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
     if batch_size < 1:
-        raise ConfigError(f"eval_batch_size must be a positive integer, got {batch_size}")
-    total = len(dataset) if max_samples is None else min(max_samples, len(dataset))
-    share = total // world
-    if share < 1:
-        raise ConfigError(
-            f"the held-out set has {len(dataset)} instances (max_eval_samples={max_samples}): too few for "
-            f"{world} process(es); give eval_data more text or raise max_eval_samples"
-        )
+        raise ConfigError(f"the evaluation batch size must be a positive integer, got {batch_size}")
+    share = eval_share(len(dataset), max_samples, world)
     start = rank * share
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     masked = 0  # counted on the host copies: no device-to-host wait per batch
@@ -100,16 +110,37 @@ def evaluate_pretraining(model: BertForPreTraining, dataset: PretrainingDataset,
     mlm_loss_sum, mlm_correct, nsp_loss_sum, nsp_correct, masked, sequences = totals.tolist()
     mlm_loss = mlm_loss_sum / max(masked, 1.0)
     nsp_loss = nsp_loss_sum / sequences
-    return {
-        "eval_loss": mlm_loss + nsp_loss,
-        "eval_mlm_loss": mlm_loss,
+    scores = {  # a diverged model's NaN becomes null in JSON, as in the training records
+        "eval_loss": finite_or_none(mlm_loss + nsp_loss),
+        "eval_mlm_loss": finite_or_none(mlm_loss),
         "eval_mlm_accuracy": mlm_correct / max(masked, 1.0),
-        "eval_mlm_perplexity": math.exp(min(mlm_loss, 700.0)),
-        "eval_nsp_loss": nsp_loss,
+        "eval_mlm_perplexity": finite_or_none(math.exp(min(mlm_loss, 700.0))),
+        "eval_nsp_loss": finite_or_none(nsp_loss),
         "eval_nsp_accuracy": nsp_correct / sequences,
         "eval_samples": int(round(sequences)),
         "eval_masked_tokens": int(round(masked)),
     }
+    return scores
+
+
+# The held-out set's settings when neither the caller nor the checkpoint's run says otherwise.
+_SET_DEFAULTS = {"max_seq_length": 128, "max_predictions_per_seq": 20, "masked_lm_prob": 0.15,
+                 "short_seq_prob": 0.1, "whole_word_mask": False}
+
+
+def _run_set_settings(source: str) -> dict[str, Any]:
+    """The held-out set's settings of the run that wrote a checkpoint of ours (its config.yaml beside
+    the checkpoint), so the command line scores the set that run's evaluations scored."""
+    run_config = Path(source).parent / "config.yaml"
+    if not run_config.is_file():
+        return {}
+    import yaml
+
+    cfg = yaml.safe_load(run_config.read_text()) or {}
+    found = {k: cfg[k] for k in ("max_seq_length", "max_predictions_per_seq") if k in cfg}
+    data = cfg.get("data") or {}
+    found.update({k: data[k] for k in ("masked_lm_prob", "short_seq_prob", "whole_word_mask") if k in data})
+    return found
 
 
 def evaluate_checkpoint(
@@ -120,24 +151,26 @@ def evaluate_checkpoint(
     origin_bert_config_file: str | Path | None = None,
     vocab_file: str | Path | None = None,
     do_lower_case: bool | None = None,
-    max_seq_length: int = 128,
-    max_predictions_per_seq: int = 20,
-    masked_lm_prob: float = 0.15,
-    whole_word_mask: bool = False,
     batch_size: int = 64,
     max_samples: int | None = None,
     device: str = "auto",
     precision: str = "fp32",
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    **set_settings: Any,
 ) -> dict[str, float]:
     """Scores of a DS, HF or TF checkpoint (with its masked-LM head) on the held-out text
-    ``eval_data``, tokenized with the checkpoint's vocabulary (or ``vocab_file``). Without an NSP
-    head (or pooler) the NSP scores and ``eval_loss`` are left out."""
+    ``eval_data``, tokenized with the checkpoint's vocabulary (or ``vocab_file``). ``set_settings``
+    (max_seq_length, max_predictions_per_seq, masked_lm_prob, short_seq_prob, whole_word_mask; None
+    or absent: the checkpoint's run's, else BERT's defaults) shape the set. Without an NSP head (or
+    pooler) the NSP scores and ``eval_loss`` are left out."""
     from bertrecipes.engine import pick_device
     from bertrecipes.interop import check_vocab_file, load_into_model, load_model_state
     from bertrecipes.interop.export import infer_lower_case
 
+    unknown = sorted(set(set_settings) - set(_SET_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown held-out set settings {unknown}; valid: {sorted(_SET_DEFAULTS)}")
     imported = load_model_state(checkpoint, ckpt_type, origin_bert_config_file)
     if imported.config is None:
         raise UserError(f"{imported.source} came without a BERT config; pass --origin-bert-config-file "
@@ -146,8 +179,10 @@ def evaluate_checkpoint(
     if vocab is None:
         raise UserError(f"no vocab file found with {imported.source}; pass --vocab-file")
     check_vocab_file(vocab, imported.config.vocab_size, imported.source)
-    if max_seq_length > imported.config.max_position_embeddings:
-        raise ConfigError(f"max_seq_length={max_seq_length} exceeds the checkpoint's "
+    settings = {**_SET_DEFAULTS, **_run_set_settings(imported.source),
+                **{k: v for k, v in set_settings.items() if v is not None}}
+    if settings["max_seq_length"] > imported.config.max_position_embeddings:
+        raise ConfigError(f"max_seq_length={settings['max_seq_length']} exceeds the checkpoint's "
                           f"max_position_embeddings={imported.config.max_position_embeddings}")
     model = BertForPreTraining(imported.config)
     missing = load_into_model(model, imported).missing_keys
@@ -157,10 +192,10 @@ def evaluate_checkpoint(
     has_nsp = not any(k.startswith(("cls.seq_relationship.", "bert.pooler.")) for k in missing)
     if cache_dir is None:
         cache_dir = os.environ.get("BERTRECIPES_CACHE") or Path.home() / ".cache" / "bertrecipes"
-    dataset = build_eval_dataset(
-        eval_data, vocab, max_seq_length=max_seq_length, max_predictions_per_seq=max_predictions_per_seq,
-        cache_dir=cache_dir, lower_case=infer_lower_case(imported, vocab) if do_lower_case is None
-        else do_lower_case, masked_lm_prob=masked_lm_prob, whole_word_mask=whole_word_mask, progress=progress)
+    lower_case = infer_lower_case(imported, vocab) if do_lower_case is None else do_lower_case
+    log.info("held-out set: %s, lower_case=%s", settings, lower_case)
+    dataset = build_eval_dataset(eval_data, vocab, cache_dir=cache_dir, lower_case=lower_case,
+                                 progress=progress, **settings)
     torch_device = pick_device(device)
     scores = evaluate_pretraining(model.to(torch_device), dataset, batch_size=batch_size, device=torch_device,
                                   precision=precision, max_samples=max_samples, progress=progress)
@@ -168,6 +203,13 @@ def evaluate_checkpoint(
         log.warning("%s has no next-sentence head: NSP scores and eval_loss left out", imported.source)
         scores = {k: v for k, v in scores.items() if k not in _NSP_KEYS}
     return scores
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -188,12 +230,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--do-lower-case", action=argparse.BooleanOptionalAction, default=None,
                         help="lower-case the text (default: the run's data.lower_case, else inferred from "
                              "the vocabulary)")
-    parser.add_argument("--max-seq-length", type=int, default=128)
-    parser.add_argument("--max-predictions-per-seq", type=int, default=20)
-    parser.add_argument("--masked-lm-prob", type=float, default=0.15)
-    parser.add_argument("--whole-word-mask", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward")
-    parser.add_argument("--max-samples", type=int, help="score the first N instances (default: all)")
+    parser.add_argument("--max-seq-length", type=_positive_int,
+                        help="default: the checkpoint's run's (ours), else 128")
+    parser.add_argument("--max-predictions-per-seq", type=_positive_int,
+                        help="default: the checkpoint's run's (ours), else 20")
+    parser.add_argument("--masked-lm-prob", type=float,
+                        help="default: the run's data.masked_lm_prob, else 0.15")
+    parser.add_argument("--short-seq-prob", type=float,
+                        help="default: the run's data.short_seq_prob, else 0.1")
+    parser.add_argument("--whole-word-mask", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the run's data.whole_word_mask, else off")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per forward")
+    parser.add_argument("--max-samples", type=_positive_int,
+                        help="score the first N instances (default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--cache-dir", help="where the held-out instances are cached (default: "
@@ -209,10 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         scores = evaluate_checkpoint(
             args.checkpoint, args.eval_data, ckpt_type=args.ckpt_type,
             origin_bert_config_file=args.origin_bert_config_file, vocab_file=args.vocab_file,
-            do_lower_case=args.do_lower_case, max_seq_length=args.max_seq_length,
-            max_predictions_per_seq=args.max_predictions_per_seq, masked_lm_prob=args.masked_lm_prob,
-            whole_word_mask=args.whole_word_mask, batch_size=args.batch_size, max_samples=args.max_samples,
-            device=args.device, precision=args.precision, cache_dir=args.cache_dir)
+            do_lower_case=args.do_lower_case, batch_size=args.batch_size, max_samples=args.max_samples,
+            device=args.device, precision=args.precision, cache_dir=args.cache_dir,
+            max_seq_length=args.max_seq_length, max_predictions_per_seq=args.max_predictions_per_seq,
+            masked_lm_prob=args.masked_lm_prob, short_seq_prob=args.short_seq_prob,
+            whole_word_mask=args.whole_word_mask)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

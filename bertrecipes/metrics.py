@@ -6,12 +6,14 @@ from the ``logger`` config group with ``hydra.utils.instantiate``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,17 @@ class Throughput:
         self._sync()
         self._t0 = time.perf_counter()
         self._samples0, self._tokens0 = samples, tokens
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent inside (an evaluation, say) out of the current window."""
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self._t0 += time.perf_counter() - start
 
     def rates(self, samples: int, tokens: int) -> tuple[float, float]:
         self._sync()

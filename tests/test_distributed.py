@@ -72,7 +72,7 @@ def runs(tmp_path_factory):
         result = run([*TINY, "max_steps=5", f"output_dir={base / name}", *evaluation, *extra], cache, nproc)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         out[name] = base / name
-    out["cache"] = cache
+    out["cache"], out["heldout"] = cache, heldout
     return out
 
 
@@ -110,6 +110,16 @@ def test_held_out_scores_under_ddp_and_fsdp_equal_one_process(runs, name):
     assert single["eval_masked_tokens"] == other["eval_masked_tokens"]
     for key in ("eval_loss", "eval_mlm_loss", "eval_nsp_loss", "eval_mlm_accuracy", "eval_nsp_accuracy"):
         assert other[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+
+
+def test_a_held_out_set_too_small_for_the_ranks_fails_before_training(runs, tmp_path):
+    out = tmp_path / "small_eval"
+    heldout = runs["heldout"]
+    result = run([*TINY, "max_steps=3", f"output_dir={out}", f"eval_data=[{heldout}]", "max_eval_samples=1"],
+                 runs["cache"], nproc=2, timeout=240)
+    assert result.returncode != 0
+    assert "too few for 2 process(es)" in result.stdout + result.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
 
 
 def test_only_rank_zero_writes(runs):

@@ -14,7 +14,7 @@ import torch
 from test_export_hf import TinyQA, randomize, save_ds
 from test_pretrain import TINY
 
-from bertrecipes.data import generate_demo_corpus, open_prepared_dataset
+from bertrecipes.data import generate_demo_corpus
 from bertrecipes.data.build import build_run_eval_dataset
 from bertrecipes.data.sources import (
     DataSourceError,
@@ -22,6 +22,7 @@ from bertrecipes.data.sources import (
     SourceSpec,
     detect_format,
     iter_source_documents,
+    source_fingerprint,
 )
 from bertrecipes.distributed import DistContext
 from bertrecipes.engine import train
@@ -96,11 +97,13 @@ def test_eval_scores_equal_transformers_on_the_exported_weights(make_cfg, tmp_pa
     assert got["eval_loss"] == pytest.approx(got["eval_mlm_loss"] + got["eval_nsp_loss"], rel=1e-12)
     assert got["eval_mlm_perplexity"] == pytest.approx(np.exp(expected["eval_mlm_loss"]), rel=1e-5)
 
-    # The command line scores the run's checkpoint, and its Hugging Face export, the same way.
+    # The command line scores the run's checkpoint, and its Hugging Face export, on the same set.
     for checkpoint, kind in ((tmp_path / "run" / "checkpoints", "DS"), (hf_dir, "HF")):
         out = tmp_path / f"scores_{kind}.json"
-        assert main([str(checkpoint), "--ckpt-type", kind, "--eval-data", str(heldout), "--max-seq-length",
-                     str(cfg.max_seq_length), "--max-predictions-per-seq", str(cfg.max_predictions_per_seq),
+        # Ours: the set's shapes come from the run's config.yaml; HF: given as flags.
+        flags = [] if kind == "DS" else ["--max-seq-length", str(cfg.max_seq_length),
+                                         "--max-predictions-per-seq", str(cfg.max_predictions_per_seq)]
+        assert main([str(checkpoint), "--ckpt-type", kind, "--eval-data", str(heldout), *flags,
                      "--batch-size", "7", "--cache-dir", str(cfg.data.cache_dir), "--output", str(out)]) == 0
         scores = json.loads(out.read_text())
         assert scores["eval_samples"] == got["eval_samples"], kind
@@ -139,6 +142,40 @@ def test_evaluating_changes_no_training_number_and_survives_a_resume(make_cfg, t
     by_step = {r["step"]: r for r in split_evals}
     for r in evals:
         assert by_step[r["step"]] == r
+    train(make_cfg(*common, "max_steps=5", "resume=true", output_dir=split))  # nothing left to do
+    assert records(split)[1] == split_evals
+
+
+def test_a_failing_evaluation_loses_no_training(make_cfg, tmp_path, heldout, monkeypatch):
+    """Evaluations run after the checkpoint of their step, so one that fails (out of memory, say)
+    leaves the training saved."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory in the evaluation")
+
+    monkeypatch.setattr("bertrecipes.engine.evaluate_pretraining", fail)
+    # a periodic evaluation, due at the step of a periodic checkpoint
+    with pytest.raises(RuntimeError, match="out of memory in the evaluation"):
+        train(make_cfg(*TINY, "max_steps=3", f"eval_data=[{heldout}]", "eval_steps=2", "checkpoint_steps=2",
+                       output_dir=tmp_path / "periodic"))
+    assert (tmp_path / "periodic" / "checkpoints" / "global_step2").is_dir()
+    # the evaluation after the last step
+    with pytest.raises(RuntimeError, match="out of memory in the evaluation"):
+        train(make_cfg(*TINY, "max_steps=3", f"eval_data=[{heldout}]", output_dir=tmp_path / "end"))
+    assert (tmp_path / "end" / "checkpoints" / "global_step3").is_dir()
+
+
+def test_throughput_leaves_paused_time_out(monkeypatch):
+    from bertrecipes.metrics import Throughput
+
+    clock = [100.0]
+    monkeypatch.setattr("bertrecipes.metrics.time.perf_counter", lambda: clock[0])
+    meter = Throughput(torch.device("cpu"))
+    meter.reset(samples=0, tokens=0)
+    clock[0] += 2.0  # 2 s of training
+    with meter.paused():
+        clock[0] += 30.0  # an evaluation
+    clock[0] += 2.0
+    assert meter.rates(samples=400, tokens=8000) == (100.0, 2000.0)
 
 
 def tiny_model(vocab_size: int) -> BertForPreTraining:
@@ -173,6 +210,15 @@ def test_scores_are_token_weighted_and_split_evenly_over_ranks(make_cfg, heldout
     assert tokens == whole["eval_masked_tokens"]
     pooled = sum(s["eval_mlm_loss"] * s["eval_masked_tokens"] for s in shares) / tokens
     assert pooled == pytest.approx(whole["eval_mlm_loss"], rel=1e-6)
+    # An odd count: each rank scores the same number, the last instance is left out.
+    odd = [evaluate_pretraining(model, dataset, batch_size=4, device=torch.device("cpu"), max_samples=n - 1,
+                                ctx=DistContext(rank=r, world_size=2, local_rank=r)) for r in (0, 1)]
+    assert [s["eval_samples"] for s in odd] == [n // 2 - 1, n // 2 - 1]
+    first = evaluate_pretraining(model, dataset, batch_size=n, device=torch.device("cpu"), max_samples=n - 2)
+    tokens = sum(s["eval_masked_tokens"] for s in odd)
+    assert tokens == first["eval_masked_tokens"]
+    pooled = sum(s["eval_mlm_loss"] * s["eval_masked_tokens"] for s in odd) / tokens
+    assert pooled == pytest.approx(first["eval_mlm_loss"], rel=1e-6)
     with pytest.raises(ConfigError, match="too few for 2 process"):
         evaluate_pretraining(model, dataset, batch_size=4, device=torch.device("cpu"), max_samples=1,
                              ctx=DistContext(rank=0, world_size=2, local_rank=0))
@@ -283,12 +329,27 @@ WIKITEXT = "".join(f" {line} \n" for line in [
 ])
 
 
+@pytest.mark.parametrize("flag", ["--batch-size", "--max-samples", "--max-seq-length"])
+def test_command_line_refuses_a_non_positive_count_by_flag(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--eval-data", str(tmp_path), flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_wikitext_reader_splits_articles_and_undoes_the_tokenization(tmp_path):
     path = tmp_path / "wiki.valid.tokens"
     path.write_text(WIKITEXT)
     other = tmp_path / "corpus.txt"  # no .tokens suffix: recognised by its first line
     other.write_text(WIKITEXT)
     assert detect_format(path) == detect_format(other) == "wikitext"
+    # A plain text file that merely opens with a "= Notes =" line stays plain text.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("= Notes =\nFirst line.\n\nSecond document.\n")
+    assert detect_format(notes) == "text"
+    # Files read as WikiText under format auto get a cache key of their own; others keep theirs.
+    assert source_fingerprint(SourceSpec(paths=(str(other),)))["files"][0][3:] == ["wikitext"]
+    assert len(source_fingerprint(SourceSpec(paths=(str(notes),)))["files"][0]) == 3
     docs = [doc for doc, _ in iter_source_documents(SourceSpec(paths=(str(path),)), ReadStats())]
     assert docs == [
         ["The lobster-like animal is 0.7 kg , or 1,500 g . It has a claw , -like .", "lives in the sea .",
@@ -307,7 +368,11 @@ def test_wikitext103_validation_split_as_a_heldout_set(make_cfg):
     cfg = make_cfg(f"eval_data=[{SHARED_WIKITEXT / 'wiki.valid.tokens'}]")
     dataset = build_run_eval_dataset(cfg, vocab)
     batch = dataset.get_batch(np.arange(len(dataset)))
-    assert len(dataset) > 1000
-    assert batch["input_ids"].max() < 30522
-    reopened = open_prepared_dataset(dataset.directory, max_seq_length=128)
-    assert len(reopened) == len(dataset)
+    real = batch["attention_mask"].bool()
+    # Each article's text goes into instances once (dupe_factor 1): about 224K WordPiece tokens
+    # in ~2,300 sequences of at most 128.
+    assert 1500 < len(dataset) < 4000
+    # Lower-cased with the uncased vocabulary, the text has almost no unknown words: [UNK] is id 100.
+    assert float((batch["input_ids"][real] == 100).float().mean()) < 0.002
+    masked = batch["masked_lm_labels"] != -100
+    assert 0.12 < float(masked.sum()) / float(real.sum()) < 0.16

@@ -42,7 +42,7 @@ class SourceConfig:
     """One corpus source: local files (paths + format) or a hub dataset (format: hub + name)."""
 
     paths: list[str] = field(default_factory=list)  # files, directories (recursive) or globs
-    format: str = "auto"  # auto | text | wikiextractor | jsonl | parquet | hub
+    format: str = "auto"  # auto | text | wikiextractor | wikitext | jsonl | parquet | hub
     text_column: str = "text"  # jsonl / parquet / hub: the column holding a document's text
     name: str | None = None  # hub: dataset name, e.g. wikimedia/wikipedia
     config: str | None = None  # hub: config name, e.g. 20231101.en

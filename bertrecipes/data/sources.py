@@ -198,7 +198,8 @@ def _base_suffix(path: Path) -> str:
 
 def detect_format(path: Path) -> str:
     """The format of one file: by extension (.jsonl/.json, .parquet, .tokens), else by its first
-    non-blank line."""
+    non-blank line (WikiText: a `` = Title = `` line, and WikiText's ``@-@`` splits or ``<unk>`` in the
+    first 64 KiB)."""
     suffix = _base_suffix(path)
     if suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
@@ -214,7 +215,8 @@ def detect_format(path: Path) -> str:
     first = next((line.strip() for line in head.split(b"\n") if line.strip()), b"")
     if first.startswith(b"<doc "):
         return "wikiextractor"
-    if _WIKITEXT_ARTICLE.match(first.decode("utf-8", "replace")):
+    if _WIKITEXT_ARTICLE.match(first.decode("utf-8", "replace")) and any(
+            mark in head for mark in (b" @-@ ", b" @,@ ", b" @.@ ", b" <unk> ")):
         return "wikitext"
     if first.startswith(b"{"):
         return "jsonl"
@@ -495,5 +497,7 @@ def source_fingerprint(spec: SourceSpec) -> dict[str, Any]:
     for path in resolve_paths(spec.paths):
         st = path.stat()
         files.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+        if spec.format == "auto" and detect_format(path) == "wikitext":
+            files[-1].append("wikitext")  # read as WikiText since format auto knew it: a new key
     entry["files"] = files
     return entry
