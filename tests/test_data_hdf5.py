@@ -177,3 +177,38 @@ def test_data_nvidia_hdf5_config(make_cfg, shards) -> None:
     assert len(dataset) == 57
     batches = list(itertools.islice(PretrainingLoader(dataset, 8, seed=1), 3))
     assert all(b["input_ids"].shape == (8, SEQ) for b in batches)
+
+
+def test_nvidia_shards_as_a_held_out_set(make_cfg, shards, tmp_path: Path) -> None:
+    """MLPerf-style: the evaluation set is NVIDIA hdf5 shards, masks included, scored as they are."""
+    import json
+
+    from bertrecipes.data.build import build_eval_dataset
+    from bertrecipes.data.sources import DataSourceError
+    from bertrecipes.engine import train
+
+    directory, vocab, arrays = shards
+    raw = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
+    dataset = build_eval_dataset([str(directory)], vocab, max_seq_length=SEQ, max_predictions_per_seq=PRED,
+                                 cache_dir=tmp_path / "cache", progress=False)
+    batch = dataset.get_batch(np.arange(len(dataset)))
+    np.testing.assert_array_equal(batch["input_ids"], raw["input_ids"])
+    # NVIDIA's rule, counted on the raw arrays: a row's predictions end at its first 0 position
+    first_zero = [next((i for i, p in enumerate(row) if p == 0), PRED) for row in raw["masked_lm_positions"]]
+    assert int((batch["masked_lm_labels"] != -100).sum()) == sum(first_zero)
+
+    out = tmp_path / "run"
+    train(make_cfg("data=nvidia_hdf5", f"data.input_dir={directory}", f"data.vocab_file={vocab}",
+                   f"max_seq_length={SEQ}", f"max_predictions_per_seq={PRED}", "data.num_proc=1",
+                   "data.num_workers=0", "model.hidden_size=32", "model.intermediate_size=64",
+                   "train_batch_size=8", "train_micro_batch_size_per_gpu=8", "max_steps=2",
+                   f"eval_data=[{directory}]", output_dir=out))
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    (scores,) = [r for r in rows if "eval_loss" in r]
+    assert scores["eval_samples"] == 57 and scores["eval_masked_tokens"] == sum(first_zero)
+
+    text = tmp_path / "more.txt"
+    text.write_text("t1 t2 t3.\n")
+    with pytest.raises(DataSourceError, match="mixes NVIDIA hdf5 shards with other files"):
+        build_eval_dataset([str(directory), str(text)], vocab, max_seq_length=SEQ,
+                           max_predictions_per_seq=PRED, cache_dir=tmp_path / "cache", progress=False)

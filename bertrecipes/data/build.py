@@ -27,7 +27,7 @@ from bertrecipes.data.prepare import (
     train_corpus_vocab,
 )
 from bertrecipes.data.shards import open_prepared
-from bertrecipes.data.sources import SourceSpec
+from bertrecipes.data.sources import DataSourceError, SourceSpec, resolve_paths
 from bertrecipes.data.tokenizer import continuation_mask, load_tokenizer, special_token_ids
 from bertrecipes.errors import ConfigError
 
@@ -254,7 +254,25 @@ def build_eval_dataset(
     """A held-out set: the text at ``paths`` (files, directories or globs in any local corpus format)
     as fixed instances, tokenized with ``vocab_file``: one pass over the text (dupe_factor 1) and
     static masks drawn with :data:`EVAL_SEED`, so every model evaluated on it with this vocabulary and
-    these shapes scores the same predictions. Prepared once in ``cache_dir``, then found there."""
+    these shapes scores the same predictions. Prepared once in ``cache_dir``, then found there.
+
+    NVIDIA DeepLearningExamples hdf5 shards (one file, directory or glob of ``.hdf5``/``.h5``; MLPerf
+    BERT's evaluation set is one) are taken as they are, masks included: the masking settings do not
+    apply to them."""
+    files = resolve_paths(tuple(str(p) for p in paths))
+    hdf5 = [f for f in files if f.suffix.lower() in (".hdf5", ".h5")]
+    if hdf5:
+        if len(hdf5) != len(files) or len(paths) != 1:
+            raise DataSourceError(
+                f"held-out data {list(paths)} mixes NVIDIA hdf5 shards with other files or names several "
+                "places; give one file, directory or glob of .hdf5 shards, or text files only"
+            )
+        prepared = convert_nvidia_hdf5(paths[0], vocab_file=vocab_file, lower_case=lower_case,
+                                       cache_dir=Path(cache_dir).expanduser(), max_seq_length=max_seq_length,
+                                       max_predictions_per_seq=max_predictions_per_seq,
+                                       num_proc=_num_proc(num_proc), progress=progress)
+        return open_prepared_dataset(prepared.directory, max_seq_length=max_seq_length,
+                                     max_predictions_per_seq=max_predictions_per_seq)
     settings = CorpusSettings(
         sources=(SourceSpec(paths=tuple(str(p) for p in paths)),),
         vocab_file=Path(vocab_file),
