@@ -192,6 +192,7 @@ class PretrainConfig:
     checkpoint_at_end: bool = True  # also save after the last step (benchmarks turn it off)
     resume: bool = False  # continue the run in output_dir from its latest checkpoint
     init_from: str | None = None  # checkpoint to take the model weights from (new phase)
+    init_from_required: bool = False  # a phase that continues another (seq512) sets it: init_from is due
     ckpt_type: str = "DS"  # what init_from is: DS (bertrecipes) | HF (Hugging Face) | TF (Google BERT)
     origin_bert_config_file: str | None = None  # bert_config.json / config.json for HF and TF imports
     rewarmup: bool = True  # with init_from: restart the LR schedule (warmup) at step 0

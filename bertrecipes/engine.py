@@ -170,6 +170,20 @@ def build_layer_factory(kernel_cfg: DictConfig) -> LayerFactory | None:
     raise ConfigError(f"kernel.name must be torch or triton, got {kernel_cfg.name!r}")
 
 
+def check_triton_device(cfg: DictConfig, device: torch.device) -> None:
+    """``kernel=triton`` and ``optimizer.fused=true`` launch Triton kernels: they need CUDA tensors,
+    or Triton's interpreter (``TRITON_INTERPRET=1``) on a CPU. Said before any work, not at the first
+    forward or step."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    wanted = [knob for knob, on in (("kernel=triton", cfg.kernel.name == "triton"),
+                                    ("optimizer.fused=true", cfg.optimizer.get("fused") is True)) if on]
+    if wanted:
+        raise ConfigError(f"{' and '.join(wanted)} run Triton kernels, which need a CUDA device (this run is "
+                          f"on {device}): use kernel=torch / optimizer.fused=null, or set TRITON_INTERPRET=1 "
+                          f"to run them (slowly) in Triton's interpreter")
+
+
 def build_from_config(group: str, node: DictConfig, **kwargs: Any) -> Any:
     """``instantiate`` a leaf object, turning a constructor's ValueError into a ConfigError that names
     the config group (Hydra would otherwise bury it in an InstantiationException)."""
@@ -349,6 +363,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: int | None = None  # the first one received
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -363,7 +378,7 @@ class StopRequest:
         if self.requested:  # second signal: stop now
             raise KeyboardInterrupt
         log.warning("signal %s: will save a checkpoint and stop at the end of this step", signum)
-        self.requested = True
+        self.requested, self.signal = True, signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -391,6 +406,22 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                                 cfg.gradient_accumulation_steps, ctx.world_size)
     if cfg.max_steps <= 0:
         raise ConfigError(f"max_steps must be positive, got {cfg.max_steps}")
+    for key, low in (("steps_per_print", 1), ("checkpoint_steps", 0), ("keep_last_checkpoints", 0),
+                     ("max_grad_norm", 0)):
+        if not cfg[key] >= low:
+            raise ConfigError(f"{key} must be >= {low}, got {cfg[key]}"
+                              + (" (0 = off)" if low == 0 and key != "keep_last_checkpoints" else
+                                 " (0 = keep all)" if key == "keep_last_checkpoints" else ""))
+    if not cfg.resume:  # a second run into the same directory would mix its checkpoints and metrics in
+        earlier = [name for name in (CHECKPOINT_SUBDIR, "metrics.jsonl") if (output_dir / name).exists()]
+        if earlier:
+            raise ConfigError(f"output_dir {output_dir} already holds a run ({', '.join(earlier)}): continue "
+                              "it with resume=true, or give another output_dir (by default each run gets a "
+                              "new time-stamped one)")
+    if cfg.init_from_required and not cfg.init_from and not cfg.resume:
+        raise ConfigError(f"job {cfg.job_name} continues an earlier phase: give init_from=<its checkpoint "
+                          "directory or file> (+phase=seq512: the seq128 run's checkpoints/), or "
+                          "resume=true to continue this run")
     if cfg.eval_steps < 0:
         raise ConfigError(f"eval_steps must be >= 0 (0 = evaluate after the last step only), "
                           f"got {cfg.eval_steps}")
@@ -400,6 +431,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     if cfg.compile_mode not in dist.COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {', '.join(dist.COMPILE_MODES)}, "
                           f"got {cfg.compile_mode!r}")
+    check_triton_device(cfg, device)
     total_steps = cfg.total_training_steps or cfg.max_steps
     precision = cfg.precision.dtype
     autocast_dtype(precision)  # validates the name
@@ -455,15 +487,24 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     model = dist.wrap_model(raw_model, ctx, cfg.distributed, compile=cfg.compile,
                             compile_mode=cfg.compile_mode)
     make_optimizer = build_from_config("optimizer", cfg.optimizer, _partial_=True)
-    optimizer = dist.build_optimizer(make_optimizer,
-                                     build_param_groups(raw_model, cfg.optimizer.weight_decay),
-                                     ctx, cfg.distributed)
+    try:  # the constructor runs here (a partial): its ValueError is a bad optimizer setting
+        optimizer = dist.build_optimizer(make_optimizer,
+                                         build_param_groups(raw_model, cfg.optimizer.weight_decay),
+                                         ctx, cfg.distributed)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"optimizer: {e}") from e
     if resume_from is not None:
         dist.load_optimizer_state(raw_model, optimizer, resume_from["optimizer"])
         scaler.load_state_dict(resume_from["scaler"])
         state = TrainState(**resume_from["train_state"])
         restore_rng_state(resume_from["rng"])
         log.info("resumed from %s at step %d", resume_from["path"], state.global_step)
+        saved_total = resume_from["scheduler"].get("total_steps")
+        if saved_total is not None and saved_total != total_steps:
+            log.warning("the LR schedule's horizon was %d steps when the run was saved and is %d now "
+                        "(total_training_steps=%s, max_steps=%d): its rates from here on differ from an "
+                        "uninterrupted run's; give total_training_steps=%d to keep the horizon",
+                        saved_total, total_steps, cfg.total_training_steps, cfg.max_steps, saved_total)
 
     loader = PretrainingLoader(
         dataset, batch.train_micro_batch_size_per_gpu, seed=cfg.seed, rank=ctx.rank,
@@ -511,7 +552,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
             save_checkpoint(
                 checkpoint_dir, tag,
                 state={"model": model_state, "optimizer": optimizer_state,
-                       "scheduler": {"schedule_step": state.schedule_step}, "scaler": scaler.state_dict(),
+                       "scheduler": {"schedule_step": state.schedule_step, "total_steps": total_steps},
+                       "scaler": scaler.state_dict(),
                        "train_state": asdict(state), "model_config": model_config.to_dict(),
                        "world_size": ctx.world_size},
                 # DeepSpeed bing_bert's names for the data position, for users' own tooling.
@@ -655,17 +697,27 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         "checkpoint_dir": str(checkpoint_dir),
         "last_metrics": last_record,
         "last_eval": last_eval,
+        "stop_signal": (stop.signal or signal.SIGTERM) if stopping else None,  # another rank's, if not ours
         "train_state": asdict(state),
     }
 
 
 def run_and_report(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any] | None:
-    """``train`` with user errors printed as one line (no traceback) and exit status 2."""
+    """``train`` with user errors printed as one line (no traceback) and exit status 2; a run stopped
+    by a signal exits with 128 + its number, as if killed by it, so a job chain or a scheduler does not
+    take it for a finished one."""
     try:
-        return train(cfg, output_dir)
+        summary = train(cfg, output_dir)
     except UserError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
+    exit_on_stop(summary)
+    return summary
 
 
-__all__ = ["TrainState", "train", "run_and_report"]
+def exit_on_stop(summary: dict[str, Any]) -> None:
+    if summary.get("stop_signal"):
+        raise SystemExit(128 + int(summary["stop_signal"]))
+
+
+__all__ = ["TrainState", "exit_on_stop", "train", "run_and_report"]

@@ -17,6 +17,8 @@ import contextlib
 
 import torch
 
+from bertrecipes.errors import ConfigError
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -64,16 +66,16 @@ class LossScaler:
         if cfg.dtype != "fp16":
             return cls(scale=1.0, dynamic=False, device=device)
         if cfg.loss_scale < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"precision.loss_scale must be 0 (dynamic) or > 0 (static), got {cfg.loss_scale}"
             )
         if cfg.loss_scale > 0:
             return cls(scale=float(cfg.loss_scale), dynamic=False, device=device)
         for name in ("loss_scale_window", "hysteresis"):
             if getattr(cfg, name) < 1:
-                raise ValueError(f"precision.{name} must be >= 1, got {getattr(cfg, name)}")
+                raise ConfigError(f"precision.{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.min_loss_scale <= 0:
-            raise ValueError(f"precision.min_loss_scale must be > 0, got {cfg.min_loss_scale}")
+            raise ConfigError(f"precision.min_loss_scale must be > 0, got {cfg.min_loss_scale}")
         return cls(
             scale=float(2.0 ** cfg.initial_scale_power),
             dynamic=True,

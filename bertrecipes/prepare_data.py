@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from bertrecipes.config import register_configs
 from bertrecipes.data.build import prepare_data
+from bertrecipes.errors import UserError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -41,7 +42,11 @@ def _default_overrides(argv: list[str]) -> list[str]:
 @hydra.main(config_path=CONFIG_DIR, config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
-    prepared = prepare_data(cfg)
+    try:
+        prepared = prepare_data(cfg)
+    except UserError as e:  # bad input: one line naming it, no traceback
+        log.error("%s", e)
+        raise SystemExit(2) from None
     manifest = prepared.manifest
     stats = manifest.get("stats", {})
     print(f"prepared data: {prepared.directory}" + (" (reused from the cache)" if prepared.reused else ""))

@@ -363,6 +363,13 @@ def test_cli_prepares_then_training_finds_it(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "prepared data:" in result.stdout and "instances" in result.stdout
     assert list(data_cache.glob("logs/prepare_data/*/.hydra/config.yaml"))  # Hydra's files: not in runs/
+    # a bad setting: one line naming it, exit status 2, before any worker starts (no traceback)
+    bad = subprocess.run([sys.executable, "-m", "bertrecipes.prepare_data", *args, "data.dupe_factor=-1",
+                          f"data.cache_dir={data_cache}", "progress_bar=false"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    said = bad.stdout + bad.stderr  # Hydra's log handler writes to stdout
+    assert "dupe_factor must be >= 1, got -1" in said and "Traceback" not in said
 
     caplog.set_level(logging.INFO, logger="bertrecipes.data")
     cfg = make_cfg(

@@ -4,7 +4,9 @@ overflow handling, phase initialisation, and clear errors on bad input."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,6 +216,56 @@ def test_bad_batch_sizes_fail_before_any_work(make_cfg, tmp_path):
         train(make_cfg(*TINY, "train_batch_size=10", output_dir=tmp_path))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("steps_per_print=0", "steps_per_print must be >= 1, got 0"),
+    ("checkpoint_steps=-5", "checkpoint_steps must be >= 0, got -5 (0 = off)"),
+    ("keep_last_checkpoints=-1", "keep_last_checkpoints must be >= 0, got -1 (0 = keep all)"),
+    ("max_grad_norm=-1", "max_grad_norm must be >= 0, got -1.0 (0 = off)"),
+    ("optimizer.min_coeff=0.5", "optimizer: need 0 <= min_coeff <= max_coeff, got min_coeff=0.5"),
+    ("scheduler.lr_offset=-1", "lr_offset must be a finite float >= 0"),
+    ("precision=fp16 precision.loss_scale=-4",
+     "precision.loss_scale must be 0 (dynamic) or > 0 (static), got -4"),
+])
+def test_bad_values_fail_before_any_work_naming_them(make_cfg, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(make_cfg(*TINY, "optimizer.max_coeff=0.3", *override.split(), output_dir=tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_phase_two_without_its_phase_one_checkpoint_is_refused(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="continues an earlier phase: give init_from="):
+        train(make_cfg("+phase=seq512", "model=bert_tiny", "precision=fp32", "train_batch_size=4",
+                       "train_micro_batch_size_per_gpu=2", "max_steps=1", output_dir=tmp_path / "run"))
+
+
+def test_a_second_run_into_a_used_output_dir_is_refused_unless_it_resumes(make_cfg, tmp_path, caplog):
+    out = tmp_path / "run"
+    train(make_cfg(*TINY, "max_steps=2", output_dir=out))
+    before = read_metrics(out)
+    refused = "already holds a run (checkpoints, metrics.jsonl): continue it with resume=true, or give"
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        train(make_cfg(*TINY, "max_steps=1", output_dir=out))
+    assert read_metrics(out) == before and (out / "checkpoints" / "global_step2").is_dir()
+    # resuming with a longer max_steps moves the schedule's horizon: said, with the fix
+    caplog.set_level(logging.WARNING, logger="bertrecipes.engine")
+    train(make_cfg(*TINY, "max_steps=3", "resume=true", output_dir=out))
+    assert "horizon was 2 steps when the run was saved and is 3 now" in caplog.text
+    assert "give total_training_steps=2 to keep the horizon" in caplog.text
+
+
+def test_triton_kernels_on_a_cpu_without_the_interpreter_are_refused_up_front(make_cfg, monkeypatch):
+    from bertrecipes.engine import check_triton_device
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu = torch.device("cpu")
+    check_triton_device(make_cfg(*TINY), cpu)  # kernel=torch: nothing to say
+    with pytest.raises(ConfigError, match="kernel=triton and optimizer.fused=true run Triton kernels, which "
+                                          "need a CUDA device .this run is on cpu."):
+        check_triton_device(make_cfg(*TINY, "kernel=triton", "optimizer.fused=true"), cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_triton_device(make_cfg(*TINY, "kernel=triton"), cpu)
+
+
 @pytest.mark.parametrize("kernel,mode", [
     ("kernel=torch", ""), ("kernel=triton", ""), ("kernel=torch", "compile_mode=reduce-overhead"),
     ("kernel=torch kernel.unpad=true kernel.unpad_bucket=64", "compile_mode=reduce-overhead")],
@@ -312,7 +364,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, data_cache):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]  # not "finished": a chain stops here
     saved = load_checkpoint(out / "checkpoints")
     step = saved["train_state"]["global_step"]
     assert len(read_metrics(out)) == step  # every completed step was logged and is in the checkpoint

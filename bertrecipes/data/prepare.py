@@ -126,6 +126,16 @@ class InstanceSettings:
     def __post_init__(self) -> None:
         if self.masking not in MASKING_MODES:
             raise UserError(f"masking must be one of {MASKING_MODES}, got {self.masking!r}")
+        # checked here, before any worker starts
+        for name, ok, valid in (
+            ("max_seq_length", self.max_seq_length >= 8, ">= 8"),
+            ("max_predictions_per_seq", self.max_predictions_per_seq >= 1, ">= 1"),
+            ("masked_lm_prob", 0.0 < self.masked_lm_prob < 1.0, "in (0, 1)"),
+            ("short_seq_prob", 0.0 <= self.short_seq_prob <= 1.0, "in [0, 1]"),
+            ("dupe_factor", self.dupe_factor >= 1, ">= 1"),
+        ):
+            if not ok:
+                raise UserError(f"{name} must be {valid}, got {getattr(self, name)}")
 
 
 @dataclass

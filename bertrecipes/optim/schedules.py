@@ -82,8 +82,9 @@ def warmup_linear(global_step: int, total_steps: int, warmup: float = 0.002) -> 
 def _check_base_lr(base_lr: float, lr_offset: float) -> None:
     if not base_lr >= 0.0:
         raise ValueError(f"base_lr must be >= 0, got {base_lr}")
-    if not math.isfinite(lr_offset):
-        raise ValueError(f"lr_offset must be a finite float, got {lr_offset}")
+    if not (math.isfinite(lr_offset) and lr_offset >= 0.0):
+        raise ValueError(f"lr_offset must be a finite float >= 0 (added to every step's rate), "
+                         f"got {lr_offset}")
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ from bertrecipes.engine import (
     build_from_config,
     build_layer_factory,
     build_model_config,
+    check_triton_device,
+    exit_on_stop,
     graph_step_marker,
     pick_device,
     prepare_output_dir,
@@ -204,6 +206,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise ConfigError("SQuAD fine-tuning runs in one process (WORLD_SIZE must be 1)")
     device = device_for_rank(pick_device(cfg.device))
+    check_triton_device(cfg, device)
     autocast_dtype(cfg.precision.dtype)  # validates the name
     if cfg.precision.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("precision=bf16 but this GPU does not support bfloat16; use precision=fp16")
@@ -386,12 +389,14 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
             if last_saved_step != state.global_step:
                 checkpoint()
             if stop.requested:
-                log.warning("stopped at step %d of %d on request (checkpoint saved; no prediction)",
-                            state.global_step, total_steps)
+                log.warning("stopped at step %d of %d on request: the model so far is in %s; fine-tuning "
+                            "does not resume, so run it again to finish (no prediction made)",
+                            state.global_step, total_steps, checkpoint_dir)
     finally:
         progress.close()
     return {"global_step": state.global_step, "total_steps": total_steps, "last_metrics": last_record,
             "checkpoint_dir": str(checkpoint_dir), "stopped": stop.requested,
+            "stop_signal": stop.signal if stop.requested else None,
             "skipped_examples": features.num_skipped, "train_state": asdict(state)}
 
 
@@ -460,10 +465,12 @@ def predict_and_evaluate(cfg: DictConfig, model: BertForQuestionAnswering, examp
 def run_and_report(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any] | None:
     """``run`` with user errors printed as one line (no traceback) and exit status 2."""
     try:
-        return run(cfg, output_dir)
+        summary = run(cfg, output_dir)
     except UserError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
+    exit_on_stop(summary)  # a stopped run exits with 128 + the signal's number
+    return summary
 
 
 __all__ = ["InitialModel", "build_model", "load_initial_model", "load_qa_weights", "predict_and_evaluate",
