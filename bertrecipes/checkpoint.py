@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertrecipes.atomic import write_text_atomic
+from bertrecipes.atomic import as_if_created, write_text_atomic
 from bertrecipes.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,19 @@ def list_checkpoints(save_dir: str | Path) -> list[str]:
     return [p.name for p in tags]
 
 
+VOCAB_FILE = "vocab.txt"
+
+
+def checkpoint_vocab(payload: dict[str, Any]) -> Path | None:
+    """The vocabulary of a loaded checkpoint: its own copy beside ``state.pt``, else the file its run
+    named (``client_state.vocab_file``), if that still exists."""
+    named = (payload.get("client_state") or {}).get("vocab_file")
+    for candidate in (Path(payload["path"]).parent / VOCAB_FILE, named):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
 def save_checkpoint(
     save_dir: str | Path,
     tag: str,
@@ -91,8 +104,11 @@ def save_checkpoint(
     client_state: dict[str, Any] | None = None,
     config_yaml: str | None = None,
     keep_last: int = 0,
+    files: dict[str, str | Path] | None = None,
 ) -> Path:
     """Write ``state`` (+ ``client_state``) as checkpoint ``tag`` atomically; returns its directory.
+    ``files`` (name -> path) are copied into it, such as the run's ``vocab.txt``, so the checkpoint
+    stands alone when the data cache is gone.
 
     ``state`` holds the engine's pieces (``model``, ``optimizer``, ``scheduler``, ``scaler``,
     ``train_state``...); RNG states are added here. ``keep_last > 0`` deletes older tags beyond
@@ -121,6 +137,9 @@ def save_checkpoint(
             os.fsync(f.fileno())
         if config_yaml is not None:
             (tmp / CONFIG_FILE).write_text(config_yaml)
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, tmp / name)
+        as_if_created(tmp)  # mkdtemp made it private
         if final.exists():
             # Re-saving a tag: move the old one aside first so there is never a moment with neither.
             old = Path(tempfile.mkdtemp(dir=save_dir, prefix=f".{tag}.", suffix=".old"))

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from bertrecipes import distributed as dist
 from bertrecipes.checkpoint import (
+    VOCAB_FILE,
     CheckpointError,
     load_checkpoint,
     restore_rng_state,
@@ -561,6 +562,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                               "last_global_data_samples": state.last_global_data_samples,
                               "vocab_file": str(dataset.vocab_file)},
                 config_yaml=resolved_config, keep_last=cfg.keep_last_checkpoints,
+                files={VOCAB_FILE: dataset.vocab_file},
             )
         dist.barrier(ctx)
 

@@ -465,3 +465,28 @@ def test_a_bad_unpad_bucket_is_a_clear_error(make_cfg, tmp_path, bad):
     errors = (ConfigError, ConfigCompositionException)
     with pytest.raises(errors, match=rf"unpad_bucket.*{bad}|{bad}.*unpad_bucket"):
         train(make_cfg(*TINY, "max_steps=1", f"kernel.unpad_bucket={bad}", output_dir=tmp_path))
+
+
+def test_checkpoints_stand_alone_and_are_readable_by_others(make_cfg, tmp_path):
+    """A checkpoint carries its vocabulary (the data cache may be gone), and what is renamed into
+    place has the permissions the umask gives plain files (tempfile's are private)."""
+    import shutil
+    import stat
+
+    from bertrecipes.interop import export_hf
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    previous = os.umask(0o022)
+    try:
+        train(make_cfg(*TINY, "max_steps=1", f"data.cache_dir={cache}", output_dir=out))
+    finally:
+        os.umask(previous)
+    tag = out / "checkpoints" / "global_step1"
+    vocab_in_cache = Path(load_checkpoint(out / "checkpoints")["client_state"]["vocab_file"])
+    assert (tag / "vocab.txt").read_bytes() == vocab_in_cache.read_bytes()
+    for path, mode in ((tag, 0o755), (tag / "state.pt", 0o644), (tag / "vocab.txt", 0o644),
+                       (out / "checkpoints" / "latest", 0o644)):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+    shutil.rmtree(cache)
+    exported = export_hf(out / "checkpoints", tmp_path / "hf", architecture="pretraining")
+    assert (exported / "vocab.txt").read_bytes() == (tag / "vocab.txt").read_bytes()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bertrecipes.atomic import as_if_created
 from bertrecipes.checkpoint import CheckpointError
 from bertrecipes.errors import ConfigError, UserError
 from bertrecipes.interop.load import ImportedCheckpoint, load_model_state
@@ -171,7 +172,7 @@ def export_hf(
             **SPECIAL_TOKENS,
         })
         _write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
+        as_if_created(tmp)  # mkdtemp makes it private; an export is meant to be shared
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
             os.replace(out_dir, old / out_dir.name)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bertrecipes.checkpoint import STATE_FILE, CheckpointError, load_checkpoint
+from bertrecipes.checkpoint import STATE_FILE, CheckpointError, checkpoint_vocab, load_checkpoint
 from bertrecipes.errors import ConfigError
 from bertrecipes.interop.names import (
     BACKBONE_PREFIXES,
@@ -226,11 +226,7 @@ def _load_ds(path: Path, config_file: Path | None, verify_crc: bool) -> tuple[Im
     state = {k.removeprefix("module."): v for k, v in payload["model"].items()}
     config = BertConfig(**payload["model_config"]) if payload.get("model_config") else None
     client_state = payload.get("client_state") or {}
-    vocab_file = None
-    for candidate in (client_state.get("vocab_file"), Path(source).parent / "vocab.txt"):
-        if candidate and Path(candidate).is_file():
-            vocab_file = Path(candidate)
-            break
+    vocab_file = checkpoint_vocab(payload)
     step = (payload.get("train_state") or {}).get("global_step", client_state.get("last_global_step"))
     if config_file is not None:
         config = read_bert_config(config_file)

@@ -34,7 +34,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from bertrecipes.atomic import write_json_atomic
-from bertrecipes.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from bertrecipes.checkpoint import (
+    VOCAB_FILE,
+    CheckpointError,
+    checkpoint_vocab,
+    load_checkpoint,
+    save_checkpoint,
+)
 from bertrecipes.config import BatchSizes, resolve_batch_sizes
 from bertrecipes.data.tokenizer import load_tokenizer
 from bertrecipes.distributed import device_for_rank
@@ -108,8 +114,7 @@ def load_initial_model(cfg: DictConfig) -> InitialModel:
             config = BertConfig(**fields)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{payload['path']}: model_config is not a BERT config: {e}") from e
-        vocab = (payload.get("client_state") or {}).get("vocab_file")
-        return InitialModel(config, payload["model"], Path(vocab) if vocab else None, payload["path"])
+        return InitialModel(config, payload["model"], checkpoint_vocab(payload), payload["path"])
     try:
         from bertrecipes.interop import load_model_state
     except ImportError as e:
@@ -320,6 +325,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                           "last_global_data_samples": state.last_global_data_samples,
                           "vocab_file": str(vocab_file), "do_lower_case": cfg.do_lower_case, "task": "squad"},
             config_yaml=outputs.config_yaml, keep_last=cfg.keep_last_checkpoints,
+            files={VOCAB_FILE: vocab_file},
         )
 
     model.train()
