@@ -254,6 +254,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.output and not Path(args.output).resolve().parent.is_dir():  # say so before the work, not after
+        print(f"error: --output {args.output}: its directory does not exist", file=sys.stderr)
+        return 2
     try:
         scores = evaluate_checkpoint(
             args.checkpoint, args.eval_data, ckpt_type=args.ckpt_type,

@@ -329,6 +329,15 @@ WIKITEXT = "".join(f" {line} \n" for line in [
 ])
 
 
+def test_command_line_checks_the_output_directory_before_the_work(tmp_path, capsys):
+    checkpoints = small_checkpoint(tmp_path)
+    code = main([str(checkpoints), "--eval-data", str(tmp_path / "small.txt"), "--output",
+                 str(tmp_path / "missing" / "scores.json"), "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert "its directory does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # nothing was prepared
+
+
 @pytest.mark.parametrize("flag", ["--batch-size", "--max-samples", "--max-seq-length"])
 def test_command_line_refuses_a_non_positive_count_by_flag(tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as exit_info:

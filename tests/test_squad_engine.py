@@ -258,6 +258,7 @@ def test_command_line_run(squad_files, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "predictions.json").is_file() and (out / ".hydra" / "config.yaml").is_file()
     assert "exact_match" in (out / "metrics.jsonl").read_text()
+    assert "exact_match" in (out / "squad.log").read_text()  # the run's log, named for it
 
 
 def test_a_malformed_file_is_one_line_and_exit_status_2(squad_files, tmp_path, caplog):
