@@ -263,7 +263,9 @@ def resolve_batch_sizes(
         if total is not None and total != micro * accum * world_size:
             raise ConfigError(
                 "inconsistent batch sizes: train_batch_size must equal train_micro_batch_size_per_gpu"
-                f" x gradient_accumulation_steps x world_size = {micro * accum * world_size} ({shown})"
+                f" x gradient_accumulation_steps x world_size = {micro * accum * world_size} ({shown}); "
+                "a value from the config file counts as given: set the one to derive to null, e.g. "
+                "train_micro_batch_size_per_gpu=null"
             )
         total = micro * accum * world_size
     elif total is not None and micro is not None:
