@@ -299,3 +299,15 @@ def test_the_dashboard_logger_gets_the_training_and_evaluation_records(squad_fil
     assert [step for step, _ in logger.records] == [1, 2, 2]
     assert "loss" in logger.records[0][1] and {"exact_match", "f1"} <= set(logger.records[-1][1])
     assert [r for _, r in logger.records] == read_metrics(tmp_path)
+
+
+def test_a_hugging_face_folder_given_as_ours_names_the_right_ckpt_type(squad_files, tmp_path):
+    data, vocab = squad_files
+    hf = tmp_path / "hf_bert"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="looks like a .*Hugging Face.* checkpoint .it holds "
+                                        "model.safetensors.*use ckpt_type=HF"):
+        run(compose_squad(*TINY, f"train_file={data}", f"vocab_file={vocab}", f"model_file={hf}",
+                          "do_predict=false", "max_steps=1", f"output_dir={tmp_path / 'run'}"))

@@ -114,7 +114,8 @@ def detect_checkpoint_type(path: str | Path) -> tuple[str, str] | None:
     return None
 
 
-def _refuse_other_type(path: str | Path, kind: str) -> None:
+def refuse_other_type(path: str | Path, kind: str) -> None:
+    """A CheckpointError naming the right ``ckpt_type`` when ``path`` is plainly of another kind."""
     detected = detect_checkpoint_type(path)
     if detected and detected[0] != kind:
         other, why = detected
@@ -412,7 +413,7 @@ def load_model_state(
     """
     kind = normalize_ckpt_type(ckpt_type)
     path = Path(model_file)
-    _refuse_other_type(path, kind)
+    refuse_other_type(path, kind)
     config_file = Path(origin_bert_config_file) if origin_bert_config_file else None
     loader = {"DS": _load_ds, "HF": _load_hf, "TF": _load_tf}[kind]
     imported, config_source = loader(path, config_file, verify_crc)

@@ -106,6 +106,9 @@ def load_initial_model(cfg: DictConfig) -> InitialModel:
     if not cfg.model_file:
         return InitialModel(None, None, None, "a from-scratch model")
     if cfg.ckpt_type == "DS":
+        from bertrecipes.interop.load import refuse_other_type
+
+        refuse_other_type(cfg.model_file, "DS")  # an HF folder or a TF prefix: say which ckpt_type
         payload = load_checkpoint(cfg.model_file)
         fields = payload.get("model_config")
         if not fields:
