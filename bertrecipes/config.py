@@ -13,7 +13,7 @@ Knobs keep the names users know from DeepSpeed's bing_bert (``train_batch_size``
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -210,6 +210,16 @@ class PretrainConfig:
     eval_steps: int = 0  # evaluate every N optimizer steps; 0 = only after the last step
     eval_batch_size: int | None = None  # sequences per forward; null = train_micro_batch_size_per_gpu
     max_eval_samples: int | None = None  # score the first N held-out instances; null = all
+
+
+def refuse_unknown_keys(cfg: Any, schema: type) -> None:
+    """A top-level key the schema lacks (added with Hydra's ``+key=...``, which its own typo message
+    suggests) would be silently ignored: name it instead."""
+    known = {f.name for f in fields(schema)}
+    unknown = sorted(k for k in cfg if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)} (added with +key=...?); nothing "
+                          f"reads them. Valid keys: {', '.join(sorted(known))}")
 
 
 def register_configs() -> None:

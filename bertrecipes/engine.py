@@ -35,7 +35,7 @@ from bertrecipes.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from bertrecipes.config import resolve_batch_sizes
+from bertrecipes.config import PretrainConfig, refuse_unknown_keys, resolve_batch_sizes
 from bertrecipes.data import PretrainingLoader
 from bertrecipes.data.build import build_pretraining_dataset, build_run_eval_dataset
 from bertrecipes.errors import ConfigError, UserError
@@ -407,6 +407,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                                 cfg.gradient_accumulation_steps, ctx.world_size)
     if cfg.max_steps <= 0:
         raise ConfigError(f"max_steps must be positive, got {cfg.max_steps}")
+    refuse_unknown_keys(cfg, PretrainConfig)
     for key, low in (("steps_per_print", 1), ("checkpoint_steps", 0), ("keep_last_checkpoints", 0),
                      ("max_grad_norm", 0)):
         if not cfg[key] >= low:

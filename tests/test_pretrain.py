@@ -232,6 +232,11 @@ def test_bad_values_fail_before_any_work_naming_them(make_cfg, tmp_path, overrid
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_key_added_with_plus_that_nothing_reads_is_refused(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="unknown top-level key.s. max_stpes .added with .key=...?."):
+        train(make_cfg(*TINY, "+max_stpes=1", output_dir=tmp_path / "run"))
+
+
 def test_phase_two_without_its_phase_one_checkpoint_is_refused(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="continues an earlier phase: give init_from="):
         train(make_cfg("+phase=seq512", "model=bert_tiny", "precision=fp32", "train_batch_size=4",

@@ -311,3 +311,10 @@ def test_a_hugging_face_folder_given_as_ours_names_the_right_ckpt_type(squad_fil
                                         "model.safetensors.*use ckpt_type=HF"):
         run(compose_squad(*TINY, f"train_file={data}", f"vocab_file={vocab}", f"model_file={hf}",
                           "do_predict=false", "max_steps=1", f"output_dir={tmp_path / 'run'}"))
+
+
+def test_a_squad_key_added_with_plus_that_nothing_reads_is_refused(squad_files, tmp_path):
+    data, vocab = squad_files
+    with pytest.raises(UserError, match="unknown top-level key.s. max_stpes"):
+        run(compose_squad(*TINY, f"train_file={data}", f"vocab_file={vocab}", "+max_stpes=1",
+                          f"output_dir={tmp_path / 'run'}"))

@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from bertrecipes.config import register_configs
+from bertrecipes.config import refuse_unknown_keys, register_configs
 from bertrecipes.distributed import COMPILE_MODES
 from bertrecipes.errors import ConfigError
 
@@ -83,6 +83,7 @@ def register_squad_configs() -> None:
 
 def validate_squad_config(cfg) -> None:
     """Reject values the schema's types cannot: ranges and the relations between them."""
+    refuse_unknown_keys(cfg, SquadConfig)
     if cfg.ckpt_type not in CKPT_TYPES:
         raise ConfigError(f"ckpt_type must be one of {', '.join(CKPT_TYPES)}, got {cfg.ckpt_type!r}")
     if not cfg.do_train and not cfg.do_predict:
