@@ -401,35 +401,38 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
         dist.shutdown(ctx)
 
 
-def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torch.device,
-           ctx: dist.DistContext) -> dict[str, Any]:
-    batch = resolve_batch_sizes(cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu,
-                                cfg.gradient_accumulation_steps, ctx.world_size)
-    if cfg.max_steps <= 0:
-        raise ConfigError(f"max_steps must be positive, got {cfg.max_steps}")
+def check_run_settings(cfg: DictConfig, output_dir: Path) -> None:
+    """What the schema's types cannot reject, said before any work: unknown keys, out-of-range
+    values, a phase without the checkpoint it continues, an output_dir that holds another run."""
     refuse_unknown_keys(cfg, PretrainConfig)
-    for key, low in (("steps_per_print", 1), ("checkpoint_steps", 0), ("keep_last_checkpoints", 0),
-                     ("max_grad_norm", 0)):
+    for key, low, note in (("steps_per_print", 1, ""), ("checkpoint_steps", 0, " (0 = off)"),
+                           ("keep_last_checkpoints", 0, " (0 = keep all)"),
+                           ("max_grad_norm", 0, " (0 = off)"),
+                           ("eval_steps", 0, " (0 = evaluate after the last step only)")):
         if not cfg[key] >= low:
-            raise ConfigError(f"{key} must be >= {low}, got {cfg[key]}"
-                              + (" (0 = off)" if low == 0 and key != "keep_last_checkpoints" else
-                                 " (0 = keep all)" if key == "keep_last_checkpoints" else ""))
+            raise ConfigError(f"{key} must be >= {low}, got {cfg[key]}{note}")
+    for key in ("eval_batch_size", "max_eval_samples"):
+        if cfg[key] is not None and cfg[key] < 1:
+            raise ConfigError(f"{key} must be a positive integer or null, got {cfg[key]}")
+    if cfg.init_from_required and not cfg.init_from and not cfg.resume:
+        raise ConfigError(f"job {cfg.job_name} continues an earlier phase: give init_from=<its checkpoint "
+                          "directory or file> (+phase=seq512: the seq128 run's checkpoints/), or "
+                          "resume=true to continue this run")
     if not cfg.resume:  # a second run into the same directory would mix its checkpoints and metrics in
         earlier = [name for name in (CHECKPOINT_SUBDIR, "metrics.jsonl") if (output_dir / name).exists()]
         if earlier:
             raise ConfigError(f"output_dir {output_dir} already holds a run ({', '.join(earlier)}): continue "
                               "it with resume=true, or give another output_dir (by default each run gets a "
                               "new time-stamped one)")
-    if cfg.init_from_required and not cfg.init_from and not cfg.resume:
-        raise ConfigError(f"job {cfg.job_name} continues an earlier phase: give init_from=<its checkpoint "
-                          "directory or file> (+phase=seq512: the seq128 run's checkpoints/), or "
-                          "resume=true to continue this run")
-    if cfg.eval_steps < 0:
-        raise ConfigError(f"eval_steps must be >= 0 (0 = evaluate after the last step only), "
-                          f"got {cfg.eval_steps}")
-    for key in ("eval_batch_size", "max_eval_samples"):
-        if cfg[key] is not None and cfg[key] < 1:
-            raise ConfigError(f"{key} must be a positive integer or null, got {cfg[key]}")
+
+
+def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torch.device,
+           ctx: dist.DistContext) -> dict[str, Any]:
+    batch = resolve_batch_sizes(cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu,
+                                cfg.gradient_accumulation_steps, ctx.world_size)
+    if cfg.max_steps <= 0:
+        raise ConfigError(f"max_steps must be positive, got {cfg.max_steps}")
+    check_run_settings(cfg, output_dir)
     if cfg.compile_mode not in dist.COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {', '.join(dist.COMPILE_MODES)}, "
                           f"got {cfg.compile_mode!r}")
@@ -719,6 +722,7 @@ def run_and_report(cfg: DictConfig, output_dir: str | Path | None = None) -> dic
 
 
 def exit_on_stop(summary: dict[str, Any]) -> None:
+    """Exit with 128 + the signal's number if the run ``summary`` describes was stopped by one."""
     if summary.get("stop_signal"):
         raise SystemExit(128 + int(summary["stop_signal"]))
 
