@@ -110,7 +110,7 @@ def evaluate_pretraining(model: BertForPreTraining, dataset: PretrainingDataset,
     mlm_loss_sum, mlm_correct, nsp_loss_sum, nsp_correct, masked, sequences = totals.tolist()
     mlm_loss = mlm_loss_sum / max(masked, 1.0)
     nsp_loss = nsp_loss_sum / sequences
-    scores = {  # a diverged model's NaN becomes null in JSON, as in the training records
+    return {  # a diverged model's NaN becomes null in JSON, as in the training records
         "eval_loss": finite_or_none(mlm_loss + nsp_loss),
         "eval_mlm_loss": finite_or_none(mlm_loss),
         "eval_mlm_accuracy": mlm_correct / max(masked, 1.0),
@@ -120,7 +120,6 @@ def evaluate_pretraining(model: BertForPreTraining, dataset: PretrainingDataset,
         "eval_samples": int(round(sequences)),
         "eval_masked_tokens": int(round(masked)),
     }
-    return scores
 
 
 # The held-out set's settings when neither the caller nor the checkpoint's run says otherwise.
