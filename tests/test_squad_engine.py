@@ -318,3 +318,16 @@ def test_a_squad_key_added_with_plus_that_nothing_reads_is_refused(squad_files, 
     with pytest.raises(UserError, match="unknown top-level key.s. max_stpes"):
         run(compose_squad(*TINY, f"train_file={data}", f"vocab_file={vocab}", "+max_stpes=1",
                           f"output_dir={tmp_path / 'run'}"))
+
+
+def test_fine_tuning_into_a_used_output_dir_is_refused_but_predicting_there_is_not(squad_files, tmp_path):
+    data, vocab = squad_files
+    out = tmp_path / "run"
+    run(compose_squad(*TINY, f"train_file={data}", f"vocab_file={vocab}", "do_predict=false", "max_steps=1",
+                      f"output_dir={out}"))
+    with pytest.raises(UserError, match="already holds a fine-tuning run .checkpoints/."):
+        run(compose_squad(*TINY, f"train_file={data}", f"vocab_file={vocab}", "do_predict=false",
+                          "max_steps=1", f"output_dir={out}"))
+    summary = run(compose_squad(*TINY, "do_train=false", f"predict_file={data}",
+                                f"model_file={out / 'checkpoints'}", f"output_dir={out}"))
+    assert "exact_match" in summary["eval"] and (out / "predictions.json").is_file()

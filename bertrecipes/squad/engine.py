@@ -211,6 +211,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     """Fine-tune and/or predict as ``cfg`` says; returns a summary (steps, scores, paths)."""
     validate_squad_config(cfg)
     output_dir = prepare_output_dir(output_dir or cfg.output_dir)
+    if cfg.do_train and (output_dir / CHECKPOINT_SUBDIR).exists():  # keep-last would mix two runs' tags
+        raise ConfigError(f"output_dir {output_dir} already holds a fine-tuning run ({CHECKPOINT_SUBDIR}/): "
+                          "give another output_dir (by default each run gets a new time-stamped one); "
+                          "predicting alone (do_train=false) may reuse it")
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise ConfigError("SQuAD fine-tuning runs in one process (WORLD_SIZE must be 1)")
     device = device_for_rank(pick_device(cfg.device))
