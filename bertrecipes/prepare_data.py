@@ -47,6 +47,9 @@ def main(cfg: DictConfig) -> None:
     except UserError as e:  # bad input: one line naming it, no traceback
         log.error("%s", e)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # finished chunks are kept: the same command continues from them
+        log.error("interrupted; run the same command again to continue where it stopped")
+        raise SystemExit(130) from None
     manifest = prepared.manifest
     stats = manifest.get("stats", {})
     print(f"prepared data: {prepared.directory}" + (" (reused from the cache)" if prepared.reused else ""))
