@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from bertrecipes.atomic import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +60,9 @@ class NullLogger:
         pass
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
 class WandbLogger:
     """Weights & Biases run; offline by itself when no API key is configured."""
 
@@ -88,10 +93,17 @@ class WandbLogger:
             log.info("wandb: no API key found (or WANDB_MODE=offline): logging offline; "
                      "upload later with `wandb sync`")
         self._wandb = wandb
+        # One dashboard run per training run: a resumed run (the same output_dir) continues the run
+        # whose id it finds there, instead of starting a second one.
+        id_file = Path(output_dir) / WANDB_ID_FILE if output_dir else None
+        run_id = id_file.read_text().strip() if id_file is not None and id_file.is_file() else None
         self.run = wandb.init(
             project=project, entity=entity, name=name or default_name, group=group,
             tags=list(tags or []), mode=mode, config=run_config, dir=output_dir,
+            id=run_id, resume="allow" if run_id else None,
         )
+        if id_file is not None and run_id is None:
+            write_text_atomic(id_file, self.run.id + "\n")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(metrics, step=step)

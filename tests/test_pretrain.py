@@ -316,6 +316,14 @@ def test_wandb_logger_runs_offline_without_api_key(make_cfg, tmp_path, monkeypat
                    output_dir=tmp_path))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert runs[0].name.endswith(f"-{run_id}")
+    # resumed: the same dashboard run continues (wandb names offline runs offline-run-<time>-<id>)
+    train(make_cfg(*TINY, "max_steps=3", "logger=wandb", "logger.project=bertrecipes-test", "resume=true",
+                   output_dir=tmp_path))
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))  # one per start (two, unless in one second)
+    assert runs and all(r.name.endswith(f"-{run_id}") for r in runs), runs  # no second id
+    assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
 
 
 def test_cli_run_writes_metrics_and_reports_user_errors(tmp_path, data_cache):
