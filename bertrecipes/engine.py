@@ -17,7 +17,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -715,10 +715,21 @@ def run_and_report(cfg: DictConfig, output_dir: str | Path | None = None) -> dic
     try:
         summary = train(cfg, output_dir)
     except UserError as e:
-        log.error("%s", e)
-        raise SystemExit(2) from None
+        report_user_error(e)
     exit_on_stop(summary)
     return summary
+
+
+def report_user_error(error: UserError) -> NoReturn:
+    """Log ``error`` in one line and exit with status 2. In a sweep (``-m``) re-raise it instead:
+    Hydra then marks this job failed, runs the others, and exits 1 at the end."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    log.error("%s", error)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise error
+    raise SystemExit(2) from None
 
 
 def exit_on_stop(summary: dict[str, Any]) -> None:
@@ -727,4 +738,4 @@ def exit_on_stop(summary: dict[str, Any]) -> None:
         raise SystemExit(128 + int(summary["stop_signal"]))
 
 
-__all__ = ["TrainState", "exit_on_stop", "train", "run_and_report"]
+__all__ = ["TrainState", "exit_on_stop", "report_user_error", "train", "run_and_report"]

@@ -359,6 +359,21 @@ def test_multirun_gives_each_job_its_own_directory(tmp_path, data_cache):
     assert lrs == pytest.approx([1e-3 * factor, 2e-3 * factor], rel=1e-12)
 
 
+def test_a_bad_job_in_a_sweep_fails_alone(tmp_path, data_cache):
+    env = {**os.environ, "BERTRECIPES_CACHE": str(data_cache)}
+    out = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "bertrecipes.pretrain", "-m", *TINY, "max_steps=1", f"output_dir={out}",
+         "progress_bar=false", "train_batch_size=30,8"], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert result.returncode == 1  # the sweep reports the failure...
+    said = result.stdout + result.stderr
+    assert "train_batch_size is not divisible" in said and "train_batch_size=30" in said
+    assert not (out / "0" / "metrics.jsonl").exists()
+    assert [r["step"] for r in read_metrics(out / "1")] == [1]  # ...after running the good job
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, data_cache):
     import signal
     import time

@@ -57,6 +57,7 @@ from bertrecipes.engine import (
     graph_step_marker,
     pick_device,
     prepare_output_dir,
+    report_user_error,
     seed_everything,
     unpad_options,
     uses_cuda_graphs,
@@ -483,8 +484,7 @@ def run_and_report(cfg: DictConfig, output_dir: str | Path | None = None) -> dic
     try:
         summary = run(cfg, output_dir)
     except UserError as e:
-        log.error("%s", e)
-        raise SystemExit(2) from None
+        report_user_error(e)  # one line and exit 2; in a sweep, this job fails and the others run
     exit_on_stop(summary)  # a stopped run exits with 128 + the signal's number
     return summary
 
