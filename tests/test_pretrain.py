@@ -344,14 +344,18 @@ def test_cli_run_writes_metrics_and_reports_user_errors(tmp_path, data_cache):
     assert "no checkpoint in" in output and "Traceback" not in output
 
 
-def test_multirun_gives_each_job_its_own_directory(tmp_path, data_cache):
+def sweep(out: Path, data_cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python -m bertrecipes.pretrain -m`` on the tiny run, jobs in out/0, out/1, ..."""
     env = {**os.environ, "BERTRECIPES_CACHE": str(data_cache)}
-    out = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, "-m", "bertrecipes.pretrain", "-m", *TINY, "max_steps=2", f"output_dir={out}",
-         "progress_bar=false", "optimizer.lr=1e-3,2e-3"], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=300,
+    return subprocess.run(
+        [sys.executable, "-m", "bertrecipes.pretrain", "-m", *TINY, f"output_dir={out}", "progress_bar=false",
+         *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
+
+
+def test_multirun_gives_each_job_its_own_directory(tmp_path, data_cache):
+    out = tmp_path / "sweep"
+    result = sweep(out, data_cache, "max_steps=2", "optimizer.lr=1e-3,2e-3")
     assert result.returncode == 0, result.stderr
     # Step 2 is past the warmup: lr = base * 0.9^((1 - 0.4) / 2) for each job's own base.
     lrs = sorted(read_metrics(out / str(n))[-1]["lr"] for n in (0, 1))
@@ -360,13 +364,8 @@ def test_multirun_gives_each_job_its_own_directory(tmp_path, data_cache):
 
 
 def test_a_bad_job_in_a_sweep_fails_alone(tmp_path, data_cache):
-    env = {**os.environ, "BERTRECIPES_CACHE": str(data_cache)}
     out = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, "-m", "bertrecipes.pretrain", "-m", *TINY, "max_steps=1", f"output_dir={out}",
-         "progress_bar=false", "train_batch_size=30,8"], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=300,
-    )
+    result = sweep(out, data_cache, "max_steps=1", "train_batch_size=30,8")
     assert result.returncode == 1  # the sweep reports the failure...
     said = result.stdout + result.stderr
     assert "train_batch_size is not divisible" in said and "train_batch_size=30" in said
