@@ -13,7 +13,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,17 @@ class MetricsFile:
     """Appends one JSON object per logged step to ``<output_dir>/metrics.jsonl``.
 
     Each line is flushed so a crash loses nothing already logged. A resumed run appends to the
-    same file after dropping the lines past its checkpoint's step, so the file reads as one run.
+    same file after dropping the lines past its checkpoint's step (and those ``drop`` picks: records
+    the resumed run writes again), so the file reads as one run.
     """
 
-    def __init__(self, path: str | Path, truncate_after_step: int | None = None):
+    def __init__(self, path: str | Path, truncate_after_step: int | None = None,
+                 drop: Callable[[dict[str, Any]], bool] | None = None):
         self.path = Path(path)
         if truncate_after_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+            lines = [(line, json.loads(line)) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line, record in lines
+                    if record.get("step", 0) <= truncate_after_step and not (drop and drop(record))]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
 

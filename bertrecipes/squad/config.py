@@ -72,6 +72,8 @@ class SquadConfig:
     # | max-autotune | max-autotune-no-cudagraphs
     compile_mode: str = "default"
     checkpoint_steps: int = 0  # also save every N steps (0 = only at the end of training)
+    # Continue the fine-tuning run in output_dir from its latest checkpoint (after a crash or a stop).
+    resume: bool = False
     keep_last_checkpoints: int = 1
 
 
@@ -105,6 +107,10 @@ def validate_squad_config(cfg) -> None:
         raise ConfigError(f"num_train_epochs must be positive, got {cfg.num_train_epochs}")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise ConfigError(f"max_steps must be positive or null, got {cfg.max_steps}")
+    for name, note in (("checkpoint_steps", " (0 = off)"), ("keep_last_checkpoints", " (0 = keep all)"),
+                       ("max_grad_norm", " (0 = off)")):
+        if not getattr(cfg, name) >= 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}{note}")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1) or null, got {cfg.dropout}")
     if cfg.compile_mode not in COMPILE_MODES:

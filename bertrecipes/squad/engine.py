@@ -8,7 +8,9 @@
 2. ``do_train``: :func:`train`, the optimizer-step loop of pre-training (micro-batches under
    autocast, scaled backward, unscale, global-norm overflow check, clip, LR, step, zero) over
    shuffled windows of ``train_file`` for ``num_train_epochs`` (or ``max_steps``), logging to
-   metrics.jsonl and the dashboard logger, then a checkpoint in ``<output_dir>/checkpoints``;
+   metrics.jsonl and the dashboard logger, then a checkpoint in ``<output_dir>/checkpoints``
+   (also every ``checkpoint_steps`` and on a stop signal; ``resume=true`` continues from the latest
+   exactly: weights, optimizer, schedule, loss scale, random state, position in the windows);
 3. ``do_predict``: logits for every window of ``predict_file``, the n-best span search
    (:mod:`bertrecipes.squad.postprocess`), ``predictions.json`` and ``nbest_predictions.json``,
    and the official EM/F1 (:mod:`bertrecipes.squad.evaluate`), logged as one more record.
@@ -39,6 +41,7 @@ from bertrecipes.checkpoint import (
     CheckpointError,
     checkpoint_vocab,
     load_checkpoint,
+    restore_rng_state,
     save_checkpoint,
 )
 from bertrecipes.config import BatchSizes, resolve_batch_sizes
@@ -110,15 +113,7 @@ def load_initial_model(cfg: DictConfig) -> InitialModel:
         from bertrecipes.interop.load import refuse_other_type
 
         refuse_other_type(cfg.model_file, "DS")  # an HF folder or a TF prefix: say which ckpt_type
-        payload = load_checkpoint(cfg.model_file)
-        fields = payload.get("model_config")
-        if not fields:
-            raise CheckpointError(f"{payload['path']} has no model_config (not written by bertrecipes?)")
-        try:
-            config = BertConfig(**fields)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{payload['path']}: model_config is not a BERT config: {e}") from e
-        return InitialModel(config, payload["model"], checkpoint_vocab(payload), payload["path"])
+        return initial_model_of(load_checkpoint(cfg.model_file))
     try:
         from bertrecipes.interop import load_model_state
     except ImportError as e:
@@ -130,6 +125,18 @@ def load_initial_model(cfg: DictConfig) -> InitialModel:
         raise ConfigError(f"{imported.source}: no BERT config found; set origin_bert_config_file")
     vocab = Path(imported.vocab_file) if imported.vocab_file else None
     return InitialModel(imported.config, dict(imported.state_dict), vocab, str(imported.source))
+
+
+def initial_model_of(payload: dict[str, Any]) -> InitialModel:
+    """The model a loaded bertrecipes checkpoint (pre-training or fine-tuning) holds."""
+    fields = payload.get("model_config")
+    if not fields:
+        raise CheckpointError(f"{payload['path']} has no model_config (not written by bertrecipes?)")
+    try:
+        config = BertConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{payload['path']}: model_config is not a BERT config: {e}") from e
+    return InitialModel(config, payload["model"], checkpoint_vocab(payload), payload["path"])
 
 
 def load_qa_weights(model: BertForQuestionAnswering, state_dict: dict[str, torch.Tensor],
@@ -212,10 +219,12 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     """Fine-tune and/or predict as ``cfg`` says; returns a summary (steps, scores, paths)."""
     validate_squad_config(cfg)
     output_dir = prepare_output_dir(output_dir or cfg.output_dir)
-    if cfg.do_train and (output_dir / CHECKPOINT_SUBDIR).exists():  # keep-last would mix two runs' tags
+    resume_from = load_resume_checkpoint(cfg, output_dir / CHECKPOINT_SUBDIR) if cfg.resume else None
+    if cfg.do_train and not cfg.resume and (output_dir / CHECKPOINT_SUBDIR).exists():
+        # keep-last would mix two runs' tags
         raise ConfigError(f"output_dir {output_dir} already holds a fine-tuning run ({CHECKPOINT_SUBDIR}/): "
-                          "give another output_dir (by default each run gets a new time-stamped one); "
-                          "predicting alone (do_train=false) may reuse it")
+                          "continue it with resume=true, or give another output_dir (by default each run "
+                          "gets a new time-stamped one); predicting alone (do_train=false) may reuse it")
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise ConfigError("SQuAD fine-tuning runs in one process (WORLD_SIZE must be 1)")
     device = device_for_rank(pick_device(cfg.device))
@@ -227,7 +236,14 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
                                 cfg.gradient_accumulation_steps, 1) if cfg.do_train else None
     seed_everything(cfg.seed)
 
-    initial = load_initial_model(cfg)
+    if resume_from is not None:
+        initial = initial_model_of(resume_from)
+        log.info("resuming fine-tuning from %s at step %d (weights, optimizer, schedule, loss scale, "
+                 "random state and data position%s)", resume_from["path"],
+                 resume_from["train_state"]["global_step"],
+                 f"; model_file {cfg.model_file} is not read" if cfg.model_file else "")
+    else:
+        initial = load_initial_model(cfg)
     tokenizer, vocab_file = build_tokenizer(cfg, initial)
     vocab_size = max(tokenizer.get_vocab().values()) + 1
     model = build_model(cfg, initial, vocab_size).to(device)
@@ -249,22 +265,30 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         predict_features = features_of(predict_examples, False)
 
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    (output_dir / "config.yaml").write_text(config_yaml)
+    if resume_from is None:  # a resumed run keeps the config it started with
+        (output_dir / "config.yaml").write_text(config_yaml)
     logger = instantiate(cfg.logger, run_config=OmegaConf.to_container(cfg, resolve=True),
                          output_dir=str(output_dir), default_name=cfg.job_name, _recursive_=False,
                          _convert_="all")
     metrics_path = output_dir / "metrics.jsonl"
-    if metrics_path.exists():  # a fine-tuning run does not resume: its file starts afresh
-        log.warning("replacing %s of an earlier run in the same output_dir", metrics_path)
-        metrics_path.unlink()
-    outputs = RunOutputs(output_dir, MetricsFile(metrics_path), logger, config_yaml)
+    if resume_from is not None:  # the records up to the checkpoint's step stay; a prediction is redone
+        metrics = MetricsFile(metrics_path, truncate_after_step=resume_from["train_state"]["global_step"],
+                              drop=lambda record: "predict_questions" in record)
+    else:
+        if metrics_path.exists():  # predicting again into a run's directory: the file starts afresh
+            log.warning("replacing %s of an earlier run in the same output_dir", metrics_path)
+            metrics_path.unlink()
+        metrics = MetricsFile(metrics_path)
+    outputs = RunOutputs(output_dir, metrics, logger, config_yaml)
     summary: dict[str, Any] = {"output_dir": str(output_dir), "global_step": 0}
     # compile=true: the forward passes go through torch.compile; parameters, checkpoints and the
     # train/eval switch stay the model's own
     forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     try:
         if cfg.do_train:
-            summary.update(train(cfg, model, train_features, batch, device, outputs, vocab_file, forward))
+            summary.update(train(cfg, model, train_features, batch, device, outputs, vocab_file, forward,
+                                 resume_from=resume_from))
+            del resume_from
         if cfg.do_predict and not summary.get("stopped"):
             summary["eval"] = predict_and_evaluate(cfg, model, predict_examples, predict_features, device,
                                                    outputs, step=summary["global_step"], forward=forward)
@@ -274,20 +298,63 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     return summary
 
 
+# --------------------------------------------------------------------------- resume
+
+# Settings that decide the training windows and their order: a resumed run must keep them.
+RESUME_FIXED = ("train_file", "max_seq_length", "doc_stride", "max_query_length", "do_lower_case", "seed",
+                "train_batch_size")
+
+
+def load_resume_checkpoint(cfg: DictConfig, checkpoint_dir: Path) -> dict[str, Any]:
+    """The latest checkpoint of the fine-tuning run in ``checkpoint_dir``, checked against ``cfg``."""
+    if not cfg.do_train:
+        raise ConfigError("resume=true continues fine-tuning, but do_train=false; to predict from a run's "
+                          f"checkpoint give model_file={checkpoint_dir} instead")
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(f"resume=true but no checkpoint in {checkpoint_dir}: the directory does not "
+                              "exist (set output_dir to the directory of the run to continue)")
+    try:
+        payload = load_checkpoint(checkpoint_dir)
+    except CheckpointError as e:
+        raise CheckpointError(f"resume=true but {e}") from e
+    if (payload.get("client_state") or {}).get("task") != "squad" or "optimizer" not in payload:
+        raise CheckpointError(f"resume=true but {payload['path']} is not a SQuAD fine-tuning checkpoint")
+    saved_config = Path(payload["path"]).parent / "config.yaml"
+    if saved_config.is_file():
+        saved = OmegaConf.load(saved_config)
+        changed = [f"{key}={saved.get(key)!r} (now {cfg[key]!r})" for key in RESUME_FIXED
+                   if key in saved and saved.get(key) != cfg[key]]
+        if changed:
+            raise ConfigError(f"resume=true but the run was saved with {', '.join(changed)}: these settings "
+                              "decide the training windows and their order, so a resumed run must keep them "
+                              "(give the saved values)")
+    return payload
+
+
+def windows_from(num_windows: int, seed: int, start: int) -> Iterator[int]:
+    """:func:`shuffled_windows` from its ``start``-th index on (what a run that has already taken
+    ``start`` windows takes next)."""
+    order = shuffled_windows(num_windows, seed, first_epoch=start // num_windows)
+    return itertools.islice(order, start % num_windows, None)
+
+
 # --------------------------------------------------------------------------- training
 
 
-def shuffled_windows(num_windows: int, seed: int) -> Iterator[int]:
+def shuffled_windows(num_windows: int, seed: int, first_epoch: int = 0) -> Iterator[int]:
     """Window indices, a fresh permutation each epoch (epoch e's depends only on seed and e)."""
-    for epoch in itertools.count():
+    for epoch in itertools.count(first_epoch):
         yield from np.random.default_rng([seed, epoch]).permutation(num_windows).tolist()
 
 
 def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatures, batch: BatchSizes,
           device: torch.device, outputs: RunOutputs, vocab_file: Path,
-          forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, Any]:
+          forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+          resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fine-tuning loop; returns the final step, the last logged metrics and the checkpoint.
-    ``forward`` runs the model's forward passes (default: the model; a ``torch.compile`` of it)."""
+    ``forward`` runs the model's forward passes (default: the model; a ``torch.compile`` of it).
+    ``resume_from``: a loaded checkpoint of this run (its weights already in ``model``), whose
+    optimizer, schedule, loss scale, random state and data position the loop continues from."""
     forward = forward if forward is not None else model
     if len(features) == 0:
         raise UserError(f"train_file {cfg.train_file} gives no training windows (every answer was "
@@ -303,12 +370,25 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     except ValueError as e:
         raise ConfigError(f"precision: {e}") from e
     state = TrainState()
+    if resume_from is not None:
+        try:
+            optimizer.load_state_dict(resume_from["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{resume_from['path']}: its optimizer state does not fit this run's "
+                                  f"optimizer ({cfg.optimizer._target_}): {e}") from e
+        scaler.load_state_dict(resume_from["scaler"])
+        state = TrainState(**resume_from["train_state"])
+        saved_total = resume_from["scheduler"].get("total_steps")
+        if saved_total is not None and saved_total != total_steps:
+            log.warning("the run was saved with %d steps in all and now has %d (num_train_epochs=%s, "
+                        "max_steps=%s): the LR schedule's rates from here on differ from an uninterrupted "
+                        "run's", saved_total, total_steps, cfg.num_train_epochs, cfg.max_steps)
     # Kept as compact numpy arrays; each micro-batch becomes int64 tensors on the device.
     arrays = {"input_ids": features.input_ids, "token_type_ids": features.token_type_ids,
               "attention_mask": features.attention_mask, "start_positions": features.start_positions,
               "end_positions": features.end_positions}
     lengths = features.attention_mask.sum(1)
-    order = shuffled_windows(len(features), cfg.seed)
+    order = windows_from(len(features), cfg.seed, state.last_global_data_samples)
     accum, micro = batch.gradient_accumulation_steps, batch.train_micro_batch_size_per_gpu
     model_config = model.config
     flops_per_sample = qa_training_flops_per_sample(model_config, cfg.max_seq_length)
@@ -327,7 +407,8 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
         return save_checkpoint(
             checkpoint_dir, f"global_step{state.global_step}",
             state={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": {"schedule_step": state.schedule_step}, "scaler": scaler.state_dict(),
+                   "scheduler": {"schedule_step": state.schedule_step, "total_steps": total_steps},
+                   "scaler": scaler.state_dict(),
                    "train_state": asdict(state), "model_config": model_config.to_dict()},
             client_state={"epoch": state.epoch, "last_global_step": state.global_step,
                           "last_global_data_samples": state.last_global_data_samples,
@@ -340,9 +421,13 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     throughput = Throughput(device)
     real_tokens = 0
     last_record: dict[str, Any] = {}
-    last_saved_step = -1
-    progress = tqdm(total=total_steps, disable=not cfg.progress_bar, desc=cfg.job_name, unit="step",
-                    dynamic_ncols=True)
+    last_saved_step = state.global_step if resume_from is not None else -1
+    progress = tqdm(total=total_steps, initial=min(state.global_step, total_steps), desc=cfg.job_name,
+                    disable=not cfg.progress_bar, unit="step", dynamic_ncols=True)
+    if resume_from is not None:
+        restore_rng_state(resume_from["rng"])  # dropout continues as it would have
+        if state.global_step >= total_steps:
+            log.info("fine-tuning had already finished (step %d of %d)", state.global_step, total_steps)
     mark_graph_step = graph_step_marker(graphs)
     try:
         with StopRequest() as stop:
@@ -403,9 +488,8 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
             if last_saved_step != state.global_step:
                 checkpoint()
             if stop.requested:
-                log.warning("stopped at step %d of %d on request: the model so far is in %s; fine-tuning "
-                            "does not resume, so run it again to finish (no prediction made)",
-                            state.global_step, total_steps, checkpoint_dir)
+                log.warning("stopped at step %d of %d on request (no prediction made); continue with "
+                            "resume=true output_dir=%s", state.global_step, total_steps, outputs.dir)
     finally:
         progress.close()
     return {"global_step": state.global_step, "total_steps": total_steps, "last_metrics": last_record,
