@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ def init_distributed(cfg: DistributedConfig, device: torch.device) -> DistContex
     if world_size == 1:
         return DistContext()
     ctx = DistContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not ctx.is_main:  # rank 0 tells the story; the others speak only to warn (N ranks, not N copies)
+        logging.getLogger("bertrecipes").setLevel(logging.WARNING)
     backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend not in ("nccl", "gloo"):
         raise ConfigError(f"distributed.backend must be nccl, gloo or null (auto), got {backend!r}")
@@ -263,6 +266,15 @@ class StopVote:
             done.record()
         self._pending = (host, done)
         return decided
+
+
+def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
+    """Every rank's ``obj`` (any picklable value), in rank order, on rank 0; None on the others."""
+    if not ctx.enabled:
+        return [obj]
+    gathered = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def barrier(ctx: DistContext) -> None:

@@ -7,14 +7,14 @@ so a misspelled key (``doc_strid=64``) is an error naming it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from bertrecipes.config import refuse_unknown_keys, register_configs
-from bertrecipes.distributed import COMPILE_MODES
+from bertrecipes.distributed import COMPILE_MODES, DistributedConfig
 from bertrecipes.errors import ConfigError
 
 CKPT_TYPES = ("DS", "HF", "TF")
@@ -74,6 +74,8 @@ class SquadConfig:
     checkpoint_steps: int = 0  # also save every N steps (0 = only at the end of training)
     # Continue the fine-tuning run in output_dir from its latest checkpoint (after a crash or a stop).
     resume: bool = False
+    # Under torchrun: DDP (distributed.zero_stage=1 shards the Adam state); backend, timeout, buckets.
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     keep_last_checkpoints: int = 1
 
 
@@ -113,5 +115,9 @@ def validate_squad_config(cfg) -> None:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}{note}")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1) or null, got {cfg.dropout}")
+    if cfg.distributed.strategy != "ddp":
+        raise ConfigError(f"distributed.strategy must be ddp for SQuAD fine-tuning (the model is "
+                          f"replicated on every rank; distributed.zero_stage=1 shards the optimizer "
+                          f"state), got {cfg.distributed.strategy!r}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")

@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -35,6 +35,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from bertrecipes import distributed as dist
 from bertrecipes.atomic import write_json_atomic
 from bertrecipes.checkpoint import (
     VOCAB_FILE,
@@ -46,7 +47,6 @@ from bertrecipes.checkpoint import (
 )
 from bertrecipes.config import BatchSizes, resolve_batch_sizes
 from bertrecipes.data.tokenizer import load_tokenizer
-from bertrecipes.distributed import device_for_rank
 from bertrecipes.engine import (
     OptimizerStep,
     StopRequest,
@@ -66,7 +66,7 @@ from bertrecipes.engine import (
     uses_cuda_graphs,
 )
 from bertrecipes.errors import ConfigError, UserError
-from bertrecipes.metrics import MetricsFile, Throughput, finite_or_none
+from bertrecipes.metrics import MetricsFile, NullLogger, Throughput, finite_or_none
 from bertrecipes.model import BertConfig
 from bertrecipes.optim import build_param_groups
 from bertrecipes.precision import LossScaler, autocast_context, autocast_dtype
@@ -207,17 +207,38 @@ def build_tokenizer(cfg: DictConfig, initial: InitialModel):
 
 @dataclass
 class RunOutputs:
-    """Where a run writes: its directory, metrics.jsonl, the dashboard logger, its resolved config."""
+    """Where a run writes: its directory, metrics.jsonl, the dashboard logger, its resolved config.
+    Under torchrun only rank 0 writes: the other ranks have no metrics file and a NullLogger."""
 
     dir: Path
-    metrics: MetricsFile
+    metrics: MetricsFile | None
     logger: Any
     config_yaml: str
+    ctx: dist.DistContext = dataclasses.field(default_factory=dist.DistContext)
+
+    def record(self, record: dict[str, Any], step: int) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+        self.logger.log(record, step=step)
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
-    """Fine-tune and/or predict as ``cfg`` says; returns a summary (steps, scores, paths)."""
+    """Fine-tune and/or predict as ``cfg`` says; returns a summary (steps, scores, paths).
+
+    Under torchrun, each rank trains on its share of every step's windows (DDP, or ZeRO-1 with
+    ``distributed.zero_stage=1``) and predicts its share of the prediction windows; rank 0 gathers
+    the logits, writes the files and scores them."""
     validate_squad_config(cfg)
+    device = pick_device(cfg.device)
+    ctx = dist.init_distributed(cfg.distributed, device)
+    try:
+        return _run(cfg, output_dir, dist.device_for_rank(device, ctx), ctx)
+    finally:
+        dist.shutdown(ctx)
+
+
+def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
+         ctx: dist.DistContext) -> dict[str, Any]:
     output_dir = prepare_output_dir(output_dir or cfg.output_dir)
     resume_from = load_resume_checkpoint(cfg, output_dir / CHECKPOINT_SUBDIR) if cfg.resume else None
     if cfg.do_train and not cfg.resume and (output_dir / CHECKPOINT_SUBDIR).exists():
@@ -225,15 +246,12 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         raise ConfigError(f"output_dir {output_dir} already holds a fine-tuning run ({CHECKPOINT_SUBDIR}/): "
                           "continue it with resume=true, or give another output_dir (by default each run "
                           "gets a new time-stamped one); predicting alone (do_train=false) may reuse it")
-    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-        raise ConfigError("SQuAD fine-tuning runs in one process (WORLD_SIZE must be 1)")
-    device = device_for_rank(pick_device(cfg.device))
     check_triton_device(cfg, device)
     autocast_dtype(cfg.precision.dtype)  # validates the name
     if cfg.precision.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("precision=bf16 but this GPU does not support bfloat16; use precision=fp16")
     batch = resolve_batch_sizes(cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu,
-                                cfg.gradient_accumulation_steps, 1) if cfg.do_train else None
+                                cfg.gradient_accumulation_steps, ctx.world_size) if cfg.do_train else None
     seed_everything(cfg.seed)
 
     if resume_from is not None:
@@ -265,35 +283,42 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         predict_features = features_of(predict_examples, False)
 
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    if resume_from is None:  # a resumed run keeps the config it started with
-        (output_dir / "config.yaml").write_text(config_yaml)
-    logger = instantiate(cfg.logger, run_config=OmegaConf.to_container(cfg, resolve=True),
-                         output_dir=str(output_dir), default_name=cfg.job_name, _recursive_=False,
-                         _convert_="all")
-    metrics_path = output_dir / "metrics.jsonl"
-    if resume_from is not None:  # the records up to the checkpoint's step stay; a prediction is redone
-        metrics = MetricsFile(metrics_path, truncate_after_step=resume_from["train_state"]["global_step"],
-                              drop=lambda record: "predict_questions" in record)
+    metrics = None
+    if ctx.is_main:  # rank 0 alone writes the config, metrics.jsonl and the dashboard
+        if resume_from is None:  # a resumed run keeps the config it started with
+            (output_dir / "config.yaml").write_text(config_yaml)
+        logger = instantiate(cfg.logger, run_config=OmegaConf.to_container(cfg, resolve=True),
+                             output_dir=str(output_dir), default_name=cfg.job_name, _recursive_=False,
+                             _convert_="all")
+        metrics_path = output_dir / "metrics.jsonl"
+        if resume_from is not None:  # the records up to the checkpoint's step stay; a prediction is redone
+            metrics = MetricsFile(metrics_path, truncate_after_step=resume_from["train_state"]["global_step"],
+                                  drop=lambda record: "predict_questions" in record)
+        else:
+            if metrics_path.exists():  # predicting again into a run's directory: the file starts afresh
+                log.warning("replacing %s of an earlier run in the same output_dir", metrics_path)
+                metrics_path.unlink()
+            metrics = MetricsFile(metrics_path)
     else:
-        if metrics_path.exists():  # predicting again into a run's directory: the file starts afresh
-            log.warning("replacing %s of an earlier run in the same output_dir", metrics_path)
-            metrics_path.unlink()
-        metrics = MetricsFile(metrics_path)
-    outputs = RunOutputs(output_dir, metrics, logger, config_yaml)
+        logger = NullLogger()
+    outputs = RunOutputs(output_dir, metrics, logger, config_yaml, ctx)
     summary: dict[str, Any] = {"output_dir": str(output_dir), "global_step": 0}
     # compile=true: the forward passes go through torch.compile; parameters, checkpoints and the
-    # train/eval switch stay the model's own
-    forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    # train/eval switch stay the model's own. Under torchrun, training goes through DDP around it.
+    train_forward = dist.wrap_model(model, ctx, cfg.distributed, compile=cfg.compile,
+                                    compile_mode=cfg.compile_mode)
+    forward = dist.unwrap(train_forward)
     try:
         if cfg.do_train:
-            summary.update(train(cfg, model, train_features, batch, device, outputs, vocab_file, forward,
-                                 resume_from=resume_from))
+            summary.update(train(cfg, model, train_features, batch, device, outputs, vocab_file,
+                                 train_forward, resume_from=resume_from))
             del resume_from
         if cfg.do_predict and not summary.get("stopped"):
             summary["eval"] = predict_and_evaluate(cfg, model, predict_examples, predict_features, device,
                                                    outputs, step=summary["global_step"], forward=forward)
     finally:
-        outputs.metrics.close()
+        if outputs.metrics is not None:
+            outputs.metrics.close()
         outputs.logger.finish()
     return summary
 
@@ -352,17 +377,24 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
           forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
           resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fine-tuning loop; returns the final step, the last logged metrics and the checkpoint.
-    ``forward`` runs the model's forward passes (default: the model; a ``torch.compile`` of it).
-    ``resume_from``: a loaded checkpoint of this run (its weights already in ``model``), whose
-    optimizer, schedule, loss scale, random state and data position the loop continues from."""
+    ``forward`` runs the model's forward passes (default: the model; a ``torch.compile`` of it; DDP
+    around either under torchrun). ``resume_from``: a loaded checkpoint of this run (its weights
+    already in ``model``), whose optimizer, schedule, loss scale, random state and data position the
+    loop continues from."""
     forward = forward if forward is not None else model
     if len(features) == 0:
         raise UserError(f"train_file {cfg.train_file} gives no training windows (every answer was "
                         f"unlocatable?)")
     total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * len(features) / batch.train_batch_size)
     precision = cfg.precision.dtype
-    optimizer = build_from_config("optimizer", cfg.optimizer,
-                                  params=build_param_groups(model, cfg.optimizer.weight_decay))
+    ctx = outputs.ctx
+    make_optimizer = build_from_config("optimizer", cfg.optimizer, _partial_=True)
+    try:  # the constructor runs here (a partial): its ValueError is a bad optimizer setting
+        optimizer = dist.build_optimizer(make_optimizer,
+                                         build_param_groups(model, cfg.optimizer.weight_decay), ctx,
+                                         cfg.distributed)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"optimizer: {e}") from e
     schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,
                                  total_steps=total_steps)
     try:
@@ -372,7 +404,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     state = TrainState()
     if resume_from is not None:
         try:
-            optimizer.load_state_dict(resume_from["optimizer"])
+            dist.load_optimizer_state(model, optimizer, resume_from["optimizer"])
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{resume_from['path']}: its optimizer state does not fit this run's "
                                   f"optimizer ({cfg.optimizer._target_}): {e}") from e
@@ -390,6 +422,9 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     lengths = features.attention_mask.sum(1)
     order = windows_from(len(features), cfg.seed, state.last_global_data_samples)
     accum, micro = batch.gradient_accumulation_steps, batch.train_micro_batch_size_per_gpu
+    # Each step takes train_batch_size windows of the order; rank r trains on the r-th share of them,
+    # so any world size trains on the same windows per step.
+    share = slice(ctx.rank * micro * accum, (ctx.rank + 1) * micro * accum)
     model_config = model.config
     flops_per_sample = qa_training_flops_per_sample(model_config, cfg.max_seq_length)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -398,24 +433,28 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                                    keep_grads=graphs)
     checkpoint_dir = outputs.dir / CHECKPOINT_SUBDIR
     log.info("fine-tuning %.1fM parameters: %d steps (%.2f epochs of %d windows), batch %d = micro %d x "
-             "accumulation %d, on %s, %s", sum(p.numel() for p in params) / 1e6, total_steps,
+             "accumulation %d x world %d, on %s, %s", sum(p.numel() for p in params) / 1e6, total_steps,
              total_steps * batch.train_batch_size / len(features), len(features), batch.train_batch_size,
-             micro, accum, device, precision)
+             micro, accum, ctx.world_size, device, precision)
 
-    def checkpoint() -> Path:
+    def checkpoint() -> None:
         step_optimizer.resolve()  # the last step's outcome decides the counters saved
-        return save_checkpoint(
-            checkpoint_dir, f"global_step{state.global_step}",
-            state={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": {"schedule_step": state.schedule_step, "total_steps": total_steps},
-                   "scaler": scaler.state_dict(),
-                   "train_state": asdict(state), "model_config": model_config.to_dict()},
-            client_state={"epoch": state.epoch, "last_global_step": state.global_step,
-                          "last_global_data_samples": state.last_global_data_samples,
-                          "vocab_file": str(vocab_file), "do_lower_case": cfg.do_lower_case, "task": "squad"},
-            config_yaml=outputs.config_yaml, keep_last=cfg.keep_last_checkpoints,
-            files={VOCAB_FILE: vocab_file},
-        )
+        optimizer_state = dist.optimizer_state_for_checkpoint(model, optimizer, ctx)  # ZeRO: a collective
+        if ctx.is_main:
+            save_checkpoint(
+                checkpoint_dir, f"global_step{state.global_step}",
+                state={"model": model.state_dict(), "optimizer": optimizer_state,
+                       "scheduler": {"schedule_step": state.schedule_step, "total_steps": total_steps},
+                       "scaler": scaler.state_dict(), "train_state": asdict(state),
+                       "model_config": model_config.to_dict(), "world_size": ctx.world_size},
+                client_state={"epoch": state.epoch, "last_global_step": state.global_step,
+                              "last_global_data_samples": state.last_global_data_samples,
+                              "vocab_file": str(vocab_file), "do_lower_case": cfg.do_lower_case,
+                              "task": "squad"},
+                config_yaml=outputs.config_yaml, keep_last=cfg.keep_last_checkpoints,
+                files={VOCAB_FILE: vocab_file},
+            )
+        dist.barrier(ctx)
 
     model.train()
     throughput = Throughput(device)
@@ -423,7 +462,8 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     last_record: dict[str, Any] = {}
     last_saved_step = state.global_step if resume_from is not None else -1
     progress = tqdm(total=total_steps, initial=min(state.global_step, total_steps), desc=cfg.job_name,
-                    disable=not cfg.progress_bar, unit="step", dynamic_ncols=True)
+                    disable=not (cfg.progress_bar and ctx.is_main), unit="step", dynamic_ncols=True)
+    tokens_at_last_log, real_tokens_logged = 0, 0.0
     if resume_from is not None:
         restore_rng_state(resume_from["rng"])  # dropout continues as it would have
         if state.global_step >= total_steps:
@@ -431,19 +471,28 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     mark_graph_step = graph_step_marker(graphs)
     try:
         with StopRequest() as stop:
-            while state.global_step < total_steps and not stop.requested:
-                # ---- one optimizer step: accumulate `accum` micro-batches
+            stopping = False  # a signal on any rank stops every rank at the same step
+            vote = dist.StopVote(ctx, device)
+            while state.global_step < total_steps:
+                if vote(stop.requested):
+                    stopping = True
+                    break
+                # ---- one optimizer step: accumulate `accum` micro-batches of this rank's share (the
+                # gradients are all-reduced across ranks on the last one only)
+                windows = np.fromiter(itertools.islice(order, batch.train_batch_size), dtype=np.int64,
+                                      count=batch.train_batch_size)[share]
                 loss_sum = torch.zeros((), device=device)
-                for _ in range(accum):
+                for micro_step in range(accum):
                     mark_graph_step()
-                    index = np.fromiter(itertools.islice(order, micro), dtype=np.int64, count=micro)
+                    index = windows[micro_step * micro:(micro_step + 1) * micro]
                     host = {k: torch.from_numpy(v[index]).long() for k, v in arrays.items()}
                     mb, layout = batch_to_device(host, device, model.bert)
-                    with autocast_context(precision, device):
-                        start_logits, end_logits = forward(mb["input_ids"], mb["token_type_ids"],
-                                                           mb["attention_mask"], unpadded=layout)
-                    loss = qa_loss(start_logits, end_logits, mb["start_positions"], mb["end_positions"])
-                    (loss * (step_optimizer.loss_scale / accum)).backward()
+                    with dist.no_sync(forward, sync=micro_step == accum - 1):
+                        with autocast_context(precision, device):
+                            start_logits, end_logits = forward(mb["input_ids"], mb["token_type_ids"],
+                                                               mb["attention_mask"], unpadded=layout)
+                        loss = qa_loss(start_logits, end_logits, mb["start_positions"], mb["end_positions"])
+                        (loss * (step_optimizer.loss_scale / accum)).backward()
                     loss_sum += loss.detach()
                     real_tokens += int(lengths[index].sum())
                 state.last_global_data_samples += batch.train_batch_size
@@ -458,13 +507,17 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                 is_last = state.global_step >= total_steps
                 if state.global_step % cfg.steps_per_print == 0 or is_last:
                     step_optimizer.resolve()
+                    # the loss averaged over ranks, tokens summed over them
+                    new_tokens = torch.tensor(float(real_tokens - tokens_at_last_log), device=device)
+                    reduced = dist.all_reduce_mean(torch.stack([loss_sum / accum, new_tokens]), ctx)
+                    global_tokens = real_tokens_logged + float(reduced[1]) * ctx.world_size
                     samples_per_sec, tokens_per_sec = throughput.rates(state.last_global_data_samples,
-                                                                       real_tokens)
+                                                                       global_tokens)
                     record = {
                         "step": state.global_step,
                         "samples": state.last_global_data_samples,
                         "epoch": state.last_global_data_samples / len(features),
-                        "loss": finite_or_none(float(loss_sum) / accum),
+                        "loss": finite_or_none(float(reduced[0])),
                         "lr": optimizer.param_groups[0]["lr"],
                         "grad_norm": finite_or_none(float(grad_norm)),
                         "samples_per_sec": samples_per_sec,
@@ -476,25 +529,27 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                     if device.type == "cuda":
                         record["tflops"] = samples_per_sec * flops_per_sample / 1e12
                         record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    outputs.metrics.write(record)
-                    outputs.logger.log(record, step=state.global_step)
+                    outputs.record(record, step=state.global_step)
                     progress.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}",
                                          samples_s=f"{samples_per_sec:.1f}")
                     last_record = record
-                    throughput.reset(state.last_global_data_samples, real_tokens)
+                    tokens_at_last_log, real_tokens_logged = real_tokens, global_tokens
+                    throughput.reset(state.last_global_data_samples, global_tokens)
                 if cfg.checkpoint_steps and state.global_step % cfg.checkpoint_steps == 0:
                     checkpoint()
                     last_saved_step = state.global_step
+            step_optimizer.resolve()
             if last_saved_step != state.global_step:
                 checkpoint()
-            if stop.requested:
+            if stopping:
                 log.warning("stopped at step %d of %d on request (no prediction made); continue with "
                             "resume=true output_dir=%s", state.global_step, total_steps, outputs.dir)
     finally:
         progress.close()
     return {"global_step": state.global_step, "total_steps": total_steps, "last_metrics": last_record,
-            "checkpoint_dir": str(checkpoint_dir), "stopped": stop.requested,
-            "stop_signal": stop.signal if stop.requested else None,
+            "checkpoint_dir": str(checkpoint_dir), "stopped": stopping,
+            # this rank's signal, or another rank's (the vote does not say which)
+            "stop_signal": (stop.signal or signal.SIGTERM) if stopping else None,
             "skipped_examples": features.num_skipped, "train_state": asdict(state)}
 
 
@@ -505,18 +560,20 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
 def predict_logits(model: BertForQuestionAnswering, features: SquadFeatures, batch_size: int,
                    device: torch.device, precision: str,
                    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
-                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end logits (fp32, [windows, seq_len]) for every window, in eval mode (``forward``:
-    as in :func:`train`). They stay on the device until the last batch: one copy to the host, not a
-    wait per batch."""
+                   progress: bool = False, windows: range | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits (fp32, [windows, seq_len]) for every window (or those of ``windows``, a
+    range of indices), in eval mode (``forward``: as in :func:`train`). They stay on the device
+    until the last batch: one copy to the host, not a wait per batch."""
     forward = forward if forward is not None else model
+    windows = windows if windows is not None else range(len(features))
     was_training = model.training
     model.eval()
     starts, ends = [], []
     try:
-        for i in tqdm(range(0, len(features), batch_size), desc="predict", unit="batch", leave=False,
-                      disable=not progress, dynamic_ncols=True):
-            window = {name: torch.from_numpy(getattr(features, name)[i:i + batch_size]).long()
+        for i in tqdm(range(windows.start, windows.stop, batch_size), desc="predict", unit="batch",
+                      leave=False, disable=not progress, dynamic_ncols=True):
+            last = min(i + batch_size, windows.stop)
+            window = {name: torch.from_numpy(getattr(features, name)[i:last]).long()
                       for name in ("input_ids", "token_type_ids", "attention_mask")}
             mb, layout = batch_to_device(window, device, model.bert)
             with autocast_context(precision, device):
@@ -537,11 +594,24 @@ def predict_and_evaluate(cfg: DictConfig, model: BertForQuestionAnswering, examp
                          features: SquadFeatures, device: torch.device, outputs: RunOutputs,
                          step: int, forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
                          ) -> dict[str, Any]:
-    """Write predictions.json and nbest_predictions.json; score them if the file has gold answers."""
+    """Write predictions.json and nbest_predictions.json; score them if the file has gold answers.
+    Under torchrun every rank computes the logits of its contiguous share of the windows and rank 0
+    gathers them, writes and scores (the others return an empty record)."""
+    ctx = outputs.ctx
     throughput = Throughput(device)
     throughput.reset(0, 0)
+    bounds = [len(features) * r // ctx.world_size for r in range(ctx.world_size + 1)]
     start_logits, end_logits = predict_logits(model, features, cfg.predict_batch_size, device,
-                                              cfg.precision.dtype, forward, progress=cfg.progress_bar)
+                                              cfg.precision.dtype, forward,
+                                              progress=cfg.progress_bar and ctx.is_main,
+                                              windows=range(bounds[ctx.rank], bounds[ctx.rank + 1]))
+    if ctx.enabled:
+        shares = dist.gather_to_main((start_logits, end_logits), ctx)
+        if not ctx.is_main:
+            dist.barrier(ctx)  # rank 0 writes and scores
+            return {}
+        start_logits = np.concatenate([start for start, _ in shares])
+        end_logits = np.concatenate([end for _, end in shares])
     windows_per_sec, _ = throughput.rates(len(features), 0)
     predictions, nbest = best_spans(examples, features, start_logits, end_logits, cfg.n_best_size,
                                     cfg.max_answer_length)
@@ -557,9 +627,9 @@ def predict_and_evaluate(cfg: DictConfig, model: BertForQuestionAnswering, examp
     else:
         log.warning("%s: %d of %d questions have no gold answers; predictions written but not scored",
                     cfg.predict_file, len(examples) - len(gold), len(examples))
-    outputs.metrics.write(record)
-    outputs.logger.log(record, step=step)
+    outputs.record(record, step=step)
     log.info("predictions: %s, %s", outputs.dir / PREDICTIONS_FILE, outputs.dir / NBEST_FILE)
+    dist.barrier(ctx)
     return record
 
 
