@@ -12,12 +12,14 @@ Knobs keep the names users know from DeepSpeed's bing_bert (``train_batch_size``
 
 from __future__ import annotations
 
+import datetime
+import functools
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from bertrecipes.data.config import register_data_configs
 from bertrecipes.distributed import DistributedConfig
@@ -222,7 +224,25 @@ def refuse_unknown_keys(cfg: Any, schema: type) -> None:
                           f"reads them. Valid keys: {', '.join(sorted(known))}")
 
 
+@functools.cache
+def launch_time() -> datetime.datetime:
+    """When this run was launched. Under torchrun, the start of the launcher (the workers' parent
+    process, the same for every rank of a node), so that the ranks of a node, started a few hundred
+    milliseconds apart, name the same time-stamped output_dir; otherwise the first call's time."""
+    if "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        try:  # Linux: /proc/<pid>/stat field 22 is the start time in clock ticks after boot
+            ticks = int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[19])
+            boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime "))
+            return datetime.datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"))
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass
+    return datetime.datetime.now()
+
+
 def register_configs() -> None:
+    # ${launch_time:%Y-%m-%d_%H-%M-%S}: Hydra's ${now:...}, but one time for all the ranks of a node
+    OmegaConf.register_new_resolver("launch_time", lambda pattern: launch_time().strftime(pattern),
+                                    replace=True)
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(group="model", name="bert_schema", node=ModelConfig)

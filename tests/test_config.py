@@ -102,3 +102,33 @@ def test_batch_arithmetic_errors_print_all_numbers(given, message):
     for name in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                  "world_size"):
         assert name in text
+
+
+LAUNCHER = """
+import os, subprocess, sys, time
+env = {**os.environ, **dict(arg.split("=") for arg in sys.argv[1:])}
+child = "from bertrecipes.config import launch_time; print(launch_time().timestamp())"
+first = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True)
+time.sleep(1.2)  # the second worker starts well over a second later
+second = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True)
+print(first.stdout.strip(), second.stdout.strip())
+"""
+
+
+@pytest.mark.parametrize("torchrun", [True, False])
+def test_launch_time_is_the_launchers_for_every_worker(torchrun):
+    """Under torchrun (its environment variables set), workers started 1.2 s apart by the same
+    launcher get its start time, so the default output_dir (runs/<job>/<launch time>) is one
+    directory for all the ranks of a node; outside torchrun each process takes its own time."""
+    import time
+
+    env = ["LOCAL_RANK=0", "TORCHELASTIC_RUN_ID=test"] if torchrun else []
+    started = time.time()
+    out = subprocess.run([sys.executable, "-c", LAUNCHER, *env], capture_output=True, text=True, check=True,
+                         timeout=120)
+    first, second = map(float, out.stdout.split())
+    if torchrun:
+        assert first == second
+        assert started - 1.5 < first < started + 1.5  # /proc/stat's boot time has 1 s resolution
+    else:
+        assert second - first >= 1.2

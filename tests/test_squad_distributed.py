@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = [*TINY, "dropout=0.0", "num_train_epochs=2", "checkpoint_steps=0", "distributed.timeout_minutes=2"]
 
 
-def squad(args: list[str], nproc: int, **env: str) -> subprocess.CompletedProcess:
+def squad(args: list[str], nproc: int, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests"), **env}
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     launcher = launcher if nproc > 1 else []
-    return subprocess.run([sys.executable, *launcher, "-m", "bertrecipes.squad", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, *launcher, "-m", "bertrecipes.squad", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -98,3 +98,17 @@ def test_fsdp_is_refused_with_the_strategies_that_work(runs, tmp_path):
     result = squad([*COMMON, *runs["files"], f"output_dir={tmp_path}", "distributed.strategy=fsdp"], 1)
     assert result.returncode == 2
     assert "distributed.strategy must be ddp for SQuAD fine-tuning" in result.stdout + result.stderr
+
+
+def test_the_default_time_stamped_output_dir_is_one_directory_for_all_ranks(runs, tmp_path):
+    """Without output_dir, each rank's Hydra names runs/<job>/<time>: the launcher's start time, so
+    ranks that start 1.1 s apart still share one directory."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "tests" / "staggered_squad.py"), *COMMON, *runs["files"], "max_steps=1",
+         "do_predict=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "bert_squad").iterdir()
+    assert [r["step"] for r in records(run_dir)] == [1] and (run_dir / "checkpoints").is_dir()
