@@ -33,6 +33,13 @@ from torch import nn
 
 from bertrecipes.checkpoint import STATE_FILE, CheckpointError, checkpoint_vocab, load_checkpoint
 from bertrecipes.errors import ConfigError
+from bertrecipes.interop.deepspeed import (
+    MODEL_STATES_FILE,
+    find_model_states,
+    infer_config,
+    is_pre_layer_norm,
+    read_model_states,
+)
 from bertrecipes.interop.names import (
     BACKBONE_PREFIXES,
     TF_SKIPPED,
@@ -98,10 +105,13 @@ def detect_checkpoint_type(path: str | Path) -> tuple[str, str] | None:
             return "TF", f"{name} is a TensorFlow checkpoint file"
         if name == STATE_FILE:
             return "DS", f"a {STATE_FILE} file"
+        if name.endswith("model_states.pt"):
+            return "DS", f"{name} is a DeepSpeed model-states file"
         return None
     if path.is_dir():
-        if (path / STATE_FILE).is_file() or (path / "latest").is_file():
-            return "DS", f"it holds {STATE_FILE if (path / STATE_FILE).is_file() else 'latest'}"
+        for name in (STATE_FILE, MODEL_STATES_FILE, "latest"):
+            if (path / name).is_file():
+                return "DS", f"it holds {name}"
         weights = [n for n in HF_WEIGHT_FILES if (path / n).is_file()]
         if weights:
             return "HF", f"it holds {weights[0]}"
@@ -129,7 +139,8 @@ def refuse_other_type(path: str | Path, kind: str) -> None:
 
 
 def read_bert_config(path: str | Path) -> BertConfig:
-    """A BertConfig from Google's ``bert_config.json`` or Hugging Face's ``config.json``."""
+    """A BertConfig from Google's ``bert_config.json``, Hugging Face's ``config.json`` or bing_bert's
+    training config (``bert_large_lamb.json``: its ``bert_model_config``)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -137,6 +148,10 @@ def read_bert_config(path: str | Path) -> BertConfig:
         raise CheckpointError(f"cannot read BERT config {path}: {e}") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"BERT config {path} is not valid JSON: {e}") from e
+    if isinstance(data.get("bert_model_config"), dict):  # bing_bert's training config (bert_large_lamb.json)
+        data = data["bert_model_config"]
+    if "vocab_size" not in data and isinstance(data.get("vocab_size_or_config_json_file"), int):
+        data = {**data, "vocab_size": data["vocab_size_or_config_json_file"]}  # bing_bert's name for it
     if data.get("model_type", "bert") != "bert":
         raise CheckpointError(f"{path}: model_type is {data['model_type']!r}, expected 'bert'")
     if data.get("position_embedding_type", "absolute") != "absolute":
@@ -222,6 +237,16 @@ def check_config_matches(state: dict[str, torch.Tensor], config: BertConfig, sou
 
 
 def _load_ds(path: Path, config_file: Path | None, verify_crc: bool) -> tuple[ImportedCheckpoint, str]:
+    model_states = find_model_states(path)
+    if model_states is not None:  # written by DeepSpeed (bing_bert), not by bertrecipes
+        state, step = read_model_states(model_states)
+        if config_file is not None:  # the placement of the LayerNorms is in the weights, not the config
+            config = dataclasses.replace(read_bert_config(config_file),
+                                         pre_layer_norm=is_pre_layer_norm(state))
+        else:
+            config = infer_config(state, str(model_states))
+        return (ImportedCheckpoint(state, config, None, str(model_states), step),
+                str(config_file or model_states))
     payload = load_checkpoint(path)
     source = payload["path"]
     state = {k.removeprefix("module."): v for k, v in payload["model"].items()}

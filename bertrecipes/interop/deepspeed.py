@@ -1,0 +1,153 @@
+"""Checkpoints written by DeepSpeed for BERT: DeepSpeedExamples' ``bing_bert`` pre-training (and
+anything else saved by ``DeepSpeedEngine.save_checkpoint`` around a BERT model), read without
+DeepSpeed installed.
+
+The engine writes ``<save_dir>/<tag>/mp_rank_00_model_states.pt`` and names the newest tag in
+``<save_dir>/latest``. The file is a pickled dict whose ``module`` entry is the model's state dict
+(older tools wrote ``model_state_dict``); fp16 runs save fp16 weights. bing_bert's model is Hugging
+Face's BERT with three renamings, all mapped here onto our (Hugging Face) names:
+
+* ``*.dense_act.*`` (a linear layer fused with its activation) for the intermediate layer, the
+  pooler and the MLM transform: ``*.dense.*``;
+* pre-LN layers (``nvidia/modelingpreln.py``): ``PreAttentionLayerNorm`` is the LayerNorm of the
+  attention sub-block (ours: ``attention.output.LayerNorm``), ``PostAttentionLayerNorm`` the one of
+  the feed-forward sub-block (ours: ``output.LayerNorm``); ``bert.encoder.FinalLayerNorm`` as ours;
+* DeepSpeed's fused transformer kernel (``--deepspeed_transformer_kernel``): per layer
+  ``attn_qkvw`` / ``attn_qkvb`` (query, key and value stacked along the output dimension),
+  ``attn_ow`` / ``attn_ob``, ``attn_nw`` / ``attn_nb`` (attention sub-block LayerNorm),
+  ``inter_w`` / ``inter_b``, ``output_w`` / ``output_b``, ``norm_w`` / ``norm_b`` (feed-forward
+  sub-block LayerNorm), in either LayerNorm placement.
+
+The placement is read from the weights: bing_bert's pre-LN encoder is the one with a final
+LayerNorm. The file holds no architecture; with no ``bert_config.json`` given, it is read from the
+tensor shapes, with 64-dimensional attention heads (every published BERT size has them).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from bertrecipes.checkpoint import LATEST_FILE, CheckpointError
+from bertrecipes.interop.names import hf_to_ours
+from bertrecipes.model import BertConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+HEAD_SIZE = 64  # per-head width of every published BERT (tiny to large)
+
+_KERNEL_PARAMS = {
+    "attn_ow": "attention.output.dense.weight", "attn_ob": "attention.output.dense.bias",
+    "attn_nw": "attention.output.LayerNorm.weight", "attn_nb": "attention.output.LayerNorm.bias",
+    "inter_w": "intermediate.dense.weight", "inter_b": "intermediate.dense.bias",
+    "output_w": "output.dense.weight", "output_b": "output.dense.bias",
+    "norm_w": "output.LayerNorm.weight", "norm_b": "output.LayerNorm.bias",
+}
+_KERNEL_PARAM = re.compile(r"^(bert\.encoder\.layer\.\d+)\.(attn_qkv[wb]|" + "|".join(_KERNEL_PARAMS) + r")$")
+_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.")
+
+
+def find_model_states(path: str | Path) -> Path | None:
+    """The ``mp_rank_00_model_states.pt`` that ``path`` designates: the file itself, a tag directory
+    holding it, or a save directory whose ``latest`` names such a tag; None when ``path`` is none
+    of these (it may be a bertrecipes checkpoint)."""
+    path = Path(path)
+    if path.is_file():
+        return path if path.name.endswith("model_states.pt") else None
+    if (path / MODEL_STATES_FILE).is_file():
+        return path / MODEL_STATES_FILE
+    latest = path / LATEST_FILE
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if (path / tag / MODEL_STATES_FILE).is_file():
+            return path / tag / MODEL_STATES_FILE
+    return None
+
+
+def read_model_states(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The model's state dict (fp32, our names) and the engine's global step from a DeepSpeed file."""
+    if (path.parent / "mp_rank_01_model_states.pt").exists():
+        raise CheckpointError(f"{path.parent} holds a model-parallel checkpoint (mp_rank_01_...); BERT "
+                              f"checkpoints with one model-parallel rank only can be read")
+    try:
+        # A DeepSpeed file pickles more than tensors (its config, optimizer and scheduler states);
+        # like our own checkpoints it is read whole, from a path the user chose.
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise CheckpointError(f"{path} refers to Python module {e.name!r}, which is not installed "
+                              f"(pip install it to read this checkpoint)") from e
+    except Exception as e:  # torch raises several types for truncated zip archives or pickles
+        raise CheckpointError(f"{path} is not a readable DeepSpeed checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from e
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} is not a DeepSpeed checkpoint (got {type(payload).__name__})")
+    module = payload.get("module", payload.get("model_state_dict"))
+    if not isinstance(module, dict) or not module:
+        raise CheckpointError(f"{path} has no model weights ('module' or 'model_state_dict'); a ZeRO "
+                              f"stage-3 checkpoint keeps them partitioned: consolidate it first with the "
+                              f"zero_to_fp32.py script DeepSpeed writes beside it")
+    state = {k.removeprefix("module."): v.float() if v.is_floating_point() else v
+             for k, v in module.items() if isinstance(v, torch.Tensor)}
+    step = payload.get("global_steps", payload.get("last_global_step"))
+    return deepspeed_to_ours(state, str(path)), step if isinstance(step, int) else None
+
+
+def deepspeed_to_ours(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Rename bing_bert / DeepSpeed-kernel BERT weights to ours (see the module docstring)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        kernel = _KERNEL_PARAM.match(key)
+        if kernel:
+            layer, param = kernel.groups()
+            if param.startswith("attn_qkv"):
+                if tensor.shape[0] % 3:
+                    raise CheckpointError(f"{source}: {key} has {tensor.shape[0]} rows, not query, key "
+                                          f"and value stacked (a multiple of 3)")
+                kind = "weight" if param.endswith("w") else "bias"
+                for name, part in zip(("query", "key", "value"), tensor.chunk(3, dim=0), strict=True):
+                    out[f"{layer}.attention.self.{name}.{kind}"] = part.clone()
+            else:
+                out[f"{layer}.{_KERNEL_PARAMS[param]}"] = tensor
+            continue
+        key = key.replace(".dense_act.", ".dense.")
+        key = key.replace(".PreAttentionLayerNorm.", ".attention.output.LayerNorm.")
+        key = key.replace(".PostAttentionLayerNorm.", ".output.LayerNorm.")
+        out[key] = tensor
+    return hf_to_ours(out)
+
+
+def is_pre_layer_norm(state: dict[str, torch.Tensor]) -> bool:
+    """bing_bert's pre-LN encoder ends with a LayerNorm; its post-LN one has none."""
+    return "bert.encoder.FinalLayerNorm.weight" in state
+
+
+def infer_config(state: dict[str, torch.Tensor], source: str) -> BertConfig:
+    """The architecture the tensors imply, with 64-dimensional attention heads."""
+    try:
+        vocab_size, hidden = state["bert.embeddings.word_embeddings.weight"].shape
+        positions = state["bert.embeddings.position_embeddings.weight"].shape[0]
+        token_types = state["bert.embeddings.token_type_embeddings.weight"].shape[0]
+        intermediate = state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"{source}: no {e.args[0]} among its weights, so its architecture cannot be "
+                              f"read from them; give origin_bert_config_file (bert_config.json)") from None
+    layers = 1 + max(int(m.group(1)) for m in map(_LAYER.match, state) if m)
+    if hidden % HEAD_SIZE:
+        raise CheckpointError(f"{source}: hidden size {hidden} is not a multiple of {HEAD_SIZE}, so the "
+                              f"number of attention heads cannot be assumed; give origin_bert_config_file")
+    heads = hidden // HEAD_SIZE
+    log.warning("%s holds no architecture: read from its tensors (%d layers, hidden %d, intermediate %d, "
+                "vocabulary %d) with %d attention heads of %d dimensions; give origin_bert_config_file= "
+                "if it has other heads", source, layers, hidden, intermediate, vocab_size, heads, HEAD_SIZE)
+    return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, intermediate_size=intermediate,
+                      max_position_embeddings=positions, type_vocab_size=token_types,
+                      pre_layer_norm=is_pre_layer_norm(state))
+
+
+__all__ = ["MODEL_STATES_FILE", "deepspeed_to_ours", "find_model_states", "infer_config", "is_pre_layer_norm",
+           "read_model_states"]

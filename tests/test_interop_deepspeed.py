@@ -1,0 +1,202 @@
+"""DeepSpeed (bing_bert) checkpoints, read without DeepSpeed: the engine's directory layout
+(``latest`` -> ``<tag>/mp_rank_00_model_states.pt``, the weights under ``module``, fp16 in fp16 runs),
+bing_bert's names (``dense_act``, ``PreAttentionLayerNorm`` / ``PostAttentionLayerNorm``) and the
+fused transformer kernel's (``attn_qkvw``, ..., ``norm_b``).
+
+The reference is transformers: its ``BertForPreTraining`` with random weights is written out the way
+DeepSpeed lays those weights out (renamed here, in the test, from the documented layouts), imported,
+and must give transformers' logits. Pre-LN models, which transformers lacks, must equal the same
+weights given in our own names, through each of the two pre-LN namings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from test_interop_hf import padded_batch, randomize
+from test_squad_engine import TINY, compose_squad, squad_files  # noqa: F401  (the fixture)
+
+from bertrecipes.checkpoint import CheckpointError
+from bertrecipes.interop import load_into_model, load_model_state
+from bertrecipes.model import BertConfig, BertForPreTraining
+from bertrecipes.squad.engine import run
+
+transformers = pytest.importorskip("transformers")
+
+# 64-dimensional heads, as every published BERT has (the config is then readable from the shapes)
+ARCH = dict(vocab_size=21, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+            max_position_embeddings=16)
+PADDED_VOCAB = 24  # DeepSpeed's BERT pads its vocabulary to a multiple of 8 rows
+
+
+# DeepSpeedTransformerLayer's parameters (q, k, v are stacked into attn_qkvw / attn_qkvb)
+KERNEL_NAMES = {"attention.output.dense.weight": "attn_ow", "attention.output.dense.bias": "attn_ob",
+                "attention.output.LayerNorm.weight": "attn_nw", "attention.output.LayerNorm.bias": "attn_nb",
+                "intermediate.dense_act.weight": "inter_w", "intermediate.dense_act.bias": "inter_b",
+                "output.dense.weight": "output_w", "output.dense.bias": "output_b",
+                "output.LayerNorm.weight": "norm_w", "output.LayerNorm.bias": "norm_b"}
+
+
+def to_bing_bert(hf_state: dict[str, torch.Tensor], kernel: bool, pre_ln: bool) -> dict[str, torch.Tensor]:
+    """transformers' names -> bing_bert's (nvidia/modeling*.py, DeepSpeedTransformerLayer)."""
+    out = {}
+    for key, value in hf_state.items():
+        if key.endswith("position_ids") or key == "cls.predictions.decoder.bias":
+            continue
+        if key in ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight",
+                   "cls.predictions.bias"):  # padded to a multiple of 8 rows
+            value = torch.cat([value, value.new_zeros((-value.shape[0] % 8, *value.shape[1:]))])
+        key = re.sub(r"(intermediate|pooler|transform)\.dense\.", r"\1.dense_act.", key)
+        layer = re.match(r"(bert\.encoder\.layer\.\d+)\.(.*)", key)
+        if layer and kernel:
+            prefix, rest = layer.groups()
+            if rest.startswith("attention.self."):
+                kind = rest.rsplit(".", 1)[1]
+                if rest.startswith("attention.self.query."):
+                    parts = [hf_state[f"{prefix}.attention.self.{n}.{kind}"] for n in ("query", "key",
+                                                                                         "value")]
+                    out[f"{prefix}.attn_qkv{kind[0]}"] = torch.cat(parts)
+                continue
+            out[f"{prefix}.{KERNEL_NAMES[rest]}"] = value
+            continue
+        if layer and pre_ln:
+            key = key.replace("attention.output.LayerNorm", "PreAttentionLayerNorm")
+            key = key.replace("output.LayerNorm", "PostAttentionLayerNorm")
+        out[key] = value
+    return out
+
+
+def write_deepspeed_checkpoint(save_dir: Path, module: dict[str, torch.Tensor], tag: str = "epoch1_step7",
+                               steps: int = 7) -> Path:
+    """What ``DeepSpeedEngine.save_checkpoint(save_dir, tag, client_state)`` writes for one rank."""
+    (save_dir / tag).mkdir(parents=True)
+    payload = {"module": module, "buffer_names": [], "optimizer": {"state": {}, "param_groups": []},
+               "lr_scheduler": {"last_batch_iteration": steps}, "csr_tensor_module_names": set(),
+               "skipped_steps": 0, "global_steps": steps, "global_samples": steps * 64, "dp_world_size": 1,
+               "mp_world_size": 1, "ds_config": {"train_batch_size": 64}, "ds_version": "0.9.5",
+               "epoch": 1, "last_global_step": steps, "last_global_data_samples": steps * 64}
+    torch.save(payload, save_dir / tag / "mp_rank_00_model_states.pt")
+    (save_dir / "latest").write_text(tag)
+    return save_dir
+
+
+def bing_bert_config(path: Path) -> Path:
+    """bing_bert's training config (bert_large_lamb.json's shape): the architecture nested in it."""
+    path.write_text(json.dumps({"name": "bing_bert_tiny", "bert_token_file": "bert-large-uncased",
+                                "bert_model_file": "bert-large-uncased",
+                                "bert_model_config": {"vocab_size_or_config_json_file": ARCH["vocab_size"],
+                                                      **{k: v for k, v in ARCH.items() if k != "vocab_size"},
+                                                      "hidden_act": "gelu", "type_vocab_size": 2}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return randomize(transformers.BertForPreTraining(transformers.BertConfig(**ARCH)).double())
+
+
+def logits(model, ids, types, mask):
+    with torch.no_grad():
+        return model(ids, types, mask)
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["bing_bert_names", "transformer_kernel"])
+def test_post_ln_checkpoint_gives_transformers_logits(reference, tmp_path, kernel):
+    module = to_bing_bert(reference.state_dict(), kernel=kernel, pre_ln=False)
+    save_dir = write_deepspeed_checkpoint(tmp_path / "saved_models" / "bing_bert", module)
+    imported = load_model_state(save_dir, "DS", origin_bert_config_file=bing_bert_config(tmp_path / "c.json"))
+    assert imported.global_step == 7 and imported.config.pre_layer_norm is False
+    assert imported.source.endswith("epoch1_step7/mp_rank_00_model_states.pt")
+    assert imported.config.vocab_size == PADDED_VOCAB  # the rows it holds
+    model = BertForPreTraining(dataclasses.replace(imported.config, vocab_size=ARCH["vocab_size"]))
+    model = model.double().eval()
+    report = load_into_model(model, imported, strict_heads=True)  # the padded rows are trimmed
+    assert report.missing_keys == [] and report.unexpected_keys == []
+
+    ids, types, mask = padded_batch(ARCH["vocab_size"])
+    mlm, nsp = logits(model, ids, types, mask)
+    expected = reference(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(mlm[real], expected.prediction_logits[real].detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(nsp, expected.seq_relationship_logits.detach(), atol=1e-10, rtol=1e-10)
+
+
+def test_pre_ln_checkpoints_in_both_namings_equal_our_own_names(tmp_path):
+    ours = randomize(BertForPreTraining(BertConfig(**ARCH, pre_layer_norm=True)).double(), seed=3)
+    hf_names = {**ours.state_dict(), "cls.predictions.decoder.weight": ours.state_dict()[
+        "bert.embeddings.word_embeddings.weight"]}
+    ids, types, mask = padded_batch(ARCH["vocab_size"])
+    expected_mlm, expected_nsp = logits(ours, ids, types, mask)
+    for kernel in (False, True):
+        module = to_bing_bert(hf_names, kernel=kernel, pre_ln=True)
+        assert ("bert.encoder.layer.0.PreAttentionLayerNorm.weight" in module) is not kernel
+        path = write_deepspeed_checkpoint(tmp_path / f"k{kernel}", module) / "epoch1_step7"
+        imported = load_model_state(path, "DS")  # no config: read from the shapes
+        assert imported.config == BertConfig(**{**ARCH, "vocab_size": PADDED_VOCAB}, pre_layer_norm=True)
+        model = BertForPreTraining(BertConfig(**ARCH, pre_layer_norm=True)).double().eval()
+        report = load_into_model(model, imported, strict_heads=True)
+        assert report.missing_keys == [] and report.unexpected_keys == []
+        mlm, nsp = logits(model, ids, types, mask)
+        real = mask.bool()
+        torch.testing.assert_close(mlm[real], expected_mlm[real], atol=0, rtol=0)
+        torch.testing.assert_close(nsp, expected_nsp, atol=0, rtol=0)
+
+
+def test_fp16_weights_become_fp32_and_the_file_itself_can_be_named(reference, tmp_path):
+    module = {k: v.half() for k, v in to_bing_bert(reference.state_dict(), kernel=True, pre_ln=False).items()}
+    write_deepspeed_checkpoint(tmp_path / "ckpt", module, tag="epoch3_step100", steps=100)
+    imported = load_model_state(tmp_path / "ckpt" / "epoch3_step100" / "mp_rank_00_model_states.pt", "DS")
+    assert imported.global_step == 100
+    assert all(t.dtype == torch.float32 for t in imported.state_dict.values())
+    query = reference.state_dict()["bert.encoder.layer.1.attention.self.value.weight"]
+    assert torch.equal(imported.state_dict["bert.encoder.layer.1.attention.self.value.weight"],
+                       query.half().float())
+
+
+def test_squad_fine_tunes_from_a_bing_bert_checkpoint(squad_files, tmp_path):  # noqa: F811
+    data, vocab = squad_files
+    vocab_size = len(Path(vocab).read_text().splitlines())
+    arch = {**ARCH, "vocab_size": vocab_size, "max_position_embeddings": 64}
+    reference = randomize(transformers.BertForPreTraining(transformers.BertConfig(**arch)), seed=5)
+    module = to_bing_bert(reference.state_dict(), kernel=True, pre_ln=False)
+    padded = module["bert.embeddings.word_embeddings.weight"].shape[0]
+    assert padded % 8 == 0
+    save_dir = write_deepspeed_checkpoint(tmp_path / "bing", module)
+    summary = run(compose_squad(*[o for o in TINY if not o.startswith("model.")], f"train_file={data}",
+                                f"predict_file={data}", f"vocab_file={vocab}", f"model_file={save_dir}",
+                                "ckpt_type=DS", "max_steps=2", f"output_dir={tmp_path / 'run'}"))
+    assert summary["global_step"] == 2 and "f1" in summary["eval"]
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "global_step2" / "state.pt", weights_only=False)
+    assert saved["model_config"]["hidden_size"] == 128 and saved["model_config"]["num_attention_heads"] == 2
+
+
+def test_bad_deepspeed_checkpoints_are_named(reference, tmp_path):
+    module = to_bing_bert(reference.state_dict(), kernel=False, pre_ln=False)
+    write_deepspeed_checkpoint(tmp_path / "mp", module)
+    (tmp_path / "mp" / "epoch1_step7" / "mp_rank_01_model_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="model-parallel checkpoint"):
+        load_model_state(tmp_path / "mp", "DS")
+
+    (tmp_path / "zero3" / "global_step5").mkdir(parents=True)
+    torch.save({"module": {}, "ds_version": "0.9.5"}, tmp_path / "zero3" / "global_step5" /
+               "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="no model weights.*zero_to_fp32.py"):
+        load_model_state(tmp_path / "zero3" / "global_step5", "DS")
+
+    broken = write_deepspeed_checkpoint(tmp_path / "broken", module) / "epoch1_step7"
+    broken = broken / "mp_rank_00_model_states.pt"
+    broken.write_bytes(broken.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model_states.pt is not a readable DeepSpeed checkpoint"):
+        load_model_state(tmp_path / "broken", "DS")
+
+    odd = to_bing_bert(randomize(transformers.BertForPreTraining(transformers.BertConfig(
+        **{**ARCH, "hidden_size": 96, "num_attention_heads": 3}))).state_dict(), kernel=False, pre_ln=False)
+    write_deepspeed_checkpoint(tmp_path / "odd", odd)
+    with pytest.raises(CheckpointError, match="hidden size 96 is not a multiple of 64.*origin_bert_config"):
+        load_model_state(tmp_path / "odd", "DS")
+    with pytest.raises(CheckpointError, match="looks like a bertrecipes .DS. checkpoint .it holds latest"):
+        load_model_state(tmp_path / "odd", "HF")
