@@ -13,7 +13,6 @@ Knobs keep the names users know from DeepSpeed's bing_bert (``train_batch_size``
 from __future__ import annotations
 
 import datetime
-import functools
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -224,11 +223,10 @@ def refuse_unknown_keys(cfg: Any, schema: type) -> None:
                           f"reads them. Valid keys: {', '.join(sorted(known))}")
 
 
-@functools.cache
 def launch_time() -> datetime.datetime:
-    """When this run was launched. Under torchrun, the start of the launcher (the workers' parent
-    process, the same for every rank of a node), so that the ranks of a node, started a few hundred
-    milliseconds apart, name the same time-stamped output_dir; otherwise the first call's time."""
+    """When this run was launched. Under torchrun on Linux, the start of the launcher (the workers'
+    parent process, the same for every rank of a node), so that the ranks of a node, started a few
+    hundred milliseconds apart, name the same time-stamped output_dir; otherwise now."""
     if "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
         try:  # Linux: /proc/<pid>/stat field 22 is the start time in clock ticks after boot
             ticks = int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[19])
@@ -240,9 +238,11 @@ def launch_time() -> datetime.datetime:
 
 
 def register_configs() -> None:
-    # ${launch_time:%Y-%m-%d_%H-%M-%S}: Hydra's ${now:...}, but one time for all the ranks of a node
+    # ${launch_time:%Y-%m-%d_%H-%M-%S}: Hydra's ${now:...}, but one time for all the ranks of a node.
+    # Cached per config, as ${now:} is, so a sweep's jobs (their configs carry the cache) resolve the
+    # sweep's time even in other processes, and each composed config resolves one time.
     OmegaConf.register_new_resolver("launch_time", lambda pattern: launch_time().strftime(pattern),
-                                    replace=True)
+                                    replace=True, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(group="model", name="bert_schema", node=ModelConfig)

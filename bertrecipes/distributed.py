@@ -268,6 +268,15 @@ class StopVote:
         return decided
 
 
+def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (a blocking all-reduce; ``flag`` itself in one process)."""
+    if not ctx.enabled:
+        return flag
+    vote = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())
+
+
 def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
     """Every rank's ``obj`` (any picklable value), in rank order, on rank 0; None on the others."""
     if not ctx.enabled:

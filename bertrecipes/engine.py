@@ -31,6 +31,7 @@ from bertrecipes import distributed as dist
 from bertrecipes.checkpoint import (
     VOCAB_FILE,
     CheckpointError,
+    capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -91,6 +92,27 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rank_rng_states(ctx: dist.DistContext) -> list[dict] | None:
+    """Every rank's random state, in rank order, on rank 0 (a collective: every rank calls it). The
+    ranks' states drift apart (unpadded shapes differ, so dropout draws differ), so a checkpoint
+    keeps them all."""
+    return dist.gather_to_main(capture_rng_state(), ctx)
+
+
+def restore_rank_rng(payload: dict[str, Any], ctx: dist.DistContext) -> None:
+    """Give this rank the random state it had when ``payload`` was saved; at another world size,
+    every rank gets rank 0's (the run continues, with other dropout masks than an uninterrupted one)."""
+    states = payload.get("rng_ranks")
+    if states is not None and len(states) == ctx.world_size:
+        restore_rng_state(states[ctx.rank])
+        return
+    restore_rng_state(payload["rng"])
+    if ctx.enabled or (states is not None and len(states) != ctx.world_size):
+        log.warning("%s was saved by %s process(es) and this run has %d: every rank continues from rank 0's "
+                    "random state, so dropout masks differ from an uninterrupted run's", payload["path"],
+                    len(states) if states is not None else "an unknown number of", ctx.world_size)
 
 
 def prepare_output_dir(path: str | Path) -> Path:
@@ -502,7 +524,6 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         dist.load_optimizer_state(raw_model, optimizer, resume_from["optimizer"])
         scaler.load_state_dict(resume_from["scaler"])
         state = TrainState(**resume_from["train_state"])
-        restore_rng_state(resume_from["rng"])
         log.info("resumed from %s at step %d", resume_from["path"], state.global_step)
         saved_total = resume_from["scheduler"].get("total_steps")
         if saved_total is not None and saved_total != total_steps:
@@ -553,10 +574,11 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         # collectives under ZeRO/FSDP: every rank gathers, rank 0 writes
         model_state = dist.model_state_for_checkpoint(raw_model)
         optimizer_state = dist.optimizer_state_for_checkpoint(raw_model, optimizer, ctx)
+        rng_ranks = rank_rng_states(ctx)
         if ctx.is_main:
             save_checkpoint(
                 checkpoint_dir, tag,
-                state={"model": model_state, "optimizer": optimizer_state,
+                state={"model": model_state, "optimizer": optimizer_state, "rng_ranks": rng_ranks,
                        "scheduler": {"schedule_step": state.schedule_step, "total_steps": total_steps},
                        "scaler": scaler.state_dict(),
                        "train_state": asdict(state), "model_config": model_config.to_dict(),
@@ -596,6 +618,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     last_eval: dict[str, Any] = {}
     first_step = state.global_step
     last_saved_step = state.global_step if resume_from else -1
+    if resume_from is not None:  # last before the loop: nothing else draws from the restored stream
+        restore_rank_rng(resume_from, ctx)
     try:
         with StopRequest() as stop:
             stopping = False  # a signal on any rank stops every rank at the same step

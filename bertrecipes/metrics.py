@@ -167,8 +167,11 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat1
     ``repeats`` such timings. None on CPU."""
     if device.type != "cuda":
         return None
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A generator of its own: the training's random stream (dropout) is not advanced by the probe, so a
+    # resumed run, which probes again, draws the masks an uninterrupted one draws.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     for _ in range(warmup):
         a @ b
     rates = []

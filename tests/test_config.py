@@ -132,3 +132,22 @@ def test_launch_time_is_the_launchers_for_every_worker(torchrun):
         assert started - 1.5 < first < started + 1.5  # /proc/stat's boot time has 1 s resolution
     else:
         assert second - first >= 1.2
+
+
+def test_launch_time_is_one_per_config_and_new_for_the_next_one():
+    """Within one composed config, output_dir resolves to one time (cached, as Hydra's ${now:});
+    a config composed a second later gets its own, so two runs in one process never share one."""
+    import time
+
+    from hydra import compose, initialize_config_dir
+
+    def default_cfg():
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"),
+                                   version_base="1.3"):
+            return compose("pretrain")
+
+    first = default_cfg()
+    stamp = first.output_dir
+    assert stamp.startswith("runs/bert_demo/20")
+    time.sleep(1.1)
+    assert first.output_dir == stamp and default_cfg().output_dir != stamp

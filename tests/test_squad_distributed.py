@@ -94,6 +94,25 @@ def test_a_stop_on_rank_zero_stops_both_and_its_zero1_checkpoint_resumes_in_one_
     assert (out / "predictions.json").read_text() == (runs["single"] / "predictions.json").read_text()
 
 
+def test_two_ranks_resume_with_their_own_dropout_streams(runs):
+    """Dropout on, unpadded: the ranks' shapes differ, so their random streams drift apart. A stop
+    and a 2-process resume must continue each rank's own stream: the uninterrupted run's losses."""
+    dropout = [*COMMON, *runs["files"], "dropout=0.1", "kernel.unpad=true", "num_train_epochs=1",
+               "do_predict=false"]
+    whole, split = runs["base"] / "dropout_whole", runs["base"] / "dropout_split"
+    result = squad([*dropout, f"output_dir={whole}"], 2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stopped = squad([*dropout, f"output_dir={split}", "logger._target_=stop_logger.StopAtStep"], 2,
+                    STOP_AT_STEP="3")
+    assert stopped.returncode != 0 and "stopped at step" in stopped.stdout + stopped.stderr
+    resumed = squad([*dropout, f"output_dir={split}", "resume=true"], 2)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    steps = load_checkpoint(split / "checkpoints")["train_state"]["global_step"]
+    assert steps == len([r for r in records(whole) if "loss" in r]) > 6
+    for x, y in zip(records(whole), records(split), strict=True):
+        assert (x["step"], x["loss"], x["grad_norm"]) == (y["step"], y["loss"], y["grad_norm"])
+
+
 def test_fsdp_is_refused_with_the_strategies_that_work(runs, tmp_path):
     result = squad([*COMMON, *runs["files"], f"output_dir={tmp_path}", "distributed.strategy=fsdp"], 1)
     assert result.returncode == 2

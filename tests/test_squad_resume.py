@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +88,10 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_runs_losses(squad_files, uni
     summary = run(squad_cfg(data, vocab, out, "resume=true"))
     assert summary["global_step"] == whole_summary["global_step"]
     assert comparable(read_metrics(out)) == comparable(read_metrics(whole))  # steps 4, 5 again, then on
+    # samples/s and tokens/s count from the checkpoint: their ratio is the data's, as uninterrupted
+    for resumed, reference in zip(read_metrics(out)[3:-1], read_metrics(whole)[3:-1], strict=True):
+        assert resumed["samples_per_sec"] / resumed["tokens_per_sec"] == pytest.approx(
+            reference["samples_per_sec"] / reference["tokens_per_sec"], rel=1e-9), resumed["step"]
     assert json.loads((out / "predictions.json").read_text()) == json.loads(
         (whole / "predictions.json").read_text())
     resumed, reference = load_checkpoint(out / "checkpoints"), load_checkpoint(whole / "checkpoints")
@@ -109,6 +114,20 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_run(squad_files, uninterrupt
     run(squad_cfg(data, vocab, out, "resume=true"))
     assert comparable(read_metrics(out)) == comparable(read_metrics(whole))
     assert (out / "predictions.json").read_text() == (whole / "predictions.json").read_text()
+
+
+def test_a_stop_during_the_last_step_predicts_nothing_and_resume_predicts(squad_files, uninterrupted,  # noqa: F811
+                                                                           tmp_path, failing_logger):
+    data, vocab = squad_files
+    whole, whole_summary = uninterrupted
+    out = tmp_path / "run"
+    failing_logger.stop_at = whole_summary["global_step"]
+    stopped = run(squad_cfg(data, vocab, out, f"logger._target_={__name__}.FailingLogger"))
+    assert stopped["stopped"] and stopped["global_step"] == whole_summary["global_step"]
+    assert not (out / "predictions.json").exists()
+    run(squad_cfg(data, vocab, out, "resume=true"))
+    assert (out / "predictions.json").read_text() == (whole / "predictions.json").read_text()
+    assert comparable(read_metrics(out)) == comparable(read_metrics(whole))
 
 
 def test_resume_after_training_finished_only_predicts(squad_files, uninterrupted, tmp_path):  # noqa: F811
@@ -138,6 +157,23 @@ def test_resume_with_different_window_settings_is_refused_naming_them(squad_file
     summary = run(squad_cfg(data, vocab, out, "max_steps=2", "resume=true", "do_predict=false",
                             "train_micro_batch_size_per_gpu=2"))
     assert summary["global_step"] == 2
+
+
+def test_resume_with_another_optimizer_or_vocabulary_is_refused_before_anything_changes(
+        squad_files, uninterrupted, tmp_path):  # noqa: F811
+    data, vocab = squad_files
+    whole, _ = uninterrupted
+    out = tmp_path / "run"
+    run(squad_cfg(data, vocab, out, "max_steps=2"))
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(UserError, match="saved with optimizer bertrecipes.optim.Adam and this one has "
+                                        "bertrecipes.optim.Lamb"):
+        run(squad_cfg(data, vocab, out, "max_steps=2", "resume=true", "optimizer=lamb"))
+    other_vocab = tmp_path / "vocab.txt"
+    other_vocab.write_text(Path(vocab).read_text() + "extra\n")
+    with pytest.raises(UserError, match=f"vocab_file={other_vocab} differs from the vocabulary the run was"):
+        run(squad_cfg(data, other_vocab, out, "max_steps=2", "resume=true"))
+    assert (out / "metrics.jsonl").read_text() == before  # the finished run's records, scores included
 
 
 def test_resume_errors_name_what_is_missing(squad_files, tmp_path):  # noqa: F811

@@ -42,7 +42,6 @@ from bertrecipes.checkpoint import (
     CheckpointError,
     checkpoint_vocab,
     load_checkpoint,
-    restore_rng_state,
     save_checkpoint,
 )
 from bertrecipes.config import BatchSizes, resolve_batch_sizes
@@ -60,7 +59,9 @@ from bertrecipes.engine import (
     graph_step_marker,
     pick_device,
     prepare_output_dir,
+    rank_rng_states,
     report_user_error,
+    restore_rank_rng,
     seed_everything,
     unpad_options,
     uses_cuda_graphs,
@@ -268,6 +269,8 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
     vocab_size = max(tokenizer.get_vocab().values()) + 1
     model = build_model(cfg, initial, vocab_size).to(device)
     del initial
+    if resume_from is not None:
+        resume_from["model"] = None  # in the model now: let the copy go
 
     def features_of(examples: list[SquadExample], is_training: bool) -> SquadFeatures:
         t0 = time.perf_counter()
@@ -355,6 +358,16 @@ def load_resume_checkpoint(cfg: DictConfig, checkpoint_dir: Path) -> dict[str, A
             raise ConfigError(f"resume=true but the run was saved with {', '.join(changed)}: these settings "
                               "decide the training windows and their order, so a resumed run must keep them "
                               "(give the saved values)")
+        saved_optimizer = OmegaConf.select(saved, "optimizer._target_")
+        if saved_optimizer and saved_optimizer != cfg.optimizer._target_:
+            raise ConfigError(f"resume=true but the run was saved with optimizer {saved_optimizer} and this "
+                              f"one has {cfg.optimizer._target_}: its state cannot continue in another "
+                              "optimizer (choose the saved one)")
+    saved_vocab = checkpoint_vocab(payload)
+    if cfg.vocab_file and saved_vocab is not None and Path(cfg.vocab_file).is_file() and \
+            Path(cfg.vocab_file).read_bytes() != saved_vocab.read_bytes():
+        raise ConfigError(f"resume=true but vocab_file={cfg.vocab_file} differs from the vocabulary the run "
+                          f"was saved with ({saved_vocab}); leave vocab_file out to use the saved one")
     return payload
 
 
@@ -407,6 +420,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     if resume_from is not None:
         try:
             dist.load_optimizer_state(model, optimizer, resume_from["optimizer"])
+            resume_from["optimizer"] = None  # loaded: let it go (gigabytes for BERT-large)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{resume_from['path']}: its optimizer state does not fit this run's "
                                   f"optimizer ({cfg.optimizer._target_}): {e}") from e
@@ -442,10 +456,11 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     def checkpoint() -> None:
         step_optimizer.resolve()  # the last step's outcome decides the counters saved
         optimizer_state = dist.optimizer_state_for_checkpoint(model, optimizer, ctx)  # ZeRO: a collective
+        rng_ranks = rank_rng_states(ctx)
         if ctx.is_main:
             save_checkpoint(
                 checkpoint_dir, f"global_step{state.global_step}",
-                state={"model": model.state_dict(), "optimizer": optimizer_state,
+                state={"model": model.state_dict(), "optimizer": optimizer_state, "rng_ranks": rng_ranks,
                        "scheduler": {"schedule_step": state.schedule_step, "total_steps": total_steps},
                        "scaler": scaler.state_dict(), "train_state": asdict(state),
                        "model_config": model_config.to_dict(), "world_size": ctx.world_size},
@@ -460,6 +475,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
 
     model.train()
     throughput = Throughput(device)
+    throughput.reset(state.last_global_data_samples, 0)  # a resumed run counts from its checkpoint
     real_tokens = 0
     last_record: dict[str, Any] = {}
     last_saved_step = state.global_step if resume_from is not None else -1
@@ -467,7 +483,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                     disable=not (cfg.progress_bar and ctx.is_main), unit="step", dynamic_ncols=True)
     tokens_at_last_log, real_tokens_logged = 0, 0.0
     if resume_from is not None:
-        restore_rng_state(resume_from["rng"])  # dropout continues as it would have
+        restore_rank_rng(resume_from, outputs.ctx)  # dropout continues as it would have
         if state.global_step >= total_steps:
             log.info("fine-tuning had already finished (step %d of %d)", state.global_step, total_steps)
     mark_graph_step = graph_step_marker(graphs)
@@ -540,6 +556,9 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
                 if cfg.checkpoint_steps and state.global_step % cfg.checkpoint_steps == 0:
                     checkpoint()
                     last_saved_step = state.global_step
+            # a signal during the last step(s) is not left for the vote at the top of a next step: no
+            # prediction starts when the job was asked to stop (a resume then only predicts)
+            stopping = stopping or dist.any_rank(stop.requested, ctx, device)
             step_optimizer.resolve()
             if last_saved_step != state.global_step:
                 checkpoint()
