@@ -33,12 +33,15 @@ ARCH = dict(vocab_size=21, hidden_size=128, num_hidden_layers=2, num_attention_h
 PADDED_VOCAB = 24  # DeepSpeed's BERT pads its vocabulary to a multiple of 8 rows
 
 
-# DeepSpeedTransformerLayer's parameters (q, k, v are stacked into attn_qkvw / attn_qkvb)
+# DeepSpeedTransformerLayer's parameters (q, k, v are stacked into attn_qkvw / attn_qkvb). Its CUDA
+# layer (csrc/transformer/ds_transformer_cuda.cpp) applies, post-LN, attn_n* after the attention's
+# residual and norm_* after the feed-forward's; pre-LN, norm_* to the layer's input and attn_n* to
+# the attention's residual, before the feed-forward.
 KERNEL_NAMES = {"attention.output.dense.weight": "attn_ow", "attention.output.dense.bias": "attn_ob",
-                "attention.output.LayerNorm.weight": "attn_nw", "attention.output.LayerNorm.bias": "attn_nb",
                 "intermediate.dense_act.weight": "inter_w", "intermediate.dense_act.bias": "inter_b",
-                "output.dense.weight": "output_w", "output.dense.bias": "output_b",
-                "output.LayerNorm.weight": "norm_w", "output.LayerNorm.bias": "norm_b"}
+                "output.dense.weight": "output_w", "output.dense.bias": "output_b"}
+KERNEL_NORMS = {False: {"attention.output.LayerNorm": "attn_n", "output.LayerNorm": "norm_"},  # post-LN
+                True: {"attention.output.LayerNorm": "norm_", "output.LayerNorm": "attn_n"}}  # pre-LN
 
 
 def to_bing_bert(hf_state: dict[str, torch.Tensor], kernel: bool, pre_ln: bool) -> dict[str, torch.Tensor]:
@@ -61,7 +64,11 @@ def to_bing_bert(hf_state: dict[str, torch.Tensor], kernel: bool, pre_ln: bool) 
                                                                                          "value")]
                     out[f"{prefix}.attn_qkv{kind[0]}"] = torch.cat(parts)
                 continue
-            out[f"{prefix}.{KERNEL_NAMES[rest]}"] = value
+            norm, _, kind = rest.rpartition(".")
+            if norm in KERNEL_NORMS[pre_ln]:
+                out[f"{prefix}.{KERNEL_NORMS[pre_ln][norm]}{kind[0]}"] = value
+            else:
+                out[f"{prefix}.{KERNEL_NAMES[rest]}"] = value
             continue
         if layer and pre_ln:
             key = key.replace("attention.output.LayerNorm", "PreAttentionLayerNorm")
@@ -73,7 +80,7 @@ def to_bing_bert(hf_state: dict[str, torch.Tensor], kernel: bool, pre_ln: bool) 
 def write_deepspeed_checkpoint(save_dir: Path, module: dict[str, torch.Tensor], tag: str = "epoch1_step7",
                                steps: int = 7) -> Path:
     """What ``DeepSpeedEngine.save_checkpoint(save_dir, tag, client_state)`` writes for one rank."""
-    (save_dir / tag).mkdir(parents=True)
+    (save_dir / tag).mkdir(parents=True, exist_ok=True)
     payload = {"module": module, "buffer_names": [], "optimizer": {"state": {}, "param_groups": []},
                "lr_scheduler": {"last_batch_iteration": steps}, "csr_tensor_module_names": set(),
                "skipped_steps": 0, "global_steps": steps, "global_samples": steps * 64, "dp_world_size": 1,
@@ -85,10 +92,11 @@ def write_deepspeed_checkpoint(save_dir: Path, module: dict[str, torch.Tensor], 
 
 
 def bing_bert_config(path: Path) -> Path:
-    """bing_bert's training config (bert_large_lamb.json's shape): the architecture nested in it."""
+    """bing_bert's training config (bert_large_lamb.json's shape): the architecture nested in it, with
+    the vocabulary size its files carry (119547), which bing_bert replaces by its tokenizer's."""
     path.write_text(json.dumps({"name": "bing_bert_tiny", "bert_token_file": "bert-large-uncased",
                                 "bert_model_file": "bert-large-uncased",
-                                "bert_model_config": {"vocab_size_or_config_json_file": ARCH["vocab_size"],
+                                "bert_model_config": {"vocab_size_or_config_json_file": 119547,
                                                       **{k: v for k, v in ARCH.items() if k != "vocab_size"},
                                                       "hidden_act": "gelu", "type_vocab_size": 2}}))
     return path
@@ -181,11 +189,20 @@ def test_bad_deepspeed_checkpoints_are_named(reference, tmp_path):
     with pytest.raises(CheckpointError, match="model-parallel checkpoint"):
         load_model_state(tmp_path / "mp", "DS")
 
+    # ZeRO stage 3: per-rank files whose module holds empty placeholders for partitioned weights
     (tmp_path / "zero3" / "global_step5").mkdir(parents=True)
-    torch.save({"module": {}, "ds_version": "0.9.5"}, tmp_path / "zero3" / "global_step5" /
-               "mp_rank_00_model_states.pt")
-    with pytest.raises(CheckpointError, match="no model weights.*zero_to_fp32.py"):
-        load_model_state(tmp_path / "zero3" / "global_step5", "DS")
+    torch.save({"module": {k: torch.empty(0) for k in module}, "ds_version": "0.9.5"},
+               tmp_path / "zero3" / "global_step5" / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    (tmp_path / "zero3" / "latest").write_text("global_step5")
+    with pytest.raises(CheckpointError, match="only empty placeholders.*zero_to_fp32.py"):
+        load_model_state(tmp_path / "zero3", "DS")
+
+    # releases that wrote no `latest`: the tags are listed
+    write_deepspeed_checkpoint(tmp_path / "nolatest", module, tag="global_step3")
+    write_deepspeed_checkpoint(tmp_path / "nolatest", module, tag="global_step9")
+    (tmp_path / "nolatest" / "latest").unlink()
+    with pytest.raises(CheckpointError, match="checkpoints .global_step3, global_step9. but no 'latest'"):
+        load_model_state(tmp_path / "nolatest", "DS")
 
     broken = write_deepspeed_checkpoint(tmp_path / "broken", module) / "epoch1_step7"
     broken = broken / "mp_rank_00_model_states.pt"
@@ -200,3 +217,12 @@ def test_bad_deepspeed_checkpoints_are_named(reference, tmp_path):
         load_model_state(tmp_path / "odd", "DS")
     with pytest.raises(CheckpointError, match="looks like a bertrecipes .DS. checkpoint .it holds latest"):
         load_model_state(tmp_path / "odd", "HF")
+
+
+def test_sparse_attention_layout_is_dropped_with_a_warning(reference, tmp_path, caplog):
+    module = to_bing_bert(reference.state_dict(), kernel=False, pre_ln=False)
+    module["bert.encoder.layer.0.attention.self.sparse_self_attention.master_layout"] = torch.ones(2, 4, 4)
+    write_deepspeed_checkpoint(tmp_path / "sparse", module)
+    imported = load_model_state(tmp_path / "sparse", "DS")
+    assert not any("master_layout" in k for k in imported.state_dict)
+    assert "sparse attention" in caplog.text

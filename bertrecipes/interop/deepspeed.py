@@ -14,13 +14,18 @@ Face's BERT with three renamings, all mapped here onto our (Hugging Face) names:
   the feed-forward sub-block (ours: ``output.LayerNorm``); ``bert.encoder.FinalLayerNorm`` as ours;
 * DeepSpeed's fused transformer kernel (``--deepspeed_transformer_kernel``): per layer
   ``attn_qkvw`` / ``attn_qkvb`` (query, key and value stacked along the output dimension),
-  ``attn_ow`` / ``attn_ob``, ``attn_nw`` / ``attn_nb`` (attention sub-block LayerNorm),
-  ``inter_w`` / ``inter_b``, ``output_w`` / ``output_b``, ``norm_w`` / ``norm_b`` (feed-forward
-  sub-block LayerNorm), in either LayerNorm placement.
+  ``attn_ow`` / ``attn_ob``, ``inter_w`` / ``inter_b``, ``output_w`` / ``output_b``, and two
+  LayerNorms whose roles depend on the placement. Post-LN, ``attn_nw`` / ``attn_nb`` normalise
+  after the attention's residual and ``norm_w`` / ``norm_b`` after the feed-forward's. Pre-LN (the
+  kernel bing_bert builds), ``norm_w`` / ``norm_b`` normalise the layer's input, before attention,
+  and ``attn_nw`` / ``attn_nb`` the attention's residual, before the feed-forward.
 
 The placement is read from the weights: bing_bert's pre-LN encoder is the one with a final
 LayerNorm. The file holds no architecture; with no ``bert_config.json`` given, it is read from the
-tensor shapes, with 64-dimensional attention heads (every published BERT size has them).
+tensor shapes, with 64-dimensional attention heads (every published BERT size has them). Its
+vocabulary size is always the embedding's rows: bing_bert sizes it from its tokenizer (padded to
+a multiple of 8), whatever its training config says. ZeRO stage-3 files (weights partitioned,
+``zero_pp_rank_*``) must be consolidated first.
 """
 
 from __future__ import annotations
@@ -40,14 +45,25 @@ log = logging.getLogger(__name__)
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
 HEAD_SIZE = 64  # per-head width of every published BERT (tiny to large)
 
-_KERNEL_PARAMS = {
+_KERNEL_LINEAR = {
     "attn_ow": "attention.output.dense.weight", "attn_ob": "attention.output.dense.bias",
-    "attn_nw": "attention.output.LayerNorm.weight", "attn_nb": "attention.output.LayerNorm.bias",
     "inter_w": "intermediate.dense.weight", "inter_b": "intermediate.dense.bias",
     "output_w": "output.dense.weight", "output_b": "output.dense.bias",
+}
+# Ours: attention.output.LayerNorm belongs to the attention sub-block, output.LayerNorm to the
+# feed-forward one, in both placements (see bertrecipes.model.bert).
+_KERNEL_NORMS_POST_LN = {
+    "attn_nw": "attention.output.LayerNorm.weight", "attn_nb": "attention.output.LayerNorm.bias",
     "norm_w": "output.LayerNorm.weight", "norm_b": "output.LayerNorm.bias",
 }
-_KERNEL_PARAM = re.compile(r"^(bert\.encoder\.layer\.\d+)\.(attn_qkv[wb]|" + "|".join(_KERNEL_PARAMS) + r")$")
+_KERNEL_NORMS_PRE_LN = {
+    "norm_w": "attention.output.LayerNorm.weight", "norm_b": "attention.output.LayerNorm.bias",
+    "attn_nw": "output.LayerNorm.weight", "attn_nb": "output.LayerNorm.bias",
+}
+_KERNEL_PARAM = re.compile(r"^(bert\.encoder\.layer\.\d+)\.(attn_qkv[wb]|"
+                           + "|".join([*_KERNEL_LINEAR, *_KERNEL_NORMS_POST_LN]) + r")$")
+_SPARSE_LAYOUT = ".sparse_self_attention.master_layout"  # DeepSpeed sparse attention's block layout
+FINAL_LAYER_NORM = "bert.encoder.FinalLayerNorm.weight"
 _LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.")
 
 
@@ -58,14 +74,29 @@ def find_model_states(path: str | Path) -> Path | None:
     path = Path(path)
     if path.is_file():
         return path if path.name.endswith("model_states.pt") else None
-    if (path / MODEL_STATES_FILE).is_file():
-        return path / MODEL_STATES_FILE
+    if not path.is_dir():
+        return None
+    found = _model_states_in(path)
+    if found is not None:
+        return found
     latest = path / LATEST_FILE
     if latest.is_file():
-        tag = latest.read_text().strip()
-        if (path / tag / MODEL_STATES_FILE).is_file():
-            return path / tag / MODEL_STATES_FILE
+        return _model_states_in(path / latest.read_text().strip())
+    tags = sorted(d.name for d in path.iterdir() if d.is_dir() and _model_states_in(d) is not None)
+    if tags:  # DeepSpeed releases that wrote no `latest`
+        raise CheckpointError(f"{path} holds DeepSpeed checkpoints ({', '.join(tags)}) but no "
+                              f"'{LATEST_FILE}' file naming the newest: give the directory of one")
     return None
+
+
+def _model_states_in(tag_dir: Path) -> Path | None:
+    """The model-states file of a DeepSpeed tag directory (ZeRO-3's per-rank name included)."""
+    if (tag_dir / MODEL_STATES_FILE).is_file():
+        return tag_dir / MODEL_STATES_FILE
+    if not tag_dir.is_dir():
+        return None
+    partitioned = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
+    return partitioned[0] if partitioned else None
 
 
 def read_model_states(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
@@ -86,18 +117,26 @@ def read_model_states(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} is not a DeepSpeed checkpoint (got {type(payload).__name__})")
     module = payload.get("module", payload.get("model_state_dict"))
-    if not isinstance(module, dict) or not module:
-        raise CheckpointError(f"{path} has no model weights ('module' or 'model_state_dict'); a ZeRO "
-                              f"stage-3 checkpoint keeps them partitioned: consolidate it first with the "
-                              f"zero_to_fp32.py script DeepSpeed writes beside it")
+    tensors = [v for v in module.values() if isinstance(v, torch.Tensor)] if isinstance(module, dict) else []
+    if not tensors or all(t.numel() == 0 for t in tensors):
+        what = "only empty placeholders" if tensors else "no tensors"
+        raise CheckpointError(f"{path} holds no model weights ({what} in 'module' or 'model_state_dict'): "
+                              f"a ZeRO stage-3 checkpoint keeps them partitioned; consolidate it first with "
+                              f"the zero_to_fp32.py script DeepSpeed writes beside it")
     state = {k.removeprefix("module."): v.float() if v.is_floating_point() else v
              for k, v in module.items() if isinstance(v, torch.Tensor)}
+    sparse = [k for k in state if k.endswith(_SPARSE_LAYOUT)]
+    if sparse:
+        log.warning("%s was trained with DeepSpeed's sparse attention: its weights load into dense "
+                    "attention, which attends to every token (its block layout is dropped)", path)
+        state = {k: v for k, v in state.items() if not k.endswith(_SPARSE_LAYOUT)}
     step = payload.get("global_steps", payload.get("last_global_step"))
     return deepspeed_to_ours(state, str(path)), step if isinstance(step, int) else None
 
 
 def deepspeed_to_ours(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Rename bing_bert / DeepSpeed-kernel BERT weights to ours (see the module docstring)."""
+    norms = _KERNEL_NORMS_PRE_LN if FINAL_LAYER_NORM in state else _KERNEL_NORMS_POST_LN
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         kernel = _KERNEL_PARAM.match(key)
@@ -111,7 +150,7 @@ def deepspeed_to_ours(state: dict[str, torch.Tensor], source: str) -> dict[str, 
                 for name, part in zip(("query", "key", "value"), tensor.chunk(3, dim=0), strict=True):
                     out[f"{layer}.attention.self.{name}.{kind}"] = part.clone()
             else:
-                out[f"{layer}.{_KERNEL_PARAMS[param]}"] = tensor
+                out[f"{layer}.{_KERNEL_LINEAR.get(param) or norms[param]}"] = tensor
             continue
         key = key.replace(".dense_act.", ".dense.")
         key = key.replace(".PreAttentionLayerNorm.", ".attention.output.LayerNorm.")
@@ -122,7 +161,7 @@ def deepspeed_to_ours(state: dict[str, torch.Tensor], source: str) -> dict[str, 
 
 def is_pre_layer_norm(state: dict[str, torch.Tensor]) -> bool:
     """bing_bert's pre-LN encoder ends with a LayerNorm; its post-LN one has none."""
-    return "bert.encoder.FinalLayerNorm.weight" in state
+    return FINAL_LAYER_NORM in state
 
 
 def infer_config(state: dict[str, torch.Tensor], source: str) -> BertConfig:
@@ -135,6 +174,8 @@ def infer_config(state: dict[str, torch.Tensor], source: str) -> BertConfig:
     except KeyError as e:
         raise CheckpointError(f"{source}: no {e.args[0]} among its weights, so its architecture cannot be "
                               f"read from them; give origin_bert_config_file (bert_config.json)") from None
+    except ValueError as e:  # a tensor without the expected dimensions
+        raise CheckpointError(f"{source}: its embedding tensors do not have BERT's shapes ({e})") from None
     layers = 1 + max(int(m.group(1)) for m in map(_LAYER.match, state) if m)
     if hidden % HEAD_SIZE:
         raise CheckpointError(f"{source}: hidden size {hidden} is not a multiple of {HEAD_SIZE}, so the "

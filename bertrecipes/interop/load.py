@@ -240,9 +240,12 @@ def _load_ds(path: Path, config_file: Path | None, verify_crc: bool) -> tuple[Im
     model_states = find_model_states(path)
     if model_states is not None:  # written by DeepSpeed (bing_bert), not by bertrecipes
         state, step = read_model_states(model_states)
-        if config_file is not None:  # the placement of the LayerNorms is in the weights, not the config
-            config = dataclasses.replace(read_bert_config(config_file),
-                                         pre_layer_norm=is_pre_layer_norm(state))
+        if config_file is not None:  # the LayerNorms' placement is in the weights, not the config; the
+            # vocabulary size too (bing_bert's configs say 119547 and size it from the tokenizer)
+            config = read_bert_config(config_file)
+            config = dataclasses.replace(config, pre_layer_norm=is_pre_layer_norm(state))
+            if WORD_EMBEDDINGS in state:
+                config = dataclasses.replace(config, vocab_size=state[WORD_EMBEDDINGS].shape[0])
         else:
             config = infer_config(state, str(model_states))
         return (ImportedCheckpoint(state, config, None, str(model_states), step),
