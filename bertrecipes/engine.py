@@ -94,6 +94,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_rank_streams(seed: int, ctx: dist.DistContext) -> None:
+    """Give each rank its own random stream (seed + rank) once the model is built: every rank builds
+    the same initial weights from ``seed``, then draws its own dropout masks (with one stream, ranks
+    would drop the same units of their different batches). Rank 0 keeps ``seed``'s stream, so one
+    process runs as it always has."""
+    if ctx.rank:
+        seed_everything(seed + ctx.rank)
+
+
 def rank_rng_states(ctx: dist.DistContext) -> list[dict] | None:
     """Every rank's random state, in rank order, on rank 0 (a collective: every rank calls it). The
     ranks' states drift apart (unpadded shapes differ, so dropout draws differ), so a checkpoint
@@ -511,6 +520,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         load_model_weights(raw_model, resume_from, resume_from["path"])
 
     # DDP wraps the model; FSDP shards its parameters in place, so the optimizer comes after.
+    seed_rank_streams(cfg.seed, ctx)
     model = dist.wrap_model(raw_model, ctx, cfg.distributed, compile=cfg.compile,
                             compile_mode=cfg.compile_mode)
     make_optimizer = build_from_config("optimizer", cfg.optimizer, _partial_=True)

@@ -129,6 +129,18 @@ def test_only_rank_zero_writes(runs):
     assert len(evals(runs["ddp"])) == 1
 
 
+def test_each_rank_draws_from_its_own_random_stream_and_the_checkpoint_keeps_each(runs):
+    """Seed + rank after the (identical) initial weights: dropout is off in these runs, so the saved
+    streams are as seeded, one per rank, and they differ."""
+    from bertrecipes.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(runs["ddp"] / "checkpoints")
+    assert len(saved["rng_ranks"]) == 2
+    rank0, rank1 = (state["torch"] for state in saved["rng_ranks"])
+    assert not rank0.equal(rank1)
+    assert saved["rng"]["torch"].equal(rank0)  # rank 0's, as one process saves it
+
+
 @pytest.mark.parametrize("source", ["ddp", "zero1", "fsdp"])
 def test_two_process_checkpoint_resumes_in_one_process(runs, source, tmp_path):
     # Continue the 2-process run for two more steps in 1 process; compare with a 1-process run that

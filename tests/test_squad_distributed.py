@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_squad_engine import TINY, squad_files  # noqa: F401  (the fixture)
 
 from bertrecipes.checkpoint import load_checkpoint
@@ -75,6 +76,10 @@ def test_rank_zero_alone_writes_and_logs(runs):
     assert runs["ddp_log"].count("fine-tuning ") == 1, runs["ddp_log"][-3000:]  # not once per rank
     saved = load_checkpoint(ddp / "checkpoints")
     assert saved["world_size"] == 2 and saved["client_state"]["task"] == "squad"
+    # each rank's own random stream (seed + rank), kept rank by rank: dropout is off here, so the
+    # streams are still as seeded, and they differ
+    rank0, rank1 = (state["torch"] for state in saved["rng_ranks"])
+    assert not torch.equal(rank0, rank1)
 
 
 def test_a_stop_on_rank_zero_stops_both_and_its_zero1_checkpoint_resumes_in_one_process(runs):

@@ -63,6 +63,7 @@ from bertrecipes.engine import (
     report_user_error,
     restore_rank_rng,
     seed_everything,
+    seed_rank_streams,
     unpad_options,
     uses_cuda_graphs,
 )
@@ -310,6 +311,7 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
     summary: dict[str, Any] = {"output_dir": str(output_dir), "global_step": 0}
     # compile=true: the forward passes go through torch.compile; parameters, checkpoints and the
     # train/eval switch stay the model's own. Under torchrun, training goes through DDP around it.
+    seed_rank_streams(cfg.seed, ctx)  # the same initial weights on every rank, then each its own dropout
     train_forward = dist.wrap_model(model, ctx, cfg.distributed, compile=cfg.compile,
                                     compile_mode=cfg.compile_mode)
     forward = dist.unwrap(train_forward)
