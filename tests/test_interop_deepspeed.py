@@ -1,4 +1,6 @@
-"""DeepSpeed (bing_bert) checkpoints, read without DeepSpeed: the engine's directory layout
+"""DeepSpeed (bing_bert) and NVIDIA DeepLearningExamples checkpoints, read without their code.
+
+DeepSpeed: the engine's directory layout
 (``latest`` -> ``<tag>/mp_rank_00_model_states.pt``, the weights under ``module``, fp16 in fp16 runs),
 bing_bert's names (``dense_act``, ``PreAttentionLayerNorm`` / ``PostAttentionLayerNorm``) and the
 fused transformer kernel's (``attn_qkvw``, ..., ``norm_b``).
@@ -6,7 +8,9 @@ fused transformer kernel's (``attn_qkvw``, ..., ``norm_b``).
 The reference is transformers: its ``BertForPreTraining`` with random weights is written out the way
 DeepSpeed lays those weights out (renamed here, in the test, from the documented layouts), imported,
 and must give transformers' logits. Pre-LN models, which transformers lacks, must equal the same
-weights given in our own names, through each of the two pre-LN namings."""
+weights given in our own names, through each of the two pre-LN namings. NVIDIA: ``ckpt_<step>.pt``
+with the weights under ``model`` (``dense_act`` names, post-LN) and, mid-run, a pickled object of the
+training script's own data-loader class, which cannot be imported where the checkpoint is read."""
 
 from __future__ import annotations
 
@@ -226,3 +230,76 @@ def test_sparse_attention_layout_is_dropped_with_a_warning(reference, tmp_path, 
     imported = load_model_state(tmp_path / "sparse", "DS")
     assert not any("master_layout" in k for k in imported.state_dict)
     assert "sparse attention" in caplog.text
+
+
+# ------------------------------------------------------------------ NVIDIA DeepLearningExamples
+
+class _ShardedLoader:
+    """Stands for the training script's data loader, pickled into NVIDIA's checkpoints mid-run."""
+
+    def __init__(self, files):
+        self.files = files
+
+
+def save_nvidia_checkpoint(path: Path, model_state: dict[str, torch.Tensor], with_loader: bool) -> Path:
+    """What DeepLearningExamples' run_pretraining.py saves: ``torch.save({'model': ..., 'optimizer':
+    ..., 'master params': ..., 'files': ..., 'epoch': ..., 'data_loader': ...}, 'ckpt_<step>.pt')``,
+    the loader being an object of a class of that script (a module not importable when loading)."""
+    import sys
+    import types
+
+    script = types.ModuleType("run_pretraining_script")
+    loader_class = type("PretrainingLoader", (_ShardedLoader,), {"__module__": script.__name__})
+    script.PretrainingLoader = loader_class
+    sys.modules[script.__name__] = script
+    try:
+        torch.save({"model": model_state, "optimizer": {"state": {}, "param_groups": [{"lr": 6e-3}]},
+                    "master params": [t.clone() for t in list(model_state.values())[:2]],
+                    "files": [3, "part_00003.hdf5"], "epoch": 0,
+                    "data_loader": loader_class(["a.hdf5"]) if with_loader else None}, path)
+    finally:
+        del sys.modules[script.__name__]
+    return path
+
+
+def test_nvidia_checkpoint_gives_transformers_logits_with_its_loader_pickled(reference, tmp_path, caplog):
+    model_state = to_bing_bert(reference.state_dict(), kernel=False, pre_ln=False)  # dense_act, post-LN
+    assert "bert.encoder.layer.0.intermediate.dense_act.weight" in model_state
+    path = save_nvidia_checkpoint(tmp_path / "ckpt_8601.pt", model_state, with_loader=True)
+    (tmp_path / "bert_config.json").write_text(json.dumps({**ARCH, "hidden_act": "gelu"}))  # NVIDIA's
+    imported = load_model_state(path, "DS", origin_bert_config_file=tmp_path / "bert_config.json")
+    assert "run_pretraining_script.PretrainingLoader" in caplog.text  # skipped, and said so
+    assert imported.global_step == 8601 and imported.config.pre_layer_norm is False
+    model = BertForPreTraining(dataclasses.replace(imported.config, vocab_size=ARCH["vocab_size"]))
+    model = model.double().eval()
+    report = load_into_model(model, imported, strict_heads=True)
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    ids, types, mask = padded_batch(ARCH["vocab_size"])
+    mlm, nsp = logits(model, ids, types, mask)
+    expected = reference(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(mlm[real], expected.prediction_logits[real].detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(nsp, expected.seq_relationship_logits.detach(), atol=1e-10, rtol=1e-10)
+
+
+def test_nvidia_squad_checkpoint_brings_its_qa_layer(squad_files, tmp_path):  # noqa: F811
+    """NVIDIA's run_squad.py saves {'model': BertForQuestionAnswering's state}: predicting from it
+    uses its qa_outputs, as our SQuAD run does with transformers' same model."""
+    from bertrecipes.squad.engine import build_model, load_initial_model
+
+    _, vocab = squad_files
+    vocab_size = len(Path(vocab).read_text().splitlines())
+    arch = {**ARCH, "vocab_size": vocab_size, "max_position_embeddings": 64}
+    qa = randomize(transformers.BertForQuestionAnswering(transformers.BertConfig(**arch)), seed=7)
+    save_nvidia_checkpoint(tmp_path / "pytorch_model.pt",
+                           to_bing_bert(qa.state_dict(), kernel=False, pre_ln=False), with_loader=False)
+    cfg = compose_squad("do_train=false", f"model_file={tmp_path / 'pytorch_model.pt'}", "dropout=0.0",
+                        f"vocab_file={vocab}", "max_seq_length=64", "output_dir=/tmp/unused")
+    model = build_model(cfg, load_initial_model(cfg), vocab_size).eval()
+    ids, types, mask = padded_batch(vocab_size)
+    with torch.no_grad():
+        start, end = model(ids, types, mask)
+        expected = qa(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(start[real], expected.start_logits[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(end[real], expected.end_logits[real], atol=1e-5, rtol=0)

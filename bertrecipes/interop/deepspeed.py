@@ -1,6 +1,12 @@
 """Checkpoints written by DeepSpeed for BERT: DeepSpeedExamples' ``bing_bert`` pre-training (and
 anything else saved by ``DeepSpeedEngine.save_checkpoint`` around a BERT model), read without
-DeepSpeed installed.
+DeepSpeed installed; and NVIDIA DeepLearningExamples' BERT checkpoints (``ckpt_<step>.pt``:
+``{"model": state dict, "optimizer": ..., "files": ..., "epoch": ..., "data_loader": ...}``), whose
+model is the same Hugging Face BERT with ``dense_act`` names, post-LN.
+
+Both pickle more than weights (optimizer states, configs, even a data loader), sometimes objects of
+classes from modules this installation lacks (DeepSpeed's, the training script's own). Those
+objects are read as empty stand-ins, with a warning naming them: the weights never need them.
 
 The engine writes ``<save_dir>/<tag>/mp_rank_00_model_states.pt`` and names the newest tag in
 ``<save_dir>/latest``. The file is a pickled dict whose ``module`` entry is the model's state dict
@@ -31,7 +37,9 @@ a multiple of 8), whatever its training config says. ZeRO stage-3 files (weights
 from __future__ import annotations
 
 import logging
+import pickle
 import re
+import types
 from pathlib import Path
 
 import torch
@@ -99,23 +107,85 @@ def _model_states_in(tag_dir: Path) -> Path | None:
     return partitioned[0] if partitioned else None
 
 
+class _StandIn:
+    """What an object of a class that cannot be imported becomes: it takes any arguments and state."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def _tolerant_pickle(missing: set[str]) -> types.ModuleType:
+    """A pickle module whose Unpickler makes a :class:`_StandIn` subclass of any class it cannot
+    import (recording ``module.name`` in ``missing``) instead of failing."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError):
+                missing.add(f"{module}.{name}")
+                return type(name, (_StandIn,), {"__module__": module})
+
+    module = types.ModuleType("tolerant_pickle")
+    module.Unpickler = Unpickler
+    module.load = pickle.load
+    module.__name__ = "pickle"
+    return module
+
+
+def load_foreign(path: Path, kind: str) -> dict:
+    """A checkpoint file that another program pickled (``kind`` names it in messages), read whole,
+    as our own are, from a path the user chose; objects of classes that cannot be imported become
+    empty stand-ins, named in a warning."""
+    missing: set[str] = set()
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False,
+                             pickle_module=_tolerant_pickle(missing))
+    except Exception as e:  # torch raises several types for truncated zip archives or pickles
+        raise CheckpointError(f"{path} is not a readable {kind} checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from e
+    if missing:
+        log.warning("%s: objects of %s (not installed here) were skipped; the weights do not need them", path,
+                    ", ".join(sorted(missing)))
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} is not a {kind} checkpoint (got {type(payload).__name__})")
+    return payload
+
+
+def is_nvidia_checkpoint(payload: dict) -> bool:
+    """NVIDIA DeepLearningExamples' layout: the weights under ``model``, and no bertrecipes config."""
+    return isinstance(payload.get("model"), dict) and "model_config" not in payload
+
+
+def read_nvidia_checkpoint(path: Path, payload: dict) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The weights (fp32, our names) and global step (its ``global_step``, else the file name's
+    ``ckpt_<step>.pt``) of an NVIDIA DeepLearningExamples BERT checkpoint."""
+    state = _weights(path, payload["model"], "'model'")
+    step = payload.get("global_step")
+    named = re.fullmatch(r"(?:phase\d_)?ckpt_(\d+)\.pt", path.name)
+    if not isinstance(step, int) and named:
+        step = int(named.group(1))
+    return deepspeed_to_ours(state, str(path)), step if isinstance(step, int) else None
+
+
+def _weights(path: Path, module, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict, fp32, without a ``module.`` (DDP) prefix."""
+    tensors = [v for v in module.values() if isinstance(v, torch.Tensor)] if isinstance(module, dict) else []
+    if not tensors:
+        raise CheckpointError(f"{path} holds no model weights ({where} has no tensors)")
+    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v
+            for k, v in module.items() if isinstance(v, torch.Tensor)}
+
+
 def read_model_states(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     """The model's state dict (fp32, our names) and the engine's global step from a DeepSpeed file."""
     if (path.parent / "mp_rank_01_model_states.pt").exists():
         raise CheckpointError(f"{path.parent} holds a model-parallel checkpoint (mp_rank_01_...); BERT "
                               f"checkpoints with one model-parallel rank only can be read")
-    try:
-        # A DeepSpeed file pickles more than tensors (its config, optimizer and scheduler states);
-        # like our own checkpoints it is read whole, from a path the user chose.
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except ModuleNotFoundError as e:
-        raise CheckpointError(f"{path} refers to Python module {e.name!r}, which is not installed "
-                              f"(pip install it to read this checkpoint)") from e
-    except Exception as e:  # torch raises several types for truncated zip archives or pickles
-        raise CheckpointError(f"{path} is not a readable DeepSpeed checkpoint (truncated or corrupt?): "
-                              f"{type(e).__name__}: {e}") from e
-    if not isinstance(payload, dict):
-        raise CheckpointError(f"{path} is not a DeepSpeed checkpoint (got {type(payload).__name__})")
+    payload = load_foreign(path, "DeepSpeed")
     module = payload.get("module", payload.get("model_state_dict"))
     tensors = [v for v in module.values() if isinstance(v, torch.Tensor)] if isinstance(module, dict) else []
     if not tensors or all(t.numel() == 0 for t in tensors):
@@ -123,8 +193,7 @@ def read_model_states(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
         raise CheckpointError(f"{path} holds no model weights ({what} in 'module' or 'model_state_dict'): "
                               f"a ZeRO stage-3 checkpoint keeps them partitioned; consolidate it first with "
                               f"the zero_to_fp32.py script DeepSpeed writes beside it")
-    state = {k.removeprefix("module."): v.float() if v.is_floating_point() else v
-             for k, v in module.items() if isinstance(v, torch.Tensor)}
+    state = _weights(path, module, "'module'")
     sparse = [k for k in state if k.endswith(_SPARSE_LAYOUT)]
     if sparse:
         log.warning("%s was trained with DeepSpeed's sparse attention: its weights load into dense "
@@ -190,5 +259,6 @@ def infer_config(state: dict[str, torch.Tensor], source: str) -> BertConfig:
                       pre_layer_norm=is_pre_layer_norm(state))
 
 
-__all__ = ["MODEL_STATES_FILE", "deepspeed_to_ours", "find_model_states", "infer_config", "is_pre_layer_norm",
-           "read_model_states"]
+__all__ = ["MODEL_STATES_FILE", "deepspeed_to_ours", "find_model_states", "infer_config",
+           "is_nvidia_checkpoint", "is_pre_layer_norm", "load_foreign", "read_model_states",
+           "read_nvidia_checkpoint"]

@@ -37,8 +37,11 @@ from bertrecipes.interop.deepspeed import (
     MODEL_STATES_FILE,
     find_model_states,
     infer_config,
+    is_nvidia_checkpoint,
     is_pre_layer_norm,
+    load_foreign,
     read_model_states,
+    read_nvidia_checkpoint,
 )
 from bertrecipes.interop.names import (
     BACKBONE_PREFIXES,
@@ -237,19 +240,26 @@ def check_config_matches(state: dict[str, torch.Tensor], config: BertConfig, sou
 
 
 def _load_ds(path: Path, config_file: Path | None, verify_crc: bool) -> tuple[ImportedCheckpoint, str]:
+    foreign = None
     model_states = find_model_states(path)
     if model_states is not None:  # written by DeepSpeed (bing_bert), not by bertrecipes
-        state, step = read_model_states(model_states)
+        foreign = (model_states, *read_model_states(model_states))
+    elif path.is_file() and path.name != STATE_FILE:  # ours, or NVIDIA DeepLearningExamples' ckpt_<step>.pt
+        payload = load_foreign(path, "PyTorch")
+        if is_nvidia_checkpoint(payload):
+            foreign = (path, *read_nvidia_checkpoint(path, payload))
+        del payload
+    if foreign is not None:
+        source, state, step = foreign
         if config_file is not None:  # the LayerNorms' placement is in the weights, not the config; the
-            # vocabulary size too (bing_bert's configs say 119547 and size it from the tokenizer)
+            # vocabulary size too (bing_bert's configs say 119547; both pad their tokenizer's to 8)
             config = read_bert_config(config_file)
             config = dataclasses.replace(config, pre_layer_norm=is_pre_layer_norm(state))
             if WORD_EMBEDDINGS in state:
                 config = dataclasses.replace(config, vocab_size=state[WORD_EMBEDDINGS].shape[0])
         else:
-            config = infer_config(state, str(model_states))
-        return (ImportedCheckpoint(state, config, None, str(model_states), step),
-                str(config_file or model_states))
+            config = infer_config(state, str(source))
+        return ImportedCheckpoint(state, config, None, str(source), step), str(config_file or source)
     payload = load_checkpoint(path)
     source = payload["path"]
     state = {k.removeprefix("module."): v for k, v in payload["model"].items()}

@@ -111,13 +111,6 @@ def load_initial_model(cfg: DictConfig) -> InitialModel:
     """Read ``model_file`` as ``ckpt_type`` says (nothing when model_file is null)."""
     if not cfg.model_file:
         return InitialModel(None, None, None, "a from-scratch model")
-    if cfg.ckpt_type == "DS":
-        from bertrecipes.interop.deepspeed import find_model_states
-        from bertrecipes.interop.load import refuse_other_type
-
-        refuse_other_type(cfg.model_file, "DS")  # an HF folder or a TF prefix: say which ckpt_type
-        if find_model_states(cfg.model_file) is None:  # ours; else DeepSpeed's (bing_bert), imported below
-            return initial_model_of(load_checkpoint(cfg.model_file))
     try:
         from bertrecipes.interop import load_model_state
     except ImportError as e:
