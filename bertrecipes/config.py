@@ -194,7 +194,8 @@ class PretrainConfig:
     resume: bool = False  # continue the run in output_dir from its latest checkpoint
     init_from: str | None = None  # checkpoint to take the model weights from (new phase)
     init_from_required: bool = False  # a phase that continues another (seq512) sets it: init_from is due
-    ckpt_type: str = "DS"  # what init_from is: DS (bertrecipes) | HF (Hugging Face) | TF (Google BERT)
+    # what init_from is: DS (bertrecipes, DeepSpeed or NVIDIA) | HF (Hugging Face) | TF (Google BERT)
+    ckpt_type: str = "DS"
     origin_bert_config_file: str | None = None  # bert_config.json / config.json for HF and TF imports
     rewarmup: bool = True  # with init_from: restart the LR schedule (warmup) at step 0
     peak_tflops: float | None = None  # for MFU; null = measured with a large matmul on GPU

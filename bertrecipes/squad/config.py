@@ -40,8 +40,9 @@ class SquadConfig:
     train_file: str | None = None
     predict_file: str | None = None
 
-    # The pre-trained (or fine-tuned) model: DS = a bertrecipes checkpoint (directory or state.pt),
-    # HF = a Hugging Face folder/file, TF = a Google BERT TensorFlow checkpoint.
+    # The pre-trained (or fine-tuned) model: DS = a bertrecipes checkpoint (directory or state.pt), a
+    # DeepSpeed one (bing_bert) or NVIDIA DeepLearningExamples' ckpt_<step>.pt; HF = a Hugging Face
+    # folder/file; TF = a Google BERT TensorFlow checkpoint.
     ckpt_type: str = "DS"
     model_file: str | None = None  # null: a from-scratch model built from the `model` group
     origin_bert_config_file: str | None = None  # config.json / bert_config.json for HF and TF
