@@ -120,7 +120,8 @@ def restore_rank_rng(payload: dict[str, Any], ctx: dist.DistContext) -> None:
     restore_rng_state(payload["rng"])
     if ctx.enabled or (states is not None and len(states) != ctx.world_size):
         log.warning("%s was saved by %s process(es) and this run has %d: every rank continues from rank 0's "
-                    "random state, so dropout masks differ from an uninterrupted run's", payload["path"],
+                    "random state, so dropout masks (if dropout is on) differ from an uninterrupted run's",
+                    payload["path"],
                     len(states) if states is not None else "an unknown number of", ctx.world_size)
 
 
@@ -723,7 +724,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
             if eval_dataset is not None and not stopping and state.global_step > first_step and \
                     last_eval.get("step") != state.global_step:
                 last_eval = evaluate()
-            if stopping:
+            if stopping and ctx.is_main:  # once, not once per rank
                 log.warning("stopped at step %d on request; resume with resume=true output_dir=%s",
                             state.global_step, output_dir)
     finally:

@@ -217,13 +217,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bertrecipes.evaluation",
                                      description="Masked-LM and NSP scores of a BERT checkpoint on held-out "
                                                  "text.")
-    parser.add_argument("checkpoint", help="a run's checkpoints/ dir (or a tag dir, state.pt); an HF "
-                                           "directory; a TF checkpoint prefix")
+    parser.add_argument("checkpoint", help="a run's checkpoints/ dir (or a tag dir, state.pt); a DeepSpeed "
+                                           "save or tag dir, an NVIDIA ckpt_<step>.pt or its directory; an "
+                                           "HF directory; a TF checkpoint prefix")
     parser.add_argument("--eval-data", nargs="+", required=True,
                         help="held-out text: files, directories or globs (text, WikiExtractor, WikiText, "
                              "JSONL, parquet)")
     parser.add_argument("--ckpt-type", default="DS", type=str.upper, choices=CKPT_TYPES,
-                        help="format of CHECKPOINT (default: DS, bertrecipes' own)")
+                        help="format of CHECKPOINT (default: DS: bertrecipes', DeepSpeed's or NVIDIA's "
+                             "PyTorch checkpoints)")
     parser.add_argument("--origin-bert-config-file", help="bert_config.json/config.json, if not beside it")
     parser.add_argument("--vocab-file", help="vocab.txt (default: the checkpoint's own)")
     parser.add_argument("--do-lower-case", action=argparse.BooleanOptionalAction, default=None,

@@ -24,10 +24,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bertrecipes.export_hf",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint path (a run's checkpoints/ dir, a tag dir, state.pt; "
-                                           "an HF directory; a TF checkpoint prefix)")
+                                           "a DeepSpeed save or tag dir, an NVIDIA ckpt_<step>.pt or its "
+                                           "directory; an HF directory; a TF checkpoint prefix)")
     parser.add_argument("out_dir", help="directory to create")
     parser.add_argument("--ckpt-type", default="DS", type=str.upper, choices=CKPT_TYPES,
-                        help="format of CHECKPOINT (default: DS, bertrecipes' own)")
+                        help="format of CHECKPOINT (default: DS: bertrecipes', DeepSpeed's or NVIDIA's "
+                             "PyTorch checkpoints)")
     parser.add_argument("--origin-bert-config-file", help="bert_config.json/config.json, if not beside it")
     parser.add_argument("--vocab-file", help="vocab.txt (default: the checkpoint's own)")
     parser.add_argument("--architecture", choices=sorted(ARCHITECTURES),

@@ -158,6 +158,14 @@ def test_pre_ln_checkpoints_in_both_namings_equal_our_own_names(tmp_path):
         torch.testing.assert_close(nsp, expected_nsp, atol=0, rtol=0)
 
 
+def test_a_pre_ln_checkpoint_into_a_post_ln_model_names_the_setting(tmp_path):
+    ours = randomize(BertForPreTraining(BertConfig(**ARCH, pre_layer_norm=True)), seed=3)
+    write_deepspeed_checkpoint(tmp_path / "pre", to_bing_bert(ours.state_dict(), kernel=True, pre_ln=True))
+    imported = load_model_state(tmp_path / "pre", "DS")
+    with pytest.raises(CheckpointError, match="is pre-LN but the model is post-LN: set model.pre_layer_n"):
+        load_into_model(BertForPreTraining(BertConfig(**ARCH)), imported)
+
+
 def test_fp16_weights_become_fp32_and_the_file_itself_can_be_named(reference, tmp_path):
     module = {k: v.half() for k, v in to_bing_bert(reference.state_dict(), kernel=True, pre_ln=False).items()}
     write_deepspeed_checkpoint(tmp_path / "ckpt", module, tag="epoch3_step100", steps=100)
@@ -280,6 +288,19 @@ def test_nvidia_checkpoint_gives_transformers_logits_with_its_loader_pickled(ref
     real = mask.bool()
     torch.testing.assert_close(mlm[real], expected.prediction_logits[real].detach(), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(nsp, expected.seq_relationship_logits.detach(), atol=1e-10, rtol=1e-10)
+
+
+def test_an_nvidia_results_directory_gives_its_newest_checkpoint(reference, tmp_path):
+    from bertrecipes.interop.load import detect_checkpoint_type
+
+    model_state = to_bing_bert(reference.state_dict(), kernel=False, pre_ln=False)
+    for step in (900, 8601, 1200):
+        save_nvidia_checkpoint(tmp_path / f"ckpt_{step}.pt", model_state, with_loader=False)
+    assert detect_checkpoint_type(tmp_path)[0] == "DS"
+    imported = load_model_state(tmp_path, "DS")
+    assert imported.global_step == 8601 and imported.source.endswith("ckpt_8601.pt")
+    with pytest.raises(CheckpointError, match="ckpt_8601.pt, an NVIDIA DeepLearningExamples .*ckpt_type=DS"):
+        load_model_state(tmp_path, "HF")
 
 
 def test_nvidia_squad_checkpoint_brings_its_qa_layer(squad_files, tmp_path):  # noqa: F811

@@ -153,9 +153,9 @@ def test_train_predict_evaluate_end_to_end(squad_files, tmp_path):
     run(compose_squad(*TINY, "do_train=false", f"predict_file={data}", f"model_file={out / 'checkpoints'}",
                       f"output_dir={again}"))
     assert json.loads((again / "predictions.json").read_text()) == predictions
-    (record,) = read_metrics(again)
-    assert record["step"] == 0 and (record["exact_match"], record["f1"]) == (eval_record["exact_match"],
-                                                                           eval_record["f1"])
+    (record,) = read_metrics(again)  # the step the fine-tuned model was saved at
+    assert record["step"] == total and (record["exact_match"], record["f1"]) == (eval_record["exact_match"],
+                                                                               eval_record["f1"])
     # The unpadded encoder gives the same real-token logits, so the same answers: exactly unpadded,
     # or in token-count buckets (filler rows dropped from the logits)
     for bucket in (0, 48):

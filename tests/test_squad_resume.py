@@ -176,6 +176,21 @@ def test_resume_with_another_optimizer_or_vocabulary_is_refused_before_anything_
     assert (out / "metrics.jsonl").read_text() == before  # the finished run's records, scores included
 
 
+def test_predicting_into_a_runs_directory_keeps_its_training_records_and_config(squad_files, tmp_path):  # noqa: F811
+    data, vocab = squad_files
+    out = tmp_path / "run"
+    run(squad_cfg(data, vocab, out, "max_steps=4", "do_predict=false"))
+    config, training = (out / "config.yaml").read_text(), read_metrics(out)
+    for _ in range(2):  # a second prediction replaces the first one's record
+        run(compose_squad(*TINY, "do_train=false", f"predict_file={data}", f"output_dir={out}",
+                          f"model_file={out / 'checkpoints'}"))
+    records = read_metrics(out)
+    assert records[:-1] == training and records[-1]["step"] == 4 and "f1" in records[-1]
+    assert (out / "config.yaml").read_text() == config
+    run(squad_cfg(data, vocab, out, "max_steps=6", "resume=true", "do_predict=false"))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_resume_errors_name_what_is_missing(squad_files, tmp_path):  # noqa: F811
     data, vocab = squad_files
     with pytest.raises(UserError, match=f"resume=true but no checkpoint in {tmp_path / 'a' / 'checkpoints'}"):

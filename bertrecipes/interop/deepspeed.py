@@ -155,6 +155,17 @@ def load_foreign(path: Path, kind: str) -> dict:
     return payload
 
 
+_NVIDIA_NAME = re.compile(r"(?:phase\d_)?ckpt_(\d+)\.pt")
+
+
+def newest_nvidia_checkpoint(directory: Path) -> Path | None:
+    """The ``ckpt_<step>.pt`` with the highest step in an NVIDIA DeepLearningExamples results
+    directory, or None."""
+    found = [(int(m.group(1)), p) for p in directory.glob("*ckpt_*.pt")
+             if (m := _NVIDIA_NAME.fullmatch(p.name))]
+    return max(found)[1] if found else None
+
+
 def is_nvidia_checkpoint(payload: dict) -> bool:
     """NVIDIA DeepLearningExamples' layout: the weights under ``model``, and no bertrecipes config."""
     return isinstance(payload.get("model"), dict) and "model_config" not in payload
@@ -165,7 +176,7 @@ def read_nvidia_checkpoint(path: Path, payload: dict) -> tuple[dict[str, torch.T
     ``ckpt_<step>.pt``) of an NVIDIA DeepLearningExamples BERT checkpoint."""
     state = _weights(path, payload["model"], "'model'")
     step = payload.get("global_step")
-    named = re.fullmatch(r"(?:phase\d_)?ckpt_(\d+)\.pt", path.name)
+    named = _NVIDIA_NAME.fullmatch(path.name)
     if not isinstance(step, int) and named:
         step = int(named.group(1))
     return deepspeed_to_ours(state, str(path)), step if isinstance(step, int) else None
@@ -242,17 +253,20 @@ def infer_config(state: dict[str, torch.Tensor], source: str) -> BertConfig:
         intermediate = state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0]
     except KeyError as e:
         raise CheckpointError(f"{source}: no {e.args[0]} among its weights, so its architecture cannot be "
-                              f"read from them; give origin_bert_config_file (bert_config.json)") from None
+                              f"read from them; give its bert_config.json (origin_bert_config_file=, "
+                              f"--origin-bert-config-file in the command-line tools)") from None
     except ValueError as e:  # a tensor without the expected dimensions
         raise CheckpointError(f"{source}: its embedding tensors do not have BERT's shapes ({e})") from None
     layers = 1 + max(int(m.group(1)) for m in map(_LAYER.match, state) if m)
     if hidden % HEAD_SIZE:
         raise CheckpointError(f"{source}: hidden size {hidden} is not a multiple of {HEAD_SIZE}, so the "
-                              f"number of attention heads cannot be assumed; give origin_bert_config_file")
+                              f"number of attention heads cannot be assumed; give its bert_config.json "
+                              f"(origin_bert_config_file=, or --origin-bert-config-file)")
     heads = hidden // HEAD_SIZE
     log.warning("%s holds no architecture: read from its tensors (%d layers, hidden %d, intermediate %d, "
-                "vocabulary %d) with %d attention heads of %d dimensions; give origin_bert_config_file= "
-                "if it has other heads", source, layers, hidden, intermediate, vocab_size, heads, HEAD_SIZE)
+                "vocabulary %d) with %d attention heads of %d dimensions; give its bert_config.json "
+                "(origin_bert_config_file=, or --origin-bert-config-file) if it has other heads", source,
+                layers, hidden, intermediate, vocab_size, heads, HEAD_SIZE)
     return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, intermediate_size=intermediate,
                       max_position_embeddings=positions, type_vocab_size=token_types,
@@ -260,5 +274,5 @@ def infer_config(state: dict[str, torch.Tensor], source: str) -> BertConfig:
 
 
 __all__ = ["MODEL_STATES_FILE", "deepspeed_to_ours", "find_model_states", "infer_config",
-           "is_nvidia_checkpoint", "is_pre_layer_norm", "load_foreign", "read_model_states",
-           "read_nvidia_checkpoint"]
+           "is_nvidia_checkpoint", "is_pre_layer_norm", "load_foreign", "newest_nvidia_checkpoint",
+           "read_model_states", "read_nvidia_checkpoint"]

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bertrecipes.checkpoint import STATE_FILE, CheckpointError, checkpoint_vocab, load_checkpoint
+from bertrecipes.checkpoint import LATEST_FILE, STATE_FILE, CheckpointError, checkpoint_vocab, load_checkpoint
 from bertrecipes.errors import ConfigError
 from bertrecipes.interop.deepspeed import (
     MODEL_STATES_FILE,
@@ -40,6 +40,7 @@ from bertrecipes.interop.deepspeed import (
     is_nvidia_checkpoint,
     is_pre_layer_norm,
     load_foreign,
+    newest_nvidia_checkpoint,
     read_model_states,
     read_nvidia_checkpoint,
 )
@@ -115,6 +116,9 @@ def detect_checkpoint_type(path: str | Path) -> tuple[str, str] | None:
         for name in (STATE_FILE, MODEL_STATES_FILE, "latest"):
             if (path / name).is_file():
                 return "DS", f"it holds {name}"
+        newest = newest_nvidia_checkpoint(path)
+        if newest is not None:
+            return "DS", f"it holds {newest.name}, an NVIDIA DeepLearningExamples checkpoint"
         weights = [n for n in HF_WEIGHT_FILES if (path / n).is_file()]
         if weights:
             return "HF", f"it holds {weights[0]}"
@@ -241,6 +245,11 @@ def check_config_matches(state: dict[str, torch.Tensor], config: BertConfig, sou
 
 def _load_ds(path: Path, config_file: Path | None, verify_crc: bool) -> tuple[ImportedCheckpoint, str]:
     foreign = None
+    if path.is_dir() and not any((path / name).is_file() for name in (STATE_FILE, LATEST_FILE)):
+        newest = newest_nvidia_checkpoint(path)  # an NVIDIA DeepLearningExamples results directory
+        if newest is not None:
+            log.info("%s: reading its newest checkpoint, %s", path, newest.name)
+            path = newest
     model_states = find_model_states(path)
     if model_states is not None:  # written by DeepSpeed (bing_bert), not by bertrecipes
         foreign = (model_states, *read_model_states(model_states))
@@ -474,6 +483,12 @@ def load_into_model(model: nn.Module, imported: ImportedCheckpoint, strict_heads
     and heads the model lacks are ignored, both logged and returned, unless ``strict_heads``, which
     makes any difference an error. Shape mismatches name the tensor and both shapes.
     """
+    model_config = getattr(model, "config", None) or getattr(getattr(model, "bert", None), "config", None)
+    if imported.config is not None and model_config is not None and \
+            imported.config.pre_layer_norm != model_config.pre_layer_norm:
+        theirs, ours = ("pre-LN" if c.pre_layer_norm else "post-LN" for c in (imported.config, model_config))
+        raise CheckpointError(f"{imported.source} is {theirs} but the model is {ours}: set "
+                              f"model.pre_layer_norm={str(imported.config.pre_layer_norm).lower()}")
     target = model.state_dict()
     bare = not any(k.startswith("bert.") for k in target)  # a BertModel: compare in our full names
     if bare:

@@ -105,6 +105,7 @@ class InitialModel:
     state_dict: dict[str, torch.Tensor] | None
     vocab_file: Path | None
     source: str
+    global_step: int | None = None  # the step the checkpoint was saved at, when it says
 
 
 def load_initial_model(cfg: DictConfig) -> InitialModel:
@@ -121,7 +122,8 @@ def load_initial_model(cfg: DictConfig) -> InitialModel:
     if imported.config is None:
         raise ConfigError(f"{imported.source}: no BERT config found; set origin_bert_config_file")
     vocab = Path(imported.vocab_file) if imported.vocab_file else None
-    return InitialModel(imported.config, dict(imported.state_dict), vocab, str(imported.source))
+    return InitialModel(imported.config, dict(imported.state_dict), vocab, str(imported.source),
+                        imported.global_step)
 
 
 def initial_model_of(payload: dict[str, Any]) -> InitialModel:
@@ -262,6 +264,9 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
     tokenizer, vocab_file = build_tokenizer(cfg, initial)
     vocab_size = max(tokenizer.get_vocab().values()) + 1
     model = build_model(cfg, initial, vocab_size).to(device)
+    # predicting from a fine-tuned model: its record carries the step that model was saved at
+    has_qa_layer = bool(initial.state_dict) and "qa_outputs.weight" in initial.state_dict
+    fine_tuned_step = initial.global_step if has_qa_layer else None
     del initial
     if resume_from is not None:
         resume_from["model"] = None  # in the model now: let the copy go
@@ -284,7 +289,9 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     metrics = None
     if ctx.is_main:  # rank 0 alone writes the config, metrics.jsonl and the dashboard
-        if resume_from is None:  # a resumed run keeps the config it started with
+        # a resumed run keeps the config it started with, and predicting into a run's directory
+        # leaves that run's config as it is
+        if resume_from is None and (cfg.do_train or not (output_dir / "config.yaml").exists()):
             (output_dir / "config.yaml").write_text(config_yaml)
         logger = instantiate(cfg.logger, run_config=OmegaConf.to_container(cfg, resolve=True),
                              output_dir=str(output_dir), default_name=cfg.job_name, _recursive_=False,
@@ -293,15 +300,19 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
         if resume_from is not None:  # the records up to the checkpoint's step stay; a prediction is redone
             metrics = MetricsFile(metrics_path, truncate_after_step=resume_from["train_state"]["global_step"],
                                   drop=lambda record: "predict_questions" in record)
+        elif not cfg.do_train and metrics_path.exists():  # predicting into a run's directory: its
+            # training records stay, an earlier prediction's record is replaced by this one's
+            metrics = MetricsFile(metrics_path, truncate_after_step=2**62,
+                                  drop=lambda record: "predict_questions" in record)
         else:
-            if metrics_path.exists():  # predicting again into a run's directory: the file starts afresh
-                log.warning("replacing %s of an earlier run in the same output_dir", metrics_path)
+            if metrics_path.exists():  # fine-tuning where only predictions were made: a new file
+                log.warning("replacing %s of an earlier prediction in the same output_dir", metrics_path)
                 metrics_path.unlink()
             metrics = MetricsFile(metrics_path)
     else:
         logger = NullLogger()
     outputs = RunOutputs(output_dir, metrics, logger, config_yaml, ctx)
-    summary: dict[str, Any] = {"output_dir": str(output_dir), "global_step": 0}
+    summary: dict[str, Any] = {"output_dir": str(output_dir), "global_step": fine_tuned_step or 0}
     # compile=true: the forward passes go through torch.compile; parameters, checkpoints and the
     # train/eval switch stay the model's own. Under torchrun, training goes through DDP around it.
     seed_rank_streams(cfg.seed, ctx)  # the same initial weights on every rank, then each its own dropout
@@ -557,7 +568,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
             step_optimizer.resolve()
             if last_saved_step != state.global_step:
                 checkpoint()
-            if stopping:
+            if stopping and ctx.is_main:  # once, not once per rank
                 log.warning("stopped at step %d of %d on request (no prediction made); continue with "
                             "resume=true output_dir=%s", state.global_step, total_steps, outputs.dir)
     finally:
