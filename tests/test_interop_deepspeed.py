@@ -116,6 +116,20 @@ def logits(model, ids, types, mask):
         return model(ids, types, mask)
 
 
+def assert_transformers_logits(imported, reference) -> None:
+    """``imported`` in our model (its padded rows trimmed) gives transformers' logits (float64)."""
+    model = BertForPreTraining(dataclasses.replace(imported.config, vocab_size=ARCH["vocab_size"]))
+    model = model.double().eval()
+    report = load_into_model(model, imported, strict_heads=True)
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    ids, types, mask = padded_batch(ARCH["vocab_size"])
+    mlm, nsp = logits(model, ids, types, mask)
+    expected = reference(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(mlm[real], expected.prediction_logits[real].detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(nsp, expected.seq_relationship_logits.detach(), atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("kernel", [False, True], ids=["bing_bert_names", "transformer_kernel"])
 def test_post_ln_checkpoint_gives_transformers_logits(reference, tmp_path, kernel):
     module = to_bing_bert(reference.state_dict(), kernel=kernel, pre_ln=False)
@@ -124,17 +138,7 @@ def test_post_ln_checkpoint_gives_transformers_logits(reference, tmp_path, kerne
     assert imported.global_step == 7 and imported.config.pre_layer_norm is False
     assert imported.source.endswith("epoch1_step7/mp_rank_00_model_states.pt")
     assert imported.config.vocab_size == PADDED_VOCAB  # the rows it holds
-    model = BertForPreTraining(dataclasses.replace(imported.config, vocab_size=ARCH["vocab_size"]))
-    model = model.double().eval()
-    report = load_into_model(model, imported, strict_heads=True)  # the padded rows are trimmed
-    assert report.missing_keys == [] and report.unexpected_keys == []
-
-    ids, types, mask = padded_batch(ARCH["vocab_size"])
-    mlm, nsp = logits(model, ids, types, mask)
-    expected = reference(input_ids=ids, token_type_ids=types, attention_mask=mask)
-    real = mask.bool()
-    torch.testing.assert_close(mlm[real], expected.prediction_logits[real].detach(), atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(nsp, expected.seq_relationship_logits.detach(), atol=1e-10, rtol=1e-10)
+    assert_transformers_logits(imported, reference)
 
 
 def test_pre_ln_checkpoints_in_both_namings_equal_our_own_names(tmp_path):
@@ -278,16 +282,7 @@ def test_nvidia_checkpoint_gives_transformers_logits_with_its_loader_pickled(ref
     imported = load_model_state(path, "DS", origin_bert_config_file=tmp_path / "bert_config.json")
     assert "run_pretraining_script.PretrainingLoader" in caplog.text  # skipped, and said so
     assert imported.global_step == 8601 and imported.config.pre_layer_norm is False
-    model = BertForPreTraining(dataclasses.replace(imported.config, vocab_size=ARCH["vocab_size"]))
-    model = model.double().eval()
-    report = load_into_model(model, imported, strict_heads=True)
-    assert report.missing_keys == [] and report.unexpected_keys == []
-    ids, types, mask = padded_batch(ARCH["vocab_size"])
-    mlm, nsp = logits(model, ids, types, mask)
-    expected = reference(input_ids=ids, token_type_ids=types, attention_mask=mask)
-    real = mask.bool()
-    torch.testing.assert_close(mlm[real], expected.prediction_logits[real].detach(), atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(nsp, expected.seq_relationship_logits.detach(), atol=1e-10, rtol=1e-10)
+    assert_transformers_logits(imported, reference)
 
 
 def test_an_nvidia_results_directory_gives_its_newest_checkpoint(reference, tmp_path):
