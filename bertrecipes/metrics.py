@@ -35,10 +35,11 @@ class MetricsFile:
     def __init__(self, path: str | Path, truncate_after_step: int | None = None,
                  drop: Callable[[dict[str, Any]], bool] | None = None):
         self.path = Path(path)
-        if truncate_after_step is not None and self.path.exists():
+        if (truncate_after_step is not None or drop is not None) and self.path.exists():
             lines = [(line, json.loads(line)) for line in self.path.read_text().splitlines() if line.strip()]
             kept = [line for line, record in lines
-                    if record.get("step", 0) <= truncate_after_step and not (drop and drop(record))]
+                    if (truncate_after_step is None or record.get("step", 0) <= truncate_after_step)
+                    and not (drop and drop(record))]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
 

@@ -302,8 +302,7 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
                                   drop=lambda record: "predict_questions" in record)
         elif not cfg.do_train and metrics_path.exists():  # predicting into a run's directory: its
             # training records stay, an earlier prediction's record is replaced by this one's
-            metrics = MetricsFile(metrics_path, truncate_after_step=2**62,
-                                  drop=lambda record: "predict_questions" in record)
+            metrics = MetricsFile(metrics_path, drop=lambda record: "predict_questions" in record)
         else:
             if metrics_path.exists():  # fine-tuning where only predictions were made: a new file
                 log.warning("replacing %s of an earlier prediction in the same output_dir", metrics_path)
