@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from bertrecipes import distributed as dist
 from bertrecipes.checkpoint import (
+    LATEST_FILE,
     VOCAB_FILE,
     CheckpointError,
     capture_rng_state,
@@ -421,6 +422,24 @@ class StopRequest:
 # --------------------------------------------------------------------------- training
 
 
+def elastic_restart(cfg: DictConfig, checkpoint_dir: Path) -> bool:
+    """Under ``torchrun --max-restarts``, a restarted worker group (``TORCHELASTIC_RESTART_COUNT`` >
+    0) continues the run: from its latest checkpoint, as ``resume=true`` does (``cfg.resume`` is set),
+    or, when the failed attempt wrote none, from the start, over that attempt's files. Returns
+    whether this is such a fresh start over a failed attempt."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if restarts <= 0 or cfg.resume:
+        return False
+    if (checkpoint_dir / LATEST_FILE).is_file():
+        log.warning("torchrun restart %d: continuing from the latest checkpoint in %s (as resume=true)",
+                    restarts, checkpoint_dir)
+        cfg.resume = True
+        return False
+    log.warning("torchrun restart %d: the failed attempt saved no checkpoint in %s; starting over",
+                restarts, checkpoint_dir)
+    return True
+
+
 def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Pre-train as ``cfg`` says; returns a summary (final step, last logged metrics, paths)."""
     output_dir = prepare_output_dir(output_dir or cfg.output_dir)
@@ -428,14 +447,16 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     device = pick_device(cfg.device)
     ctx = dist.init_distributed(cfg.distributed, device)
     try:
-        return _train(cfg, output_dir, checkpoint_dir, dist.device_for_rank(device, ctx), ctx)
+        return _train(cfg, output_dir, checkpoint_dir, dist.device_for_rank(device, ctx), ctx,
+                      starting_over=elastic_restart(cfg, checkpoint_dir))
     finally:
         dist.shutdown(ctx)
 
 
-def check_run_settings(cfg: DictConfig, output_dir: Path) -> None:
+def check_run_settings(cfg: DictConfig, output_dir: Path, starting_over: bool = False) -> None:
     """What the schema's types cannot reject, said before any work: unknown keys, out-of-range
-    values, a phase without the checkpoint it continues, an output_dir that holds another run."""
+    values, a phase without the checkpoint it continues, an output_dir that holds another run (not
+    when ``starting_over`` a failed attempt of this one, see :func:`elastic_restart`)."""
     refuse_unknown_keys(cfg, PretrainConfig)
     for key, low, note in (("steps_per_print", 1, ""), ("checkpoint_steps", 0, " (0 = off)"),
                            ("keep_last_checkpoints", 0, " (0 = keep all)"),
@@ -450,7 +471,8 @@ def check_run_settings(cfg: DictConfig, output_dir: Path) -> None:
         raise ConfigError(f"job {cfg.job_name} continues an earlier phase: give init_from=<its checkpoint "
                           "directory or file> (+phase=seq512: the seq128 run's checkpoints/), or "
                           "resume=true to continue this run")
-    if not cfg.resume:  # a second run into the same directory would mix its checkpoints and metrics in
+    if not cfg.resume and not starting_over:  # a second run into the same directory would mix its
+        # checkpoints and metrics in
         earlier = [name for name in (CHECKPOINT_SUBDIR, "metrics.jsonl") if (output_dir / name).exists()]
         if earlier:
             raise ConfigError(f"output_dir {output_dir} already holds a run ({', '.join(earlier)}): continue "
@@ -459,12 +481,12 @@ def check_run_settings(cfg: DictConfig, output_dir: Path) -> None:
 
 
 def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torch.device,
-           ctx: dist.DistContext) -> dict[str, Any]:
+           ctx: dist.DistContext, starting_over: bool = False) -> dict[str, Any]:
     batch = resolve_batch_sizes(cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu,
                                 cfg.gradient_accumulation_steps, ctx.world_size)
     if cfg.max_steps <= 0:
         raise ConfigError(f"max_steps must be positive, got {cfg.max_steps}")
-    check_run_settings(cfg, output_dir)
+    check_run_settings(cfg, output_dir, starting_over)
     if cfg.compile_mode not in dist.COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {', '.join(dist.COMPILE_MODES)}, "
                           f"got {cfg.compile_mode!r}")
@@ -557,7 +579,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         logger = instantiate(cfg.logger, run_config=config_dict, output_dir=str(output_dir),
                              default_name=cfg.job_name, _recursive_=False, _convert_="all")
         metrics_file = MetricsFile(output_dir / "metrics.jsonl",
-                                   truncate_after_step=state.global_step if resume_from else None)
+                                   truncate_after_step=state.global_step if resume_from else
+                                   0 if starting_over else None)
         if resume_from is None:
             (output_dir / "config.yaml").write_text(resolved_config)
     else:

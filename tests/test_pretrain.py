@@ -164,6 +164,26 @@ def test_rewarmup_false_continues_the_schedule(make_cfg, tmp_path):
     assert summary["train_state"]["schedule_step"] == 4
 
 
+def test_a_torchrun_restart_continues_from_the_checkpoint_or_starts_over(make_cfg, tmp_path, monkeypatch):
+    """TORCHELASTIC_RESTART_COUNT > 0 (torchrun --max-restarts relaunched the workers): the same
+    command continues the run as resume=true would, or, with no checkpoint yet, starts over."""
+    straight = tmp_path / "straight"
+    train(make_cfg(*TINY, "total_training_steps=6", "max_steps=6", output_dir=straight))
+    split = tmp_path / "split"
+    train(make_cfg(*TINY, "total_training_steps=6", "max_steps=3", output_dir=split))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    train(make_cfg(*TINY, "total_training_steps=6", "max_steps=6", output_dir=split))  # no resume=true
+    assert [(r["step"], r["loss"]) for r in read_metrics(split)] == \
+        [(r["step"], r["loss"]) for r in read_metrics(straight)]
+
+    # a failed attempt that wrote metrics but no checkpoint: the restart starts over, not refused
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n')
+    train(make_cfg(*TINY, "total_training_steps=6", "max_steps=2", output_dir=failed))
+    assert [r["loss"] for r in read_metrics(failed)] == [r["loss"] for r in read_metrics(straight)[:2]]
+
+
 def test_resume_without_checkpoint_is_a_clear_error(make_cfg, tmp_path):
     with pytest.raises(CheckpointError, match=f"resume=true but no checkpoint in {tmp_path / 'checkpoints'}"):
         train(make_cfg(*TINY, "max_steps=1", "resume=true", output_dir=tmp_path))

@@ -100,6 +100,22 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_runs_losses(squad_files, uni
     assert resumed["train_state"] == reference["train_state"]
 
 
+def test_a_torchrun_restart_after_a_crash_continues_without_resume_true(squad_files, uninterrupted,  # noqa: F811
+                                                                         tmp_path, failing_logger,
+                                                                         monkeypatch):
+    data, vocab = squad_files
+    whole, _ = uninterrupted
+    out = tmp_path / "run"
+    failing_logger.fail_at = 5
+    with pytest.raises(RuntimeError, match="crash at step 5"):
+        run(squad_cfg(data, vocab, out, f"logger._target_={__name__}.FailingLogger"))
+    failing_logger.fail_at = None
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun --max-restarts relaunched it
+    run(squad_cfg(data, vocab, out))  # the same command
+    assert comparable(read_metrics(out)) == comparable(read_metrics(whole))
+    assert (out / "predictions.json").read_text() == (whole / "predictions.json").read_text()
+
+
 def test_a_stopped_run_resumes_to_the_uninterrupted_run(squad_files, uninterrupted, tmp_path,  # noqa: F811
                                                          failing_logger):
     data, vocab = squad_files

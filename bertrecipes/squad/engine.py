@@ -55,6 +55,7 @@ from bertrecipes.engine import (
     build_layer_factory,
     build_model_config,
     check_triton_device,
+    elastic_restart,
     exit_on_stop,
     graph_step_marker,
     pick_device,
@@ -239,8 +240,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
          ctx: dist.DistContext) -> dict[str, Any]:
     output_dir = prepare_output_dir(output_dir or cfg.output_dir)
+    # torchrun --max-restarts: a restarted group continues from the checkpoint, or starts over
+    starting_over = elastic_restart(cfg, output_dir / CHECKPOINT_SUBDIR) if cfg.do_train else False
     resume_from = load_resume_checkpoint(cfg, output_dir / CHECKPOINT_SUBDIR) if cfg.resume else None
-    if cfg.do_train and not cfg.resume and (output_dir / CHECKPOINT_SUBDIR).exists():
+    if cfg.do_train and not cfg.resume and not starting_over and (output_dir / CHECKPOINT_SUBDIR).exists():
         # keep-last would mix two runs' tags
         raise ConfigError(f"output_dir {output_dir} already holds a fine-tuning run ({CHECKPOINT_SUBDIR}/): "
                           "continue it with resume=true, or give another output_dir (by default each run "
@@ -304,8 +307,9 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
             # training records stay, an earlier prediction's record is replaced by this one's
             metrics = MetricsFile(metrics_path, drop=lambda record: "predict_questions" in record)
         else:
-            if metrics_path.exists():  # fine-tuning where only predictions were made: a new file
-                log.warning("replacing %s of an earlier prediction in the same output_dir", metrics_path)
+            if metrics_path.exists():  # after a prediction alone, or a failed attempt: a new file
+                log.warning("replacing %s of an earlier prediction or attempt in the same output_dir",
+                            metrics_path)
                 metrics_path.unlink()
             metrics = MetricsFile(metrics_path)
     else:
