@@ -23,6 +23,7 @@ from omegaconf import MISSING, OmegaConf
 from bertrecipes.data.config import register_data_configs
 from bertrecipes.distributed import DistributedConfig
 from bertrecipes.errors import ConfigError
+from bertrecipes.layer_drop import ProgressiveLayerDropConfig
 
 # --------------------------------------------------------------------------- model
 
@@ -205,6 +206,8 @@ class PretrainConfig:
     # | max-autotune | max-autotune-no-cudagraphs
     compile_mode: str = "default"
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # DeepSpeed's progressive layer dropping (bertrecipes.layer_drop): enabled, theta, gamma
+    progressive_layer_drop: ProgressiveLayerDropConfig = field(default_factory=ProgressiveLayerDropConfig)
 
     # Held-out evaluation (bertrecipes.evaluation): MLM and NSP loss and accuracy on fixed instances
     # made from eval_data with the training vocabulary, logged as eval_* beside the training metrics.

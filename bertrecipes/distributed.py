@@ -94,9 +94,11 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, cfg: DistributedConfig,
-               compile: bool = False, compile_mode: str = "default") -> nn.Module:
+               compile: bool = False, compile_mode: str = "default",
+               find_unused_parameters: bool = False) -> nn.Module:
     """DDP-wrap, or FSDP-shard in place (then the optimizer must be built afterwards), and compile
-    (``torch.compile`` with ``compile_mode``)."""
+    (``torch.compile`` with ``compile_mode``). ``find_unused_parameters``: DDP's, for a forward that
+    may leave parameters out (progressive layer dropping)."""
     if compile_mode not in COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
     if cfg.strategy not in ("ddp", "fsdp"):
@@ -116,7 +118,8 @@ def wrap_model(model: nn.Module, ctx: DistContext, cfg: DistributedConfig,
     if not ctx.enabled:
         return model
     device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=cfg.bucket_cap_mb)
+    return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=cfg.bucket_cap_mb,
+                                   find_unused_parameters=find_unused_parameters)
 
 
 def is_fsdp(model: nn.Module) -> bool:

@@ -43,6 +43,7 @@ from bertrecipes.data.build import build_pretraining_dataset, build_run_eval_dat
 from bertrecipes.errors import ConfigError, UserError
 from bertrecipes.evaluation import eval_share, evaluate_pretraining
 from bertrecipes.interop import load_into_model, load_model_state
+from bertrecipes.layer_drop import ProgressiveLayerDrop
 from bertrecipes.metrics import MetricsFile, NullLogger, Throughput, finite_or_none, measure_peak_tflops
 from bertrecipes.model import (
     BertConfig,
@@ -202,6 +203,21 @@ def build_layer_factory(kernel_cfg: DictConfig) -> LayerFactory | None:
         # the layer's own options (the rest of the group, such as unpad, is the model's)
         return make_layer_factory(**{name: bool(kernel_cfg[name]) for name in LAYER_FLAGS})
     raise ConfigError(f"kernel.name must be torch or triton, got {kernel_cfg.name!r}")
+
+
+def build_layer_drop(cfg: DictConfig, model_config: BertConfig) -> ProgressiveLayerDrop | None:
+    """The run's progressive layer dropping (``progressive_layer_drop.enabled``), or None."""
+    pld = cfg.progressive_layer_drop
+    if not pld.enabled:
+        return None
+    if cfg.compile:
+        raise ConfigError("progressive_layer_drop.enabled=true runs a different set of layers in every "
+                          "micro-batch, which torch.compile would recompile for: use compile=false with it")
+    if not model_config.pre_layer_norm:
+        log.warning("progressive_layer_drop on a post-LN model: DeepSpeed's recipe and the PLD paper use "
+                    "pre-LN (model.pre_layer_norm=true), which they found keeps training stable when "
+                    "layers are skipped")
+    return ProgressiveLayerDrop(model_config.num_hidden_layers, pld.theta, pld.gamma, cfg.seed)
 
 
 def check_triton_device(cfg: DictConfig, device: torch.device) -> None:
@@ -523,6 +539,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         eval_share(len(eval_dataset), cfg.max_eval_samples, ctx.world_size)
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
     unpad, unpad_bucket = unpad_options(cfg.kernel)
+    layer_drop = build_layer_drop(cfg, model_config)
     raw_model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel),
                                    unpad=unpad, unpad_bucket=unpad_bucket).to(device)
     schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,
@@ -545,7 +562,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     # DDP wraps the model; FSDP shards its parameters in place, so the optimizer comes after.
     seed_rank_streams(cfg.seed, ctx)
     model = dist.wrap_model(raw_model, ctx, cfg.distributed, compile=cfg.compile,
-                            compile_mode=cfg.compile_mode)
+                            compile_mode=cfg.compile_mode, find_unused_parameters=layer_drop is not None)
     make_optimizer = build_from_config("optimizer", cfg.optimizer, _partial_=True)
     try:  # the constructor runs here (a partial): its ValueError is a bad optimizer setting
         optimizer = dist.build_optimizer(make_optimizer,
@@ -646,6 +663,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     real_tokens = 0
     throughput.reset(state.last_global_data_samples, real_tokens)
     tokens_at_last_log, real_tokens_logged = 0, 0.0
+    layers_run, forwards = 0, 0  # since the last record: layers the micro-batches ran, micro-batches
     progress = tqdm(total=cfg.max_steps, initial=state.global_step, desc=cfg.job_name, unit="step",
                     disable=not (cfg.progress_bar and ctx.is_main), dynamic_ncols=True)
     last_record: dict[str, Any] = {}
@@ -671,10 +689,15 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     real_tokens += int(host_batch["length"].sum())  # on the host copy: no GPU sync
                     micro, layout = batch_to_device(host_batch, device, raw_model.bert)
                     boundary = micro_step == accum - 1
+                    layer_keep = None
+                    if layer_drop is not None:  # the same draw on every rank (seed, step, micro-batch)
+                        layer_keep = layer_drop.draw(state.global_step, micro_step)
+                        layers_run += sum(keep > 0.0 for keep in layer_keep)
+                    forwards += 1
                     with dist.no_sync(model, sync=boundary), autocast_context(precision, device):
                         mlm_logits, nsp_logits = model(
                             micro["input_ids"], micro["token_type_ids"], micro["attention_mask"],
-                            micro["masked_lm_positions"], unpadded=layout,
+                            micro["masked_lm_positions"], unpadded=layout, layer_keep=layer_keep,
                         )
                         loss, mlm_loss, nsp_loss = pretraining_loss(
                             mlm_logits, nsp_logits, micro["masked_lm_labels"], micro["next_sentence_labels"]
@@ -716,13 +739,21 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     }
                     if precision == "fp16":
                         record["loss_scale"] = scaler.scale
+                    window_flops = flops_per_sample
+                    if layer_drop is not None:  # theta(t) of the last step; the share of layers run
+                        record["pld_theta"] = layer_drop.theta_at(state.global_step - 1)
+                        record["pld_layers"] = layers_run / (forwards * model_config.num_hidden_layers)
+                        window_flops = training_flops_per_sample(
+                            model_config, cfg.max_seq_length, cfg.max_predictions_per_seq,
+                            layers=layers_run / forwards)
+                    layers_run, forwards = 0, 0
                     coeffs = getattr(dist.local_optimizer(optimizer), "last_coeffs", None)
                     if coeffs is not None and coeffs.numel():
                         coeffs = dist.full(coeffs)
                         record.update(lamb_coeff_min=float(coeffs.min()), lamb_coeff_max=float(coeffs.max()),
                                       lamb_coeff_mean=float(coeffs.mean()))
                     if device.type == "cuda":
-                        record["tflops"] = samples_per_sec * flops_per_sample / 1e12
+                        record["tflops"] = samples_per_sec * window_flops / 1e12
                         if peak_tflops:
                             record["mfu"] = record["tflops"] / peak_tflops
                         record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -102,7 +102,10 @@ class TritonBertLayer(nn.Module):
     # Under torch.compile (compile=true) the fused ops are custom ops (torch.library) that the graph
     # calls as they are: the whole model is one graph, with the GEMMs, the embeddings, unpadding, the
     # heads and the loss compiled around the Triton kernels, and no Triton in Dynamo's tracing.
-    def forward(self, x: torch.Tensor, layout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout, branch_scale: float = 1.0) -> torch.Tensor:
+        """``branch_scale`` multiplies both residual branches before they join the residual stream
+        (progressive layer dropping's 1 / keep probability); it is folded into the output projections'
+        weights and biases, so the fused kernels run as they are."""
         hidden = x.shape[-1]
         rows = x.shape[:-1]  # (B, S) padded, (T,) packed
         attn, attn_out, ffn_out = self.attention.self, self.attention.output, self.output
@@ -111,6 +114,11 @@ class TritonBertLayer(nn.Module):
         p_attn_out = attn_out.dropout.p if self.training else 0.0
         p_ffn_out = ffn_out.dropout.p if self.training else 0.0
         ln_a, ln_o = attn_out.LayerNorm, ffn_out.LayerNorm
+        # dropout(s * y) = s * dropout(y): the scale goes on the projection that makes y, and its bias
+        w_a, b_a = attn_out.dense.weight, attn_out.dense.bias
+        w_f, b_f = ffn_out.dense.weight, ffn_out.dense.bias
+        if branch_scale != 1.0:
+            w_a, b_a, w_f, b_f = (t * branch_scale for t in (w_a, b_a, w_f, b_f))
         norm = dict(invertible=self.normalize_invertible, deterministic=deterministic)
 
         h = x
@@ -125,20 +133,20 @@ class TritonBertLayer(nn.Module):
                                                        **options)
         else:  # layout is the key-padding mask or None
             context = flash_attention_qkvpacked(qkv, layout, p_attn, **options)
-        a = F.linear(context.view(*rows, hidden), attn_out.dense.weight)
+        a = F.linear(context.view(*rows, hidden), w_a)
         if self.pre_layer_norm:  # the sum continues the residual stream, LN_o(sum) feeds the FFN
-            x, h = bias_dropout_residual_layernorm(a, attn_out.dense.bias, x, ln_o.weight, ln_o.bias,
+            x, h = bias_dropout_residual_layernorm(a, b_a, x, ln_o.weight, ln_o.bias,
                                                    ln_o.eps, p_attn_out, return_sum=True, **norm)
         else:
-            x = h = bias_dropout_residual_layernorm(a, attn_out.dense.bias, x, ln_a.weight, ln_a.bias,
+            x = h = bias_dropout_residual_layernorm(a, b_a, x, ln_a.weight, ln_a.bias,
                                                     ln_a.eps, p_attn_out, **norm)
 
         pre_activation = F.linear(h, self.intermediate.dense.weight)
-        f = bias_gelu_linear(pre_activation, self.intermediate.dense.bias, ffn_out.dense.weight,
+        f = bias_gelu_linear(pre_activation, self.intermediate.dense.bias, w_f,
                              checkpoint=self.gelu_checkpoint, deterministic=deterministic)
         if self.pre_layer_norm:
-            return bias_dropout_residual(f, ffn_out.dense.bias, x, p_ffn_out, deterministic=deterministic)
-        return bias_dropout_residual_layernorm(f, ffn_out.dense.bias, x, ln_o.weight, ln_o.bias, ln_o.eps,
+            return bias_dropout_residual(f, b_f, x, p_ffn_out, deterministic=deterministic)
+        return bias_dropout_residual_layernorm(f, b_f, x, ln_o.weight, ln_o.bias, ln_o.eps,
                                                p_ffn_out, **norm)
 
 

@@ -38,7 +38,7 @@ print(BertForPreTraining(BertConfig(vocab_size=100)))"
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -294,17 +294,23 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: AttentionLayout, branch_scale: float = 1.0) -> torch.Tensor:
+        """``branch_scale``: both residual branches (attention, FFN) are multiplied by it before they
+        join the residual stream (progressive layer dropping's 1 / keep probability)."""
         attn_out, ffn_out = self.attention.output, self.output
+
+        def branch(y: torch.Tensor) -> torch.Tensor:
+            return y if branch_scale == 1.0 else y * branch_scale
+
         if self.pre_layer_norm:
             h = self.attention.self(attn_out.LayerNorm(x), layout)
-            x = x + attn_out.dropout(attn_out.dense(h))
+            x = x + branch(attn_out.dropout(attn_out.dense(h)))
             h = self.intermediate(ffn_out.LayerNorm(x))
-            return x + ffn_out.dropout(ffn_out.dense(h))
+            return x + branch(ffn_out.dropout(ffn_out.dense(h)))
         h = self.attention.self(x, layout)
-        x = attn_out.LayerNorm(x + attn_out.dropout(attn_out.dense(h)))
+        x = attn_out.LayerNorm(x + branch(attn_out.dropout(attn_out.dense(h))))
         h = self.intermediate(x)
-        return ffn_out.LayerNorm(x + ffn_out.dropout(ffn_out.dense(h)))
+        return ffn_out.LayerNorm(x + branch(ffn_out.dropout(ffn_out.dense(h))))
 
 
 LayerFactory = Callable[[BertConfig], nn.Module]
@@ -314,7 +320,12 @@ class BertEncoder(nn.Module):
     """The stack of layers. ``layer_factory`` builds each layer (default: :class:`BertLayer`); another
     implementation (a fused kernel) must keep BertLayer's parameter names and its forward signature
     ``(hidden_states [B,S,H], key_padding_mask bool [B,S] or None) -> hidden_states``, and, for
-    unpadded runs, ``(hidden_states [T,H], Unpadded) -> hidden_states [T,H]``."""
+    unpadded runs, ``(hidden_states [T,H], Unpadded) -> hidden_states [T,H]``, and take the keyword
+    ``branch_scale`` (see :meth:`BertLayer.forward`).
+
+    ``layer_keep`` (progressive layer dropping, :mod:`bertrecipes.layer_drop`): one number per layer,
+    0 to skip the layer (its input passes through), else the layer's keep probability p, by whose
+    inverse its branches are scaled so that each layer's expected output is its full output."""
 
     def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None):
         super().__init__()
@@ -323,9 +334,16 @@ class BertEncoder(nn.Module):
         if config.pre_layer_norm:
             self.FinalLayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
-        for layer in self.layer:
-            x = layer(x, layout)
+    def forward(self, x: torch.Tensor, layout: AttentionLayout,
+                layer_keep: Sequence[float] | None = None) -> torch.Tensor:
+        if layer_keep is not None and len(layer_keep) != len(self.layer):
+            raise ValueError(f"layer_keep has {len(layer_keep)} entries for {len(self.layer)} layers")
+        for i, layer in enumerate(self.layer):
+            keep = 1.0 if layer_keep is None else float(layer_keep[i])
+            if keep == 1.0:
+                x = layer(x, layout)
+            elif keep > 0.0:
+                x = layer(x, layout, branch_scale=1.0 / keep)
         final_norm = getattr(self, "FinalLayerNorm", None)
         return final_norm(x) if final_norm is not None else x
 
@@ -369,9 +387,10 @@ class BertModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         unpadded: Unpadded | None = None,
+        layer_keep: Sequence[float] | None = None,
     ) -> tuple[torch.Tensor, Unpadded | None]:
         """The encoder output: [B, S, H] and None, or, when unpadding, packed [T, H] and its
-        Unpadded (padding rows never computed)."""
+        Unpadded (padding rows never computed). ``layer_keep``: see :class:`BertEncoder`."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if unpadded is None and attention_mask is not None:
@@ -379,7 +398,7 @@ class BertModel(nn.Module):
         if unpadded is None:
             key_padding_mask = None if attention_mask is None else attention_mask.bool()
             x = self.embeddings(input_ids, token_type_ids)
-            return self.encoder(x, key_padding_mask), None
+            return self.encoder(x, key_padding_mask, layer_keep), None
         seq_len = input_ids.shape[1]
         if seq_len > self.embeddings.position_embeddings.num_embeddings:
             raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings "
@@ -387,7 +406,7 @@ class BertModel(nn.Module):
         idx = unpadded.gather_indices
         x = self.embeddings(input_ids.flatten().index_select(0, idx),
                             token_type_ids.flatten().index_select(0, idx), idx % seq_len)
-        return self.encoder(x, unpadded), unpadded
+        return self.encoder(x, unpadded, layer_keep), unpadded
 
     def forward(
         self,
@@ -458,7 +477,8 @@ class BertForPreTraining(nn.Module):
 
     ``forward`` returns ``(mlm_logits, nsp_logits)``. With ``masked_lm_positions`` [B,P] the MLM
     logits are [B,P,V], computed only at those positions; without, [B,S,V] at every position
-    (what Hugging Face's ``prediction_logits`` holds).
+    (what Hugging Face's ``prediction_logits`` holds). ``layer_keep``: progressive layer dropping's
+    draw for this forward (see :class:`BertEncoder`); None runs every layer.
     """
 
     def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None,
@@ -480,8 +500,9 @@ class BertForPreTraining(nn.Module):
         attention_mask: torch.Tensor | None = None,
         masked_lm_positions: torch.Tensor | None = None,
         unpadded: Unpadded | None = None,
+        layer_keep: Sequence[float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, layout = self.bert.encode(input_ids, token_type_ids, attention_mask, unpadded)
+        x, layout = self.bert.encode(input_ids, token_type_ids, attention_mask, unpadded, layer_keep)
         if layout is None:
             pooled = self.bert.pooler(x)
             if masked_lm_positions is not None:
@@ -518,16 +539,19 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def training_flops_per_sample(config: BertConfig, seq_len: int, num_predictions: int) -> float:
+def training_flops_per_sample(config: BertConfig, seq_len: int, num_predictions: int,
+                              layers: float | None = None) -> float:
     """Model FLOPs of one training sample (forward + backward = 3 x forward), counting matmuls only.
 
     Per layer and token, the forward pass does 2*(4*H^2 + 2*H*I) for the QKV/output/FFN
     projections and 2*2*S*H for the attention scores and context; the MLM head does
     2*(H^2 + H*V) per predicted token, the pooler and NSP head 2*(H^2 + 2*H) per sample.
+    ``layers``: the layers that ran (a mean, with progressive layer dropping); default all.
     """
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     per_token_layer = 2 * (4 * h * h + 2 * h * i) + 4 * seq_len * h
-    encoder = config.num_hidden_layers * seq_len * per_token_layer
+    layers = config.num_hidden_layers if layers is None else layers
+    encoder = layers * seq_len * per_token_layer
     heads = num_predictions * 2 * (h * h + h * v) + 2 * (h * h + 2 * h)
     return 3.0 * (encoder + heads)
 

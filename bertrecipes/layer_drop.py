@@ -1,0 +1,90 @@
+"""Progressive layer dropping (PLD), DeepSpeed's ``progressive_layer_drop`` for BERT pre-training
+(Zhang and He, "Accelerating Training of Transformer-Based Language Models with Progressive Layer
+Dropping", 2020).
+
+Each micro-batch runs a random subset of the encoder's layers; the subset shrinks as training goes:
+
+* the global keep ratio after ``t`` optimizer steps is ``theta(t) = (1 - theta) * exp(-gamma * t) + theta``,
+  1 at the first step and falling towards ``theta`` (DeepSpeed's ``theta`` and ``gamma``);
+* layer ``i`` of ``L`` (from 0, the one nearest the embeddings) runs with probability
+  ``p_i = 1 - i / L * (1 - theta(t))``: the first layer always, the last with about ``theta(t)``;
+* a layer that runs has both its residual branches (attention and FFN outputs, after dropout)
+  multiplied by ``1 / p_i`` before they join the residual stream, so that each layer's expected
+  output is its full output; a skipped layer passes its input through.
+
+Over a run that ends with ``theta(t)`` near ``theta`` the encoder does about
+``1 - (1 - theta) * (L - 1) / (2 L)`` of its layer work: 0.76 for ``theta = 0.5`` and 24 layers.
+
+The draws come from a generator seeded with (seed, step, micro-batch) alone: every rank of a run
+drops the same layers in the same micro-batch (so data-parallel ranks stay in step and no gradient
+bucket waits for a layer another rank ran), and a resumed run draws what the uninterrupted one did.
+Evaluation and fine-tuning run every layer, unscaled.
+
+bing_bert's ``modelingpreln_layerdrop.py`` draws layer i with ``p_i`` but scales it by
+``1 / p_{i+1}``; here the scale is the layer's own ``1 / p_i``, as the paper's expectation argument
+asks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from bertrecipes.errors import ConfigError
+
+
+@dataclass
+class ProgressiveLayerDropConfig:
+    """DeepSpeed's ``progressive_layer_drop`` block: ``enabled``, ``theta``, ``gamma``."""
+
+    enabled: bool = False
+    theta: float = 0.5  # the keep ratio theta(t) falls towards; lower = faster, less exact
+    gamma: float = 0.001  # how fast it falls, per optimizer step
+
+
+def pld_theta(step: int, theta: float, gamma: float) -> float:
+    """The global keep ratio after ``step`` optimizer steps."""
+    return (1.0 - theta) * math.exp(-gamma * step) + theta
+
+
+def keep_probabilities(num_layers: int, theta_t: float) -> list[float]:
+    """``p_i = 1 - i / L * (1 - theta_t)`` for each layer i of L."""
+    return [1.0 - i / num_layers * (1.0 - theta_t) for i in range(num_layers)]
+
+
+def expected_layers(num_layers: int, theta_t: float) -> float:
+    """The mean number of layers a micro-batch runs at keep ratio ``theta_t``."""
+    return sum(keep_probabilities(num_layers, theta_t))
+
+
+class ProgressiveLayerDrop:
+    """Draws each micro-batch's layers: ``draw(step, micro)`` is the ``layer_keep`` tuple
+    :class:`bertrecipes.model.BertForPreTraining` takes (0 = skip, else the keep probability)."""
+
+    _STREAM = 0x504C44  # keeps these draws apart from any other use of the run's seed
+
+    def __init__(self, num_layers: int, theta: float, gamma: float, seed: int) -> None:
+        check_config(theta, gamma)
+        self.num_layers, self.theta, self.gamma, self.seed = num_layers, theta, gamma, seed
+
+    def theta_at(self, step: int) -> float:
+        return pld_theta(step, self.theta, self.gamma)
+
+    def draw(self, step: int, micro: int) -> tuple[float, ...]:
+        """The layers of micro-batch ``micro`` of the step taken after ``step`` optimizer steps."""
+        probabilities = keep_probabilities(self.num_layers, self.theta_at(step))
+        uniform = np.random.default_rng([self.seed, self._STREAM, step, micro]).random(self.num_layers)
+        return tuple(p if u < p else 0.0 for p, u in zip(probabilities, uniform, strict=True))
+
+
+def check_config(theta: float, gamma: float) -> None:
+    if not 0.0 < theta <= 1.0:
+        raise ConfigError(f"progressive_layer_drop.theta must be in (0, 1], got {theta}")
+    if not (gamma >= 0.0 and math.isfinite(gamma)):
+        raise ConfigError(f"progressive_layer_drop.gamma must be a finite number >= 0, got {gamma}")
+
+
+__all__ = ["ProgressiveLayerDropConfig", "ProgressiveLayerDrop", "pld_theta", "keep_probabilities",
+           "expected_layers", "check_config"]
