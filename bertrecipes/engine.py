@@ -205,7 +205,8 @@ def build_layer_factory(kernel_cfg: DictConfig) -> LayerFactory | None:
     raise ConfigError(f"kernel.name must be torch or triton, got {kernel_cfg.name!r}")
 
 
-def build_layer_drop(cfg: DictConfig, model_config: BertConfig) -> ProgressiveLayerDrop | None:
+def build_layer_drop(cfg: DictConfig, model_config: BertConfig,
+                     ctx: dist.DistContext) -> ProgressiveLayerDrop | None:
     """The run's progressive layer dropping (``progressive_layer_drop.enabled``), or None."""
     pld = cfg.progressive_layer_drop
     if not pld.enabled:
@@ -213,6 +214,10 @@ def build_layer_drop(cfg: DictConfig, model_config: BertConfig) -> ProgressiveLa
     if cfg.compile:
         raise ConfigError("progressive_layer_drop.enabled=true runs a different set of layers in every "
                           "micro-batch, which torch.compile would recompile for: use compile=false with it")
+    if cfg.distributed.strategy == "fsdp" and ctx.enabled:
+        raise ConfigError("progressive_layer_drop.enabled=true with distributed.strategy=fsdp: each rank "
+                          "skips its own layers, and FSDP gathers a layer's weights with every rank; use "
+                          "distributed.strategy=ddp (with distributed.zero_stage=1 to shard the optimizer)")
     if not model_config.pre_layer_norm:
         log.warning("progressive_layer_drop on a post-LN model: DeepSpeed's recipe and the PLD paper use "
                     "pre-LN (model.pre_layer_norm=true), which they found keeps training stable when "
@@ -539,7 +544,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         eval_share(len(eval_dataset), cfg.max_eval_samples, ctx.world_size)
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
     unpad, unpad_bucket = unpad_options(cfg.kernel)
-    layer_drop = build_layer_drop(cfg, model_config)
+    layer_drop = build_layer_drop(cfg, model_config, ctx)
     raw_model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel),
                                    unpad=unpad, unpad_bucket=unpad_bucket).to(device)
     schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,
@@ -690,8 +695,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     micro, layout = batch_to_device(host_batch, device, raw_model.bert)
                     boundary = micro_step == accum - 1
                     layer_keep = None
-                    if layer_drop is not None:  # the same draw on every rank (seed, step, micro-batch)
-                        layer_keep = layer_drop.draw(state.global_step, micro_step)
+                    if layer_drop is not None:  # drawn for the global micro-batch: any world size alike
+                        layer_keep = layer_drop.draw(state.global_step,
+                                                     micro_step * ctx.world_size + ctx.rank)
                         layers_run += sum(keep > 0.0 for keep in layer_keep)
                     forwards += 1
                     with dist.no_sync(model, sync=boundary), autocast_context(precision, device):
@@ -717,8 +723,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                 if state.global_step % cfg.steps_per_print == 0 or is_last:
                     step_optimizer.resolve()  # this step's skip decides skipped_steps
                     # losses averaged over ranks; tokens summed over ranks
-                    reduced = torch.cat([loss_sum / accum,
-                                         torch.tensor([real_tokens - tokens_at_last_log], device=device)])
+                    reduced = torch.cat([loss_sum / accum, torch.tensor(
+                        [real_tokens - tokens_at_last_log, layers_run], device=device, dtype=loss_sum.dtype)])
                     reduced = dist.all_reduce_mean(reduced, ctx)
                     losses = reduced[:3].tolist()
                     global_tokens = real_tokens_logged + float(reduced[3]) * ctx.world_size
@@ -742,10 +748,10 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     window_flops = flops_per_sample
                     if layer_drop is not None:  # theta(t) of the last step; the share of layers run
                         record["pld_theta"] = layer_drop.theta_at(state.global_step - 1)
-                        record["pld_layers"] = layers_run / (forwards * model_config.num_hidden_layers)
+                        mean_layers = float(reduced[4]) / forwards  # per micro-batch, over the ranks
+                        record["pld_layers"] = mean_layers / model_config.num_hidden_layers
                         window_flops = training_flops_per_sample(
-                            model_config, cfg.max_seq_length, cfg.max_predictions_per_seq,
-                            layers=layers_run / forwards)
+                            model_config, cfg.max_seq_length, cfg.max_predictions_per_seq, layers=mean_layers)
                     layers_run, forwards = 0, 0
                     coeffs = getattr(dist.local_optimizer(optimizer), "last_coeffs", None)
                     if coeffs is not None and coeffs.numel():

@@ -125,6 +125,17 @@ def deepspeed_overrides(ds: dict, task: str) -> tuple[list[str], list[str]]:
                          "plain DDP is used")
         else:
             overrides.append("distributed.strategy=fsdp")
+    pld = ds.get("progressive_layer_drop") or {}
+    if pld.get("enabled"):
+        if task == "squad":
+            notes.append("progressive_layer_drop is for pre-training; fine-tuning runs every layer")
+        else:
+            overrides.append("progressive_layer_drop.enabled=true")
+            overrides += [f"progressive_layer_drop.{k}={_value(float(pld[k]))}" for k in ("theta", "gamma")
+                          if k in pld]
+            overrides.append("model.pre_layer_norm=true")
+            notes.append("progressive_layer_drop: bing_bert runs it on its pre-LN model "
+                         "(modelingpreln_layerdrop.py), hence model.pre_layer_norm=true")
     if "sparse_attention" in ds:
         notes.append("sparse_attention is not implemented: attention is dense (exact)")
     if "scheduler" in ds:
@@ -132,7 +143,7 @@ def deepspeed_overrides(ds: dict, task: str) -> tuple[list[str], list[str]]:
                      "(--lr-schedule); choose scheduler= yourself")
     handled = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                "steps_per_print", "gradient_clipping", "optimizer", "fp16", "bf16", "bfloat16",
-               "zero_optimization", "sparse_attention", "scheduler"}
+               "zero_optimization", "sparse_attention", "scheduler", "progressive_layer_drop"}
     ignored = sorted(k for k in ds if k in _NO_EFFECT)
     unknown = sorted(k for k in ds if k not in handled and k not in _NO_EFFECT)
     if ignored:

@@ -15,10 +15,14 @@ Each micro-batch runs a random subset of the encoder's layers; the subset shrink
 Over a run that ends with ``theta(t)`` near ``theta`` the encoder does about
 ``1 - (1 - theta) * (L - 1) / (2 L)`` of its layer work: 0.76 for ``theta = 0.5`` and 24 layers.
 
-The draws come from a generator seeded with (seed, step, micro-batch) alone: every rank of a run
-drops the same layers in the same micro-batch (so data-parallel ranks stay in step and no gradient
-bucket waits for a layer another rank ran), and a resumed run draws what the uninterrupted one did.
-Evaluation and fine-tuning run every layer, unscaled.
+Each micro-batch's draw comes from a generator seeded with (seed, step, global micro-batch index)
+alone, the index being the one the micro-batch's samples have in the global batch
+(``micro_step * world_size + rank``): a run on N ranks draws for its micro-batches what one process
+with N times the accumulation draws for the same samples, so its losses are that process's, and a
+resumed run draws what the uninterrupted one did. Ranks run different layers in the same
+micro-batch; DDP averages each gradient over all of them, a rank that skipped the layer adding
+zeros (``find_unused_parameters``), and FSDP, which gathers a layer's weights with every rank, is
+refused. Evaluation and fine-tuning run every layer, unscaled.
 
 bing_bert's ``modelingpreln_layerdrop.py`` draws layer i with ``p_i`` but scales it by
 ``1 / p_{i+1}``; here the scale is the layer's own ``1 / p_i``, as the paper's expectation argument
@@ -73,7 +77,7 @@ class ProgressiveLayerDrop:
         return pld_theta(step, self.theta, self.gamma)
 
     def draw(self, step: int, micro: int) -> tuple[float, ...]:
-        """The layers of micro-batch ``micro`` of the step taken after ``step`` optimizer steps."""
+        """The layers of global micro-batch ``micro`` of the step taken after ``step`` optimizer steps."""
         probabilities = keep_probabilities(self.num_layers, self.theta_at(step))
         uniform = np.random.default_rng([self.seed, self._STREAM, step, micro]).random(self.num_layers)
         return tuple(p if u < p else 0.0 for p, u in zip(probabilities, uniform, strict=True))

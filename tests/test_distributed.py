@@ -160,6 +160,31 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, source, tmp_path):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5), ra["step"]
 
 
+def test_layer_drop_under_ddp_equals_one_process_and_fsdp_is_refused(tmp_path):
+    """Progressive layer dropping draws per global micro-batch: rank r's micro-batch m is the one
+    process's micro-batch 2m + r, so the ranks skip different layers (DDP with
+    find_unused_parameters) and the losses are the one process's, step by step."""
+    pld = ["model.num_hidden_layers=4", "model.pre_layer_norm=true", "progressive_layer_drop.enabled=true",
+           "progressive_layer_drop.theta=0.2", "progressive_layer_drop.gamma=0.8", "max_steps=5"]
+    out = {}
+    for name, nproc, extra in [("single", 1, []), ("ddp", 2, []), ("zero1", 2, ["distributed.zero_stage=1"])]:
+        out[name] = tmp_path / name
+        result = run([*TINY, *pld, f"output_dir={out[name]}", *extra], tmp_path / "cache", nproc)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    single = losses(out["single"])
+    assert min(r["pld_layers"] for r in single) < 0.8  # layers were dropped
+    for name in ("ddp", "zero1"):
+        for a, b in zip(single, losses(out[name]), strict=True):
+            for key in ("loss", "mlm_loss", "nsp_loss", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (name, a["step"], key)
+            assert b["pld_layers"] == a["pld_layers"]
+    result = run([*TINY, *pld, f"output_dir={tmp_path / 'fsdp'}", "distributed.strategy=fsdp"],
+                 tmp_path / "cache", nproc=2)
+    assert result.returncode != 0
+    assert "distributed.strategy=ddp" in result.stdout + result.stderr
+    assert not (tmp_path / "fsdp" / "metrics.jsonl").exists()
+
+
 def test_uneven_data_ends_epochs_cleanly_on_every_rank(tmp_path):
     # 3 micro-batches per rank per epoch at most; 12 steps cross several epoch ends.
     small = [a for a in TINY if not a.startswith(("data.num_documents", "total_training_steps"))]
