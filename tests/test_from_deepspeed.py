@@ -158,3 +158,23 @@ def test_command_line_prints_notes_then_a_command_that_runs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bertrecipes.from_deepspeed", str(tmp_path / "missing.json")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "cannot read DeepSpeed config" in bad.stderr
+
+
+def test_progressive_layer_drop_maps_to_its_block_on_the_pre_ln_model(tmp_path):
+    """The block of bing_bert's ``deepspeed_bsz4k_progressive_layer_drop_config_seq128.json``."""
+    ds = {**DS_SEQ128, "train_batch_size": 4096, "progressive_layer_drop": {"enabled": True, "theta": 0.5,
+                                                                            "gamma": 0.001}}
+    words, notes = command(write(tmp_path, "pld.json", ds), write(tmp_path, "bing.json", BING_BERT), seq=128)
+    cfg = composed(words)
+    pld = cfg.progressive_layer_drop
+    assert (pld.enabled, pld.theta, pld.gamma) == (True, 0.5, 0.001)
+    assert cfg.model.pre_layer_norm is True and cfg.model.num_hidden_layers == 24
+    assert any("modelingpreln_layerdrop" in n for n in notes)
+    assert not any("progressive_layer_drop" in n and "not mapped" in n for n in notes)
+
+    words, _ = command(write(tmp_path, "off.json", {**ds, "progressive_layer_drop": {"enabled": False}}))
+    assert composed(words).progressive_layer_drop.enabled is False
+    squad = {**DS_SQUAD, "progressive_layer_drop": {"enabled": True}}
+    words, notes = command(write(tmp_path, "squad.json", squad), task="squad")
+    assert not any("progressive_layer_drop" in w for w in words)
+    assert any("fine-tuning runs every layer" in n for n in notes)
