@@ -276,3 +276,27 @@ def test_a_bad_theta_fails_before_training(make_cfg, tmp_path):
         train(make_cfg(*TINY, "max_steps=1", "progressive_layer_drop.enabled=true",
                        "progressive_layer_drop.theta=0.0"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_layer_drop_with_kernel_triton_follows_kernel_torch(make_cfg, tmp_path):
+    """The engine with kernel=triton (unpadded) and layers dropped: dropout off, the losses and
+    gradient norms of kernel=torch (padded) with the same draws."""
+    from triton_kernels import load_kernels
+
+    _, device = load_kernels()
+    tiny = ["data.num_documents=40", "data.vocab_size=300", "data.dupe_factor=1", "max_seq_length=48",
+            "max_predictions_per_seq=6", "model.num_hidden_layers=4", "model.hidden_size=32",
+            "model.intermediate_size=64", "model.num_attention_heads=2", "model.hidden_dropout_prob=0",
+            "model.attention_probs_dropout_prob=0", "model.pre_layer_norm=true", "train_batch_size=4",
+            "train_micro_batch_size_per_gpu=2", "max_steps=3", "steps_per_print=1", f"device={device}",
+            "progressive_layer_drop.enabled=true", "progressive_layer_drop.theta=0.2",
+            "progressive_layer_drop.gamma=2.0"]
+    runs = {}
+    for kernel in ("torch", "triton"):
+        train(make_cfg(*tiny, f"kernel={kernel}", output_dir=tmp_path / kernel))
+        runs[kernel] = read_metrics(tmp_path / kernel)
+    assert runs["torch"][-1]["pld_layers"] < 1.0
+    for key in ("loss", "grad_norm", "pld_layers"):
+        want = torch.tensor([r[key] for r in runs["torch"]], dtype=torch.float64)
+        got = torch.tensor([r[key] for r in runs["triton"]], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=key)
