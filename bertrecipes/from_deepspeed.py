@@ -168,6 +168,7 @@ def bing_bert_overrides(config: dict, seq: int | None, lr_schedule: str) -> tupl
     for key, value in sizes.items():
         if key not in fixed and _MODEL_DEFAULTS.get(key) != value:
             overrides.append(f"model.{key}={_value(value)}")
+    overrides.append("model.pre_layer_norm=true")  # bing_bert's model: nvidia/modelingpreln.py
     if model.get("hidden_act", "gelu") != "gelu":
         raise UserError(f"hidden_act={model['hidden_act']!r}: bertrecipes' BERT has the exact GELU only")
 
@@ -219,6 +220,7 @@ def command(ds_config: Path, bing_bert_config: Path | None = None, task: str = "
             overrides = [o for o in overrides if o not in ours]
         overrides += more
         notes += more_notes
+    overrides = list(dict.fromkeys(overrides))  # once each (progressive_layer_drop asks for pre-LN too)
     if seq is not None:
         overrides.append(f"max_seq_length={seq}")
     if max_predictions_per_seq is not None:

@@ -35,6 +35,7 @@ def test_seq128_phase_is_deepspeeds_recipe(make_cfg):
     assert (cfg.optimizer.max_coeff, cfg.optimizer.min_coeff) == (0.3, 0.01)
     assert cfg.optimizer.bias_correction is False and cfg.precision.dtype == "fp16"
     assert cfg.precision.loss_scale == 0 and cfg.max_grad_norm == 1.0
+    assert cfg.model.pre_layer_norm is True  # bing_bert trains nvidia/modelingpreln.py's model
 
 
 def test_seq512_phase_is_deepspeeds_recipe(make_cfg):
@@ -42,7 +43,7 @@ def test_seq512_phase_is_deepspeeds_recipe(make_cfg):
     assert (cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu) == (32768, 8)
     assert cfg.optimizer.lr == pytest.approx(2e-3) and cfg.scheduler.lr_offset == 0.0
     assert cfg.scheduler.decay_step == 150 and cfg.max_predictions_per_seq == 80
-    assert cfg.max_seq_length == 512 and cfg.rewarmup is True
+    assert cfg.max_seq_length == 512 and cfg.rewarmup is True and cfg.model.pre_layer_norm is True
 
 
 def test_command_line_group_choice_beats_phase(make_cfg):
