@@ -43,6 +43,7 @@ from bertrecipes.data.build import build_pretraining_dataset, build_run_eval_dat
 from bertrecipes.errors import ConfigError, UserError
 from bertrecipes.evaluation import eval_share, evaluate_pretraining
 from bertrecipes.interop import load_into_model, load_model_state
+from bertrecipes.interop.load import normalize_ckpt_type
 from bertrecipes.layer_drop import ProgressiveLayerDrop
 from bertrecipes.metrics import MetricsFile, NullLogger, Throughput, finite_or_none, measure_peak_tflops
 from bertrecipes.model import (
@@ -73,6 +74,8 @@ class TrainState:
     skipped_steps: int = 0
     epoch: int = 0
     last_global_data_samples: int = 0
+    # the init_from checkpoint's step count: progressive layer dropping's keep ratio continues from it
+    pld_step_offset: int = 0
 
 
 # --------------------------------------------------------------------------- set-up helpers
@@ -203,6 +206,12 @@ def build_layer_factory(kernel_cfg: DictConfig) -> LayerFactory | None:
         # the layer's own options (the rest of the group, such as unpad, is the model's)
         return make_layer_factory(**{name: bool(kernel_cfg[name]) for name in LAYER_FLAGS})
     raise ConfigError(f"kernel.name must be torch or triton, got {kernel_cfg.name!r}")
+
+
+def layer_drop_settings(cfg: DictConfig) -> dict | None:
+    """The run's progressive layer dropping settings as a checkpoint keeps them (None: off)."""
+    pld = cfg.progressive_layer_drop
+    return {"theta": float(pld.theta), "gamma": float(pld.gamma)} if pld.enabled else None
 
 
 def build_layer_drop(cfg: DictConfig, model_config: BertConfig,
@@ -559,6 +568,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                         report.missing_keys)
         if not cfg.rewarmup and init_from.global_step is not None:
             state.schedule_step = init_from.global_step  # continue where the previous phase left off
+        if init_from.global_step is not None and normalize_ckpt_type(cfg.ckpt_type) == "DS":
+            state.pld_step_offset = init_from.global_step  # as DeepSpeed restores its global step
         log.info("initialised model weights from %s (%s; fresh optimizer, schedule step %d)",
                  init_from.source, cfg.ckpt_type, state.schedule_step)
     if resume_from is not None:
@@ -580,6 +591,11 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         scaler.load_state_dict(resume_from["scaler"])
         state = TrainState(**resume_from["train_state"])
         log.info("resumed from %s at step %d", resume_from["path"], state.global_step)
+        saved_pld = resume_from.get("layer_drop")
+        if saved_pld != layer_drop_settings(cfg):
+            log.warning("progressive_layer_drop was %s when the run was saved and is %s now: the layers run "
+                        "from here on differ from an uninterrupted run's", saved_pld or "off",
+                        layer_drop_settings(cfg) or "off")
         saved_total = resume_from["scheduler"].get("total_steps")
         if saved_total is not None and saved_total != total_steps:
             log.warning("the LR schedule's horizon was %d steps when the run was saved and is %d now "
@@ -615,8 +631,10 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         torch.cuda.reset_peak_memory_stats(device)
     params = [p for p in model.parameters() if p.requires_grad]
     graphs = uses_cuda_graphs(cfg.compile, cfg.compile_mode, unpad, unpad_bucket)
+    # with layer dropping, kept gradients: a layer skipped for a whole step gets zeros, not none, so
+    # the optimizer steps it as DeepSpeed's does
     step_optimizer = OptimizerStep(params, optimizer, scaler, schedule, state, cfg.max_grad_norm,
-                                   keep_grads=graphs)
+                                   keep_grads=graphs or layer_drop is not None)
     mark_graph_step = graph_step_marker(graphs)
     accum = batch.gradient_accumulation_steps
     log.info(
@@ -635,6 +653,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
             save_checkpoint(
                 checkpoint_dir, tag,
                 state={"model": model_state, "optimizer": optimizer_state, "rng_ranks": rng_ranks,
+                       "layer_drop": layer_drop_settings(cfg),
                        "scheduler": {"schedule_step": state.schedule_step, "total_steps": total_steps},
                        "scaler": scaler.state_dict(),
                        "train_state": asdict(state), "model_config": model_config.to_dict(),
@@ -696,7 +715,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     boundary = micro_step == accum - 1
                     layer_keep = None
                     if layer_drop is not None:  # drawn for the global micro-batch: any world size alike
-                        layer_keep = layer_drop.draw(state.global_step,
+                        layer_keep = layer_drop.draw(state.global_step + state.pld_step_offset,
                                                      micro_step * ctx.world_size + ctx.rank)
                         layers_run += sum(keep > 0.0 for keep in layer_keep)
                     forwards += 1
@@ -746,8 +765,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     if precision == "fp16":
                         record["loss_scale"] = scaler.scale
                     window_flops = flops_per_sample
-                    if layer_drop is not None:  # theta(t) of the last step; the share of layers run
-                        record["pld_theta"] = layer_drop.theta_at(state.global_step - 1)
+                    if layer_drop is not None:  # the last step's keep ratio; the share of layers run
+                        steps_before = state.global_step - 1 + state.pld_step_offset
+                        record["pld_theta"] = layer_drop.theta_at(steps_before)
                         mean_layers = float(reduced[4]) / forwards  # per micro-batch, over the ranks
                         record["pld_layers"] = mean_layers / model_config.num_hidden_layers
                         window_flops = training_flops_per_sample(

@@ -126,6 +126,9 @@ def deepspeed_overrides(ds: dict, task: str) -> tuple[list[str], list[str]]:
         else:
             overrides.append("distributed.strategy=fsdp")
     pld = ds.get("progressive_layer_drop") or {}
+    if not isinstance(pld, dict):
+        raise UserError(f"progressive_layer_drop must be a JSON object ({{\"enabled\": true, \"theta\": ..., "
+                        f"\"gamma\": ...}}), got {pld!r}")
     if pld.get("enabled"):
         if task == "squad":
             notes.append("progressive_layer_drop is for pre-training; fine-tuning runs every layer")
@@ -133,9 +136,17 @@ def deepspeed_overrides(ds: dict, task: str) -> tuple[list[str], list[str]]:
             overrides.append("progressive_layer_drop.enabled=true")
             overrides += [f"progressive_layer_drop.{k}={_value(float(pld[k]))}" for k in ("theta", "gamma")
                           if k in pld]
+            missing = [k for k in ("theta", "gamma") if k not in pld]
+            if missing:
+                notes.append(f"progressive_layer_drop without {' and '.join(missing)} (DeepSpeed requires "
+                             "them): bertrecipes' defaults, theta 0.5 and gamma 0.001, apply")
             overrides.append("model.pre_layer_norm=true")
             notes.append("progressive_layer_drop: bing_bert runs it on its pre-LN model "
                          "(modelingpreln_layerdrop.py), hence model.pre_layer_norm=true")
+            if "distributed.strategy=fsdp" in overrides:  # each rank skips its own layers: not FSDP
+                overrides[overrides.index("distributed.strategy=fsdp")] = "distributed.zero_stage=1"
+                notes.append("ZeRO stage 3 with progressive_layer_drop maps to distributed.zero_stage=1: "
+                             "FSDP gathers every layer with every rank, and the ranks skip different layers")
     if "sparse_attention" in ds:
         notes.append("sparse_attention is not implemented: attention is dense (exact)")
     if "scheduler" in ds:

@@ -4,16 +4,24 @@ Dropping", 2020).
 
 Each micro-batch runs a random subset of the encoder's layers; the subset shrinks as training goes:
 
-* the global keep ratio after ``t`` optimizer steps is ``theta(t) = (1 - theta) * exp(-gamma * t) + theta``,
-  1 at the first step and falling towards ``theta`` (DeepSpeed's ``theta`` and ``gamma``);
+* the global keep ratio is ``theta(t) = (1 - theta) * exp(-gamma * t) + theta``, 1 at ``t = 0`` and
+  falling towards ``theta`` (DeepSpeed's ``theta`` and ``gamma``). As in DeepSpeed's engine, which
+  updates it after each step from the step count before that step, the step taken after ``n``
+  optimizer steps uses ``theta(max(n - 1, 0))``; ``n`` counts from the start of training, so a
+  phase started with ``init_from`` a bertrecipes/DeepSpeed/NVIDIA checkpoint continues from that
+  checkpoint's step (DeepSpeed restores its global step with the checkpoint);
 * layer ``i`` of ``L`` (from 0, the one nearest the embeddings) runs with probability
   ``p_i = 1 - i / L * (1 - theta(t))``: the first layer always, the last with about ``theta(t)``;
 * a layer that runs has both its residual branches (attention and FFN outputs, after dropout)
   multiplied by ``1 / p_i`` before they join the residual stream, so that each layer's expected
   output is its full output; a skipped layer passes its input through.
 
-Over a run that ends with ``theta(t)`` near ``theta`` the encoder does about
-``1 - (1 - theta) * (L - 1) / (2 L)`` of its layer work: 0.76 for ``theta = 0.5`` and 24 layers.
+Once ``theta(t)`` has settled near ``theta``, a micro-batch does about ``1 - (1 - theta) * (L - 1) / (2 L)``
+of the encoder's layer work: 0.76 for ``theta = 0.5`` and 24 layers.
+
+A layer skipped in every micro-batch of a step gets a zero gradient, not none: the optimizer steps
+it as DeepSpeed's does (its moments decay, weight decay and the trust ratio apply), and every
+parameter's step count stays the same.
 
 Each micro-batch's draw comes from a generator seeded with (seed, step, global micro-batch index)
 alone, the index being the one the micro-batch's samples have in the global batch
@@ -73,13 +81,16 @@ class ProgressiveLayerDrop:
         check_config(theta, gamma)
         self.num_layers, self.theta, self.gamma, self.seed = num_layers, theta, gamma, seed
 
-    def theta_at(self, step: int) -> float:
-        return pld_theta(step, self.theta, self.gamma)
+    def theta_at(self, steps_done: int) -> float:
+        """The keep ratio of the step taken after ``steps_done`` optimizer steps: theta(n - 1), as
+        DeepSpeed's engine applies it."""
+        return pld_theta(max(steps_done - 1, 0), self.theta, self.gamma)
 
-    def draw(self, step: int, micro: int) -> tuple[float, ...]:
-        """The layers of global micro-batch ``micro`` of the step taken after ``step`` optimizer steps."""
-        probabilities = keep_probabilities(self.num_layers, self.theta_at(step))
-        uniform = np.random.default_rng([self.seed, self._STREAM, step, micro]).random(self.num_layers)
+    def draw(self, steps_done: int, micro: int) -> tuple[float, ...]:
+        """The layers of global micro-batch ``micro`` of the step taken after ``steps_done`` steps."""
+        probabilities = keep_probabilities(self.num_layers, self.theta_at(steps_done))
+        key = [self.seed % 2**64, self._STREAM, steps_done, micro]  # numpy takes non-negative words
+        uniform = np.random.default_rng(key).random(self.num_layers)
         return tuple(p if u < p else 0.0 for p, u in zip(probabilities, uniform, strict=True))
 
 

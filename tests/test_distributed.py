@@ -163,9 +163,10 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, source, tmp_path):
 def test_layer_drop_under_ddp_equals_one_process_and_fsdp_is_refused(tmp_path):
     """Progressive layer dropping draws per global micro-batch: rank r's micro-batch m is the one
     process's micro-batch 2m + r, so the ranks skip different layers (DDP with
-    find_unused_parameters) and the losses are the one process's, step by step."""
+    find_unused_parameters, through no_sync micro-batches) and the losses are the one process's."""
     pld = ["model.num_hidden_layers=4", "model.pre_layer_norm=true", "progressive_layer_drop.enabled=true",
-           "progressive_layer_drop.theta=0.2", "progressive_layer_drop.gamma=0.8", "max_steps=5"]
+           "progressive_layer_drop.theta=0.2", "progressive_layer_drop.gamma=0.8", "max_steps=5",
+           "train_batch_size=16"]  # accumulation 2 on each of 2 ranks: DDP's no_sync with unused layers
     out = {}
     for name, nproc, extra in [("single", 1, []), ("ddp", 2, []), ("zero1", 2, ["distributed.zero_stage=1"])]:
         out[name] = tmp_path / name

@@ -178,3 +178,12 @@ def test_progressive_layer_drop_maps_to_its_block_on_the_pre_ln_model(tmp_path):
     words, notes = command(write(tmp_path, "squad.json", squad), task="squad")
     assert not any("progressive_layer_drop" in w for w in words)
     assert any("fine-tuning runs every layer" in n for n in notes)
+
+    zero3 = {"zero_optimization": {"stage": 3}, "progressive_layer_drop": {"enabled": True}}
+    words, notes = command(write(tmp_path, "zero3.json", zero3))
+    cfg = composed(words)
+    assert cfg.distributed.strategy == "ddp" and cfg.distributed.zero_stage == 1
+    said = " | ".join(notes)
+    assert "ZeRO stage 3 with progressive_layer_drop" in said and "without theta and gamma" in said
+    with pytest.raises(UserError, match="progressive_layer_drop must be a JSON object"):
+        command(write(tmp_path, "bad_pld.json", {"progressive_layer_drop": True}))

@@ -29,6 +29,10 @@ def test_keep_ratio_follows_deepspeeds_formula(theta, gamma):
         want = (1 - theta) * math.exp(-gamma * step) + theta  # theta_bar(t) of the PLD paper
         assert pld_theta(step, theta, gamma) == pytest.approx(want, rel=1e-15)
     assert pld_theta(0, theta, gamma) == 1.0  # every layer at the first step
+    # DeepSpeed's engine updates theta after a step from the count before it: step n+1 uses theta(n-1)
+    pld = ProgressiveLayerDrop(4, theta, gamma, seed=0)
+    assert pld.theta_at(0) == pld.theta_at(1) == 1.0
+    assert [pld.theta_at(n) for n in (2, 11, 501)] == [pld_theta(n - 1, theta, gamma) for n in (2, 11, 501)]
 
 
 def test_layer_keep_probabilities_fall_linearly_with_depth():
@@ -55,6 +59,8 @@ def test_draws_keep_each_layer_at_its_probability_and_are_reproducible():
     assert len({pld.draw(step, 3) for step in range(100, 120)}) > 1
     assert len({ProgressiveLayerDrop(6, 0.4, 1.0, seed=s).draw(100, 0) for s in range(20)}) > 1
     assert ProgressiveLayerDrop(6, 0.4, 0.0, seed=3).draw(100, 0) == (1.0,) * 6  # gamma 0: theta(t) = 1
+    negative = ProgressiveLayerDrop(6, 0.4, 1.0, seed=-1)  # any seed the run takes
+    assert len({negative.draw(100, micro) for micro in range(20)}) > 1
 
 
 @pytest.mark.parametrize("theta,gamma", [(0.0, 0.001), (1.5, 0.001), (0.5, -1.0), (0.5, float("nan"))])
@@ -149,8 +155,13 @@ def test_encoder_skips_and_scales_layers_as_the_reference(pre_layer_norm):
             torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-10, atol=1e-12, msg=name)
     # every layer at 1: the plain encoder
     torch.testing.assert_close(model.bert.encoder(x, mask, (1.0,) * 4), model.bert.encoder(x, mask))
-    with pytest.raises(ValueError, match="3 entries for 4 layers"):
+    with pytest.raises(ValueError, match=r"one number in \[0, 1\] for each of the 4 layers"):
         model.bert.encoder(x, mask, (1.0,) * 3)
+    with pytest.raises(ValueError, match=r"got \(1.0, 1.5, 1.0, 1.0\)"):
+        model.bert.encoder(x, mask, (1.0, 1.5, 1.0, 1.0))
+    # in eval mode every layer runs, unscaled (DeepSpeed passes the draw to training forwards only)
+    model.eval()
+    torch.testing.assert_close(model.bert.encoder(x, mask, keep), model.bert.encoder(x, mask), rtol=0, atol=0)
 
 
 def test_unpadded_model_drops_layers_as_the_padded_one():
@@ -228,7 +239,7 @@ def test_pretraining_logs_the_keep_ratio_and_the_layers_run(make_cfg, tmp_path):
     draws = ProgressiveLayerDrop(4, 0.3, 0.4, seed=42)
     for record in pld:
         step = record["step"]
-        assert record["pld_theta"] == pytest.approx(pld_theta(step - 1, 0.3, 0.4))
+        assert record["pld_theta"] == pytest.approx(pld_theta(max(step - 2, 0), 0.3, 0.4))
         ran = sum(k > 0 for micro in range(2) for k in draws.draw(step - 1, micro))
         assert record["pld_layers"] == pytest.approx(ran / 8)
     assert pld[0]["pld_layers"] == 1.0 and min(r["pld_layers"] for r in pld) < 1.0
@@ -300,3 +311,40 @@ def test_layer_drop_with_kernel_triton_follows_kernel_torch(make_cfg, tmp_path):
         want = torch.tensor([r[key] for r in runs["torch"]], dtype=torch.float64)
         got = torch.tensor([r[key] for r in runs["triton"]], dtype=torch.float64)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_layer_skipped_for_a_whole_step_is_still_stepped_as_deepspeed_does(make_cfg, tmp_path):
+    """Its gradient is zero, not none: LAMB still steps it (moments, weight decay, trust ratio), so
+    every parameter's step count is the run's."""
+    from bertrecipes.checkpoint import load_checkpoint
+
+    draws = ProgressiveLayerDrop(4, 0.2, 1.0, seed=42)
+    skipped = [(step, layer) for step in range(5) for layer in range(4)
+               if all(draws.draw(step, micro)[layer] == 0.0 for micro in range(2))]
+    assert skipped == [(3, 3)]  # the last layer, for the whole of the fourth step
+    pld = ["progressive_layer_drop.enabled=true", "progressive_layer_drop.theta=0.2",
+           "progressive_layer_drop.gamma=1.0"]
+    train(make_cfg(*TINY, *pld, "max_steps=5", output_dir=tmp_path / "run"))
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints")["optimizer"]["state"]
+    assert {int(state["step"]) for state in saved.values()} == {5}
+
+
+def test_the_keep_ratio_continues_from_the_init_from_checkpoint(make_cfg, tmp_path):
+    """A phase started from a checkpoint keeps counting its steps, as DeepSpeed's restored global step."""
+    train(make_cfg(*TINY, *PLD, "max_steps=3", output_dir=tmp_path / "one"))
+    train(make_cfg(*TINY, *PLD, "max_steps=2", f"init_from={tmp_path / 'one' / 'checkpoints'}",
+                   output_dir=tmp_path / "two"))
+    first = read_metrics(tmp_path / "two")[0]
+    assert first["step"] == 1 and first["pld_theta"] == pytest.approx(pld_theta(2, 0.3, 0.4))
+    # and a resume keeps that count
+    train(make_cfg(*TINY, *PLD, "max_steps=3", "resume=true", output_dir=tmp_path / "two"))
+    assert read_metrics(tmp_path / "two")[-1]["pld_theta"] == pytest.approx(pld_theta(4, 0.3, 0.4))
+
+
+def test_resuming_with_other_layer_drop_settings_warns(make_cfg, tmp_path, caplog):
+    train(make_cfg(*TINY, "max_steps=2", output_dir=tmp_path / "run"))
+    train(make_cfg(*TINY, *PLD, "max_steps=3", "resume=true", output_dir=tmp_path / "run"))
+    assert "progressive_layer_drop was off when the run was saved" in caplog.text
+    caplog.clear()
+    train(make_cfg(*TINY, *PLD, "max_steps=4", "resume=true", output_dir=tmp_path / "run"))
+    assert "progressive_layer_drop was" not in caplog.text

@@ -325,7 +325,9 @@ class BertEncoder(nn.Module):
 
     ``layer_keep`` (progressive layer dropping, :mod:`bertrecipes.layer_drop`): one number per layer,
     0 to skip the layer (its input passes through), else the layer's keep probability p, by whose
-    inverse its branches are scaled so that each layer's expected output is its full output."""
+    inverse its branches are scaled so that each layer's expected output is its full output. In
+    training mode only: in eval mode every layer runs, unscaled, as DeepSpeed's engine passes the
+    draw to training forwards only."""
 
     def __init__(self, config: BertConfig, layer_factory: LayerFactory | None = None):
         super().__init__()
@@ -336,8 +338,12 @@ class BertEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: AttentionLayout,
                 layer_keep: Sequence[float] | None = None) -> torch.Tensor:
-        if layer_keep is not None and len(layer_keep) != len(self.layer):
-            raise ValueError(f"layer_keep has {len(layer_keep)} entries for {len(self.layer)} layers")
+        if layer_keep is not None:
+            if len(layer_keep) != len(self.layer) or not all(0.0 <= k <= 1.0 for k in layer_keep):
+                raise ValueError(f"layer_keep must hold one number in [0, 1] for each of the "
+                                 f"{len(self.layer)} layers, got {tuple(layer_keep)}")
+            if not self.training:
+                layer_keep = None
         for i, layer in enumerate(self.layer):
             keep = 1.0 if layer_keep is None else float(layer_keep[i])
             if keep == 1.0:
