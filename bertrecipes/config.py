@@ -30,9 +30,13 @@ from bertrecipes.layer_drop import ProgressiveLayerDropConfig
 
 @dataclass
 class ModelConfig:
-    """BERT architecture (names of Google's bert_config.json). vocab_size null = the tokenizer's."""
+    """BERT architecture (names of Google's bert_config.json). vocab_size null = the tokenizer's,
+    rounded up to a multiple of ``pad_vocab_to_multiple_of``."""
 
     vocab_size: int | None = None
+    # with vocab_size null: extra embedding rows (never a label) up to a multiple of this, as bing_bert
+    # and NVIDIA's BERT pad 30522 to 30528 (8: row strides tensor cores take in fp16/bf16); 1 = none
+    pad_vocab_to_multiple_of: int = 1
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12

@@ -145,7 +145,10 @@ def prepare_output_dir(path: str | Path) -> Path:
 
 def build_model_config(model_cfg: DictConfig, tokenizer_vocab_size: int, max_seq_length: int) -> BertConfig:
     fields = OmegaConf.to_container(model_cfg, resolve=True)
-    vocab_size = fields.pop("vocab_size") or tokenizer_vocab_size
+    multiple = fields.pop("pad_vocab_to_multiple_of", 1)
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ConfigError(f"model.pad_vocab_to_multiple_of must be a positive integer, got {multiple!r}")
+    vocab_size = fields.pop("vocab_size") or -(-tokenizer_vocab_size // multiple) * multiple
     if vocab_size < tokenizer_vocab_size:
         raise ConfigError(
             f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "

@@ -180,6 +180,7 @@ def bing_bert_overrides(config: dict, seq: int | None, lr_schedule: str) -> tupl
         if key not in fixed and _MODEL_DEFAULTS.get(key) != value:
             overrides.append(f"model.{key}={_value(value)}")
     overrides.append("model.pre_layer_norm=true")  # bing_bert's model: nvidia/modelingpreln.py
+    overrides.append("model.pad_vocab_to_multiple_of=8")  # turing/models.py pads the vocabulary so
     if model.get("hidden_act", "gelu") != "gelu":
         raise UserError(f"hidden_act={model['hidden_act']!r}: bertrecipes' BERT has the exact GELU only")
 

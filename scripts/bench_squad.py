@@ -87,6 +87,7 @@ def model_config(name: str) -> BertConfig:
     options = OmegaConf.load(CONF / "model" / f"bert_{name}.yaml")
     options.pop("defaults", None)
     fields = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(ModelConfig), options), resolve=True)
+    fields.pop("pad_vocab_to_multiple_of")
     fields["vocab_size"] = fields["vocab_size"] or VOCAB_SIZE
     return BertConfig(**fields)
 

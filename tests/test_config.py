@@ -36,6 +36,7 @@ def test_seq128_phase_is_deepspeeds_recipe(make_cfg):
     assert cfg.optimizer.bias_correction is False and cfg.precision.dtype == "fp16"
     assert cfg.precision.loss_scale == 0 and cfg.max_grad_norm == 1.0
     assert cfg.model.pre_layer_norm is True  # bing_bert trains nvidia/modelingpreln.py's model
+    assert cfg.model.pad_vocab_to_multiple_of == 8  # and pads the vocabulary: 30522 -> 30528
 
 
 def test_seq512_phase_is_deepspeeds_recipe(make_cfg):
@@ -152,3 +153,17 @@ def test_launch_time_is_one_per_config_and_new_for_the_next_one():
     assert stamp.startswith("runs/bert_demo/20")
     time.sleep(1.1)
     assert first.output_dir == stamp and default_cfg().output_dir != stamp
+
+
+def test_the_vocabulary_is_padded_to_the_multiple_asked_for(make_cfg):
+    from bertrecipes.engine import build_model_config
+
+    cfg = make_cfg("+phase=seq128")
+    assert build_model_config(cfg.model, 30522, 128).vocab_size == 30528  # bing_bert's, NVIDIA's size
+    assert build_model_config(cfg.model, 30528, 128).vocab_size == 30528
+    assert build_model_config(cfg.model, 28996, 128).vocab_size == 29000  # bert-base-cased
+    assert build_model_config(make_cfg().model, 30522, 128).vocab_size == 30522  # default: no padding
+    explicit = make_cfg("+phase=seq128", "model.vocab_size=30600")
+    assert build_model_config(explicit.model, 30522, 128).vocab_size == 30600  # a given size wins
+    with pytest.raises(ConfigError, match="model.pad_vocab_to_multiple_of must be a positive integer, got 0"):
+        build_model_config(make_cfg("model.pad_vocab_to_multiple_of=0").model, 30522, 128)

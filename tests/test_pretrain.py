@@ -537,3 +537,15 @@ def test_checkpoints_stand_alone_and_are_readable_by_others(make_cfg, tmp_path):
     shutil.rmtree(cache)
     exported = export_hf(out / "checkpoints", tmp_path / "hf", architecture="pretraining")
     assert (exported / "vocab.txt").read_bytes() == (tag / "vocab.txt").read_bytes()
+
+
+def test_a_padded_vocabulary_adds_rows_past_the_tokenizers(make_cfg, tmp_path):
+    """model.pad_vocab_to_multiple_of (the phases: 8, as bing_bert's 30522 -> 30528): the embedding
+    and the MLM decoder get the extra rows, and the run trains; the vocabulary file is unchanged."""
+    train(make_cfg(*TINY, "max_steps=2", "model.pad_vocab_to_multiple_of=64", output_dir=tmp_path))
+    saved = load_checkpoint(tmp_path / "checkpoints")
+    tokens = len((tmp_path / "checkpoints" / "global_step2" / "vocab.txt").read_text().splitlines())
+    rows = saved["model"]["bert.embeddings.word_embeddings.weight"].shape[0]
+    assert rows == saved["model_config"]["vocab_size"] == -(-tokens // 64) * 64 and rows > tokens
+    assert saved["model"]["cls.predictions.bias"].shape[0] == rows
+    assert all(r["loss"] is not None for r in read_metrics(tmp_path))
