@@ -9,6 +9,9 @@ One kernel pair, specialised by constexpr flags, covers the four uses in a layer
   LayerNorm belongs to the next layer);
 * a plain LayerNorm (:func:`layer_norm`, the pre-LN attention input).
 
+``branch_scale`` multiplies the branch after its dropout: ``residual + s * dropout(x + bias)``
+(progressive layer dropping's 1 / keep probability; 1 otherwise).
+
 Rows are normalised over the last dimension in fp32, each output cast once at store. Dropout is
 Philox keyed by ``seed`` with the element's flat index as counter (:func:`row_dropout_mask`
 materialises it for tests). Column reductions (dgamma, dbeta, dbias) are per-program fp32 partials
@@ -49,7 +52,7 @@ from kernels_triton.utils import (
 @triton.jit
 def _fwd_kernel(
     X, BIAS, RES, W, B, Z, Y, MEAN, RSTD,
-    M, N, stride_x, stride_res, stride_z, stride_y, eps, dropout_p, SEED,
+    M, N, stride_x, stride_res, stride_z, stride_y, eps, dropout_p, branch_scale, SEED,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LN: tl.constexpr, STORE_SUM: tl.constexpr,
 ):
@@ -65,7 +68,9 @@ def _fwd_kernel(
         x += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_DROPOUT:
             keep = row_dropout_keep(tl.load(SEED), rows, cols, N, dropout_p)
-            x = tl.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
+            x = tl.where(keep, x * (branch_scale / (1.0 - dropout_p)), 0.0)
+        else:
+            x = x * branch_scale
         z += x
     if STORE_SUM:
         tl.store(Z + rows64[:, None] * stride_z + cols[None, :], z.to(Z.dtype.element_ty), mask=mask)
@@ -84,7 +89,8 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_kernel(
     DY, DZ, SAVED, W, B, MEAN, RSTD, DRES, DX, DW, DB, DBIAS,
-    M, N, rows_per_program, stride_dy, stride_dz, stride_saved, stride_dres, stride_dx, dropout_p, SEED,
+    M, N, rows_per_program, stride_dy, stride_dz, stride_saved, stride_dres, stride_dx, dropout_p,
+    branch_scale, SEED,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LN: tl.constexpr, HAS_DZ: tl.constexpr, INVERTIBLE: tl.constexpr, ATOMIC: tl.constexpr,
 ):
@@ -132,10 +138,10 @@ def _bwd_kernel(
             dres = dz.to(DRES.dtype.element_ty)
             tl.store(DRES + rows64[:, None] * stride_dres + cols[None, :], dres, mask=mask)
         if HAS_BRANCH:
-            dx = dz
+            dx = dz * branch_scale
             if HAS_DROPOUT:
                 keep = row_dropout_keep(seed, rows, cols, N, dropout_p)
-                dx = tl.where(keep, dz * (1.0 / (1.0 - dropout_p)), 0.0)
+                dx = tl.where(keep, dz * (branch_scale / (1.0 - dropout_p)), 0.0)
             tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
             acc_dbias += tl.sum(dx, 0)
     if ATOMIC:
@@ -164,7 +170,8 @@ def _dropout_mask_kernel(OUT, M, N, dropout_p, SEED, ROWS: tl.constexpr, BLOCK_N
 # ----------------------------------------------------------------------------- launchers
 
 
-def _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible, out_dtype):
+def _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible, out_dtype,
+             branch_scale=1.0):
     """(z, y, mean, rstd): z (residual's shape) None when neither returned nor needed by the
     backward; y, and mean and rstd (fp32 per row), None without a LayerNorm."""
     check_tensors(x, bias, residual, weight, ln_bias, seed)
@@ -183,7 +190,8 @@ def _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_su
     block_n, rows, warps = row_tile(n)
     _fwd_kernel[(cdiv(m, rows),)](
         *ptrs,
-        m, n, ptrs[0].stride(0), res2.stride(0), n, n, float(eps), dropout_p, res2 if seed is None else seed,
+        m, n, ptrs[0].stride(0), res2.stride(0), n, n, float(eps), dropout_p, float(branch_scale),
+        res2 if seed is None else seed,
         ROWS=rows, BLOCK_N=block_n, HAS_BRANCH=has_branch, HAS_DROPOUT=has_branch and dropout_p > 0.0,
         HAS_LN=has_ln, STORE_SUM=store_sum, num_warps=warps,
     )
@@ -201,7 +209,7 @@ def _kept(z, y, weight, ln_bias, mean, rstd, invertible):
 
 
 def _backward(dz_in, dy, saved, weight, ln_bias, mean, rstd, has_branch, invertible, deterministic, p, seed,
-              x_dtype, bias_dtype, res_dtype):
+              x_dtype, bias_dtype, res_dtype, branch_scale=1.0):
     """(dx, dbias, dresidual, dgamma, dbeta), None where there is no such input. Without a LayerNorm
     dresidual is dz_in itself."""
     require_seed(p if has_branch else 0.0, seed)
@@ -229,7 +237,7 @@ def _backward(dz_in, dy, saved, weight, ln_bias, mean, rstd, has_branch, inverti
                                                     dw, db, dbias)]
     _bwd_kernel[(programs,)](
         *ptrs,
-        m, n, rows_per_program, n, n, n, n, n, p, dres if seed is None else seed,
+        m, n, rows_per_program, n, n, n, n, n, p, float(branch_scale), dres if seed is None else seed,
         ROWS=rows, BLOCK_N=block_n, HAS_BRANCH=has_branch, HAS_DROPOUT=has_branch and p > 0.0,
         HAS_LN=has_ln, HAS_DZ=dz2 is not None, INVERTIBLE=invertible, ATOMIC=not deterministic,
         num_warps=warps,
@@ -260,12 +268,13 @@ class BiasDropoutResidualLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible,
-                deterministic, out_dtype):
+                deterministic, out_dtype, branch_scale):
         z, y, mean, rstd = _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum,
-                                    invertible, out_dtype)
+                                    invertible, out_dtype, branch_scale)
         ctx.save_for_backward(*_kept(z, y, weight, ln_bias, mean, rstd, invertible))
         ctx.options = (x is not None, invertible, deterministic, dropout_p, seed,
-                       None if x is None else x.dtype, None if bias is None else bias.dtype, residual.dtype)
+                       None if x is None else x.dtype, None if bias is None else bias.dtype, residual.dtype,
+                       branch_scale)
         ctx.return_sum = return_sum
         return _outputs(z, y, weight is not None, return_sum)
 
@@ -274,7 +283,7 @@ class BiasDropoutResidualLayerNormFunction(torch.autograd.Function):
         saved, weight, ln_bias, mean, rstd = ctx.saved_tensors
         dz, dy = _incoming(grads, weight is not None, ctx.return_sum)
         return (*_backward(dz, dy, saved, weight, ln_bias, mean, rstd, *ctx.options),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------- torch.compile: custom ops
@@ -292,15 +301,15 @@ def _none_if_empty(t):
 def _op(x: Optional[Tensor], bias: Optional[Tensor], residual: Tensor, weight: Optional[Tensor],  # noqa: UP045
         ln_bias: Optional[Tensor], eps: float, dropout_p: float, seed: Optional[Tensor], return_sum: bool,  # noqa: UP045
         invertible: bool, deterministic: bool,
-        out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # noqa: UP045
+        out_dtype: Optional[torch.dtype], branch_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # noqa: UP045
     z, y, mean, rstd = _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum,
-                                invertible, out_dtype)
+                                invertible, out_dtype, branch_scale)
     return tuple(residual.new_empty(0) if t is None else t for t in (z, y, mean, rstd))
 
 
 @_op.register_fake
 def _(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible, deterministic,
-      out_dtype):
+      out_dtype, branch_scale):
     has_ln = weight is not None
     store_sum = not has_ln or return_sum or not invertible
     rows = residual.numel() // residual.shape[-1]
@@ -315,9 +324,10 @@ def _backward_op(dz: Optional[Tensor], dy: Optional[Tensor], saved: Optional[Ten
                  weight: Optional[Tensor], ln_bias: Optional[Tensor], mean: Optional[Tensor],  # noqa: UP045
                  rstd: Optional[Tensor], has_branch: bool, invertible: bool, deterministic: bool,  # noqa: UP045
                  dropout_p: float, seed: Optional[Tensor], x_dtype: Optional[torch.dtype],  # noqa: UP045
-                 bias_dtype: Optional[torch.dtype], res_dtype: torch.dtype) -> list[Tensor]:  # noqa: UP045
+                 bias_dtype: Optional[torch.dtype], res_dtype: torch.dtype,  # noqa: UP045
+                 branch_scale: float) -> list[Tensor]:
     grads = _backward(dz, dy, saved, weight, ln_bias, mean, rstd, has_branch, invertible, deterministic,
-                      dropout_p, seed, x_dtype, bias_dtype, res_dtype)
+                      dropout_p, seed, x_dtype, bias_dtype, res_dtype, branch_scale)
     if weight is None:
         grads = grads[:2]  # dresidual is dz: the autograd formula passes it on
     return [g for g in grads if g is not None]
@@ -325,7 +335,7 @@ def _backward_op(dz: Optional[Tensor], dy: Optional[Tensor], saved: Optional[Ten
 
 @_backward_op.register_fake
 def _(dz, dy, saved, weight, ln_bias, mean, rstd, has_branch, invertible, deterministic, dropout_p, seed,
-      x_dtype, bias_dtype, res_dtype):
+      x_dtype, bias_dtype, res_dtype, branch_scale):
     like = dy if weight is not None else dz
     grads = []
     if has_branch:
@@ -338,56 +348,61 @@ def _(dz, dy, saved, weight, ln_bias, mean, rstd, has_branch, invertible, determ
 
 def _setup_context(ctx, inputs, output):
     (x, bias, residual, weight, ln_bias, _eps, dropout_p, seed, return_sum, invertible, deterministic,
-     _out_dtype) = inputs
+     _out_dtype, branch_scale) = inputs
     z, y, mean, rstd = (_none_if_empty(t) for t in output)
     ctx.save_for_backward(*_kept(z, y, weight, ln_bias, mean, rstd, invertible), seed)
     ctx.options = (x is not None, invertible, deterministic, dropout_p, None if x is None else x.dtype,
-                   None if bias is None else bias.dtype, residual.dtype)
+                   None if bias is None else bias.dtype, residual.dtype, branch_scale)
     ctx.return_sum = return_sum
 
 
 def _op_backward(ctx, dz, dy, dmean, drstd):
     saved, weight, ln_bias, mean, rstd, seed = ctx.saved_tensors
-    has_branch, invertible, deterministic, dropout_p, x_dtype, bias_dtype, res_dtype = ctx.options
+    (has_branch, invertible, deterministic, dropout_p, x_dtype, bias_dtype, res_dtype,
+     branch_scale) = ctx.options
     has_ln = weight is not None
     if has_ln and not ctx.return_sum:
         dz = None  # z was kept for the backward, not returned
     grads = _backward_op(dz, dy if has_ln else None, saved, weight, ln_bias, mean, rstd, has_branch,
-                         invertible, deterministic, dropout_p, seed, x_dtype, bias_dtype, res_dtype)
+                         invertible, deterministic, dropout_p, seed, x_dtype, bias_dtype, res_dtype,
+                         branch_scale)
     grad_x, grad_bias = (grads[0], grads[1]) if has_branch else (None, None)
     rest = grads[2:] if has_branch else grads
     grad_res, grad_w, grad_b = rest if has_ln else (dz, None, None)
-    return grad_x, grad_bias, grad_res, grad_w, grad_b, None, None, None, None, None, None, None
+    return grad_x, grad_bias, grad_res, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 _op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def _apply(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible, deterministic,
-           out_dtype):
+           out_dtype, branch_scale=1.0):
     """Eager: the autograd.Function; inside a torch.compile graph: the custom op."""
     seed = dropout_seed(dropout_p if x is not None else 0.0, seed, residual.device)
     if not torch.compiler.is_compiling():
         return BiasDropoutResidualLayerNormFunction.apply(x, bias, residual, weight, ln_bias, eps,
                                                           float(dropout_p), seed, return_sum, invertible,
-                                                          deterministic, out_dtype)
+                                                          deterministic, out_dtype, float(branch_scale))
     z, y, _, _ = _op(x, bias, residual, weight, ln_bias, float(eps), float(dropout_p), seed, return_sum,
-                     invertible, deterministic, out_dtype)
+                     invertible, deterministic, out_dtype, float(branch_scale))
     return _outputs(z, y, weight is not None, return_sum)
 
 
 def bias_dropout_residual_layernorm(x, bias, residual, weight, ln_bias, eps=1e-12, dropout_p=0.0, *,
                                     seed=None, return_sum=False, invertible=False, deterministic=True,
-                                    out_dtype=None):
-    """``LN(residual + dropout(x + bias))`` over the last dimension; with ``return_sum`` also the
-    sum itself (``(z, y)``, pre-LN). y has ``out_dtype`` (default x's dtype), z residual's dtype."""
+                                    out_dtype=None, branch_scale=1.0):
+    """``LN(residual + branch_scale * dropout(x + bias))`` over the last dimension; with
+    ``return_sum`` also the sum itself (``(z, y)``, pre-LN). y has ``out_dtype`` (default x's
+    dtype), z residual's dtype."""
     return _apply(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible,
-                  deterministic, out_dtype or x.dtype)
+                  deterministic, out_dtype or x.dtype, branch_scale)
 
 
-def bias_dropout_residual(x, bias, residual, dropout_p=0.0, *, seed=None, deterministic=True):
-    """``residual + dropout(x + bias)`` in residual's dtype (the pre-LN FFN end)."""
-    return _apply(x, bias, residual, None, None, 0.0, dropout_p, seed, False, False, deterministic, None)
+def bias_dropout_residual(x, bias, residual, dropout_p=0.0, *, seed=None, deterministic=True,
+                          branch_scale=1.0):
+    """``residual + branch_scale * dropout(x + bias)`` in residual's dtype (the pre-LN FFN end)."""
+    return _apply(x, bias, residual, None, None, 0.0, dropout_p, seed, False, False, deterministic, None,
+                  branch_scale)
 
 
 def layer_norm(x, weight, bias, eps=1e-12, *, invertible=False, deterministic=True, out_dtype=None):
@@ -416,15 +431,15 @@ def _dropout_ref(t: torch.Tensor, dropout_p: float, dropout_mask: torch.Tensor |
 
 
 def bias_dropout_residual_layernorm_ref(x, bias, residual, weight, ln_bias, eps=1e-12, dropout_p=0.0,
-                                       dropout_mask=None, return_sum=False):
+                                       dropout_mask=None, return_sum=False, branch_scale=1.0):
     """PyTorch reference; ``dropout_mask`` (bool, x's shape or [rows, cols]) replays the kernel's."""
-    z = residual + _dropout_ref(x + bias, dropout_p, dropout_mask)
+    z = residual + branch_scale * _dropout_ref(x + bias, dropout_p, dropout_mask)
     y = F.layer_norm(z, z.shape[-1:], weight, ln_bias, eps)
     return (z, y) if return_sum else y
 
 
-def bias_dropout_residual_ref(x, bias, residual, dropout_p=0.0, dropout_mask=None):
-    return residual + _dropout_ref(x + bias, dropout_p, dropout_mask)
+def bias_dropout_residual_ref(x, bias, residual, dropout_p=0.0, dropout_mask=None, branch_scale=1.0):
+    return residual + branch_scale * _dropout_ref(x + bias, dropout_p, dropout_mask)
 
 
 class BiasDropoutResidualLayerNorm(nn.Module):

@@ -104,8 +104,8 @@ class TritonBertLayer(nn.Module):
     # heads and the loss compiled around the Triton kernels, and no Triton in Dynamo's tracing.
     def forward(self, x: torch.Tensor, layout, branch_scale: float = 1.0) -> torch.Tensor:
         """``branch_scale`` multiplies both residual branches before they join the residual stream
-        (progressive layer dropping's 1 / keep probability); it is folded into the output projections'
-        weights and biases, so the fused kernels run as they are."""
+        (progressive layer dropping's 1 / keep probability), inside the bias + dropout + residual
+        kernels."""
         hidden = x.shape[-1]
         rows = x.shape[:-1]  # (B, S) padded, (T,) packed
         attn, attn_out, ffn_out = self.attention.self, self.attention.output, self.output
@@ -114,12 +114,10 @@ class TritonBertLayer(nn.Module):
         p_attn_out = attn_out.dropout.p if self.training else 0.0
         p_ffn_out = ffn_out.dropout.p if self.training else 0.0
         ln_a, ln_o = attn_out.LayerNorm, ffn_out.LayerNorm
-        # dropout(s * y) = s * dropout(y): the scale goes on the projection that makes y, and its bias
         w_a, b_a = attn_out.dense.weight, attn_out.dense.bias
         w_f, b_f = ffn_out.dense.weight, ffn_out.dense.bias
-        if branch_scale != 1.0:
-            w_a, b_a, w_f, b_f = (t * branch_scale for t in (w_a, b_a, w_f, b_f))
         norm = dict(invertible=self.normalize_invertible, deterministic=deterministic)
+        scale = float(branch_scale)
 
         h = x
         if self.pre_layer_norm:
@@ -135,19 +133,20 @@ class TritonBertLayer(nn.Module):
             context = flash_attention_qkvpacked(qkv, layout, p_attn, **options)
         a = F.linear(context.view(*rows, hidden), w_a)
         if self.pre_layer_norm:  # the sum continues the residual stream, LN_o(sum) feeds the FFN
-            x, h = bias_dropout_residual_layernorm(a, b_a, x, ln_o.weight, ln_o.bias,
-                                                   ln_o.eps, p_attn_out, return_sum=True, **norm)
+            x, h = bias_dropout_residual_layernorm(a, b_a, x, ln_o.weight, ln_o.bias, ln_o.eps, p_attn_out,
+                                                   return_sum=True, branch_scale=scale, **norm)
         else:
             x = h = bias_dropout_residual_layernorm(a, b_a, x, ln_a.weight, ln_a.bias,
-                                                    ln_a.eps, p_attn_out, **norm)
+                                                    ln_a.eps, p_attn_out, branch_scale=scale, **norm)
 
         pre_activation = F.linear(h, self.intermediate.dense.weight)
         f = bias_gelu_linear(pre_activation, self.intermediate.dense.bias, w_f,
                              checkpoint=self.gelu_checkpoint, deterministic=deterministic)
         if self.pre_layer_norm:
-            return bias_dropout_residual(f, b_f, x, p_ffn_out, deterministic=deterministic)
+            return bias_dropout_residual(f, b_f, x, p_ffn_out, deterministic=deterministic,
+                                         branch_scale=scale)
         return bias_dropout_residual_layernorm(f, b_f, x, ln_o.weight, ln_o.bias, ln_o.eps,
-                                               p_ffn_out, **norm)
+                                               p_ffn_out, branch_scale=scale, **norm)
 
 
 # The DeepSpeed-named memory/speed options of TritonBertLayer (and of ``conf/kernel/triton.yaml``).

@@ -212,6 +212,12 @@ def test_triton_layer_scales_its_branches_as_the_torch_layer(pre_layer_norm):
         torch.testing.assert_close(pb[name], pa[name], rtol=1e-4, atol=1e-5, msg=name)
     unscaled = fused(x, mask)
     assert not torch.allclose(unscaled, b, atol=1e-3)  # the scale does reach the fused layer
+    # the scale is the kernels' argument: the backward keeps what an unscaled layer keeps
+    from saved_tensors import saved_bytes
+
+    _, scaled_bytes = saved_bytes(lambda: fused(x.clone().requires_grad_(), mask, branch_scale=1 / 0.55))
+    _, plain_bytes = saved_bytes(lambda: fused(x.clone().requires_grad_(), mask))
+    assert scaled_bytes == plain_bytes
 
 
 # ----------------------------------------------------------------------------- the engine

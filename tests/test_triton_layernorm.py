@@ -86,6 +86,30 @@ def test_bias_dropout_residual_matches_reference():
     assert_all_close(got, want, ["out", "dx", "dbias", "dresidual"])
 
 
+@pytest.mark.parametrize("return_sum", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_branch_scale_multiplies_the_dropped_out_branch(return_sum, p):
+    """``residual + s * dropout(x + bias)`` (progressive layer dropping's 1 / keep), with its
+    gradients, in the LayerNorm forms and the plain residual form."""
+    shape, seed, scale = (3, 33, 96), 11, 1 / 0.55
+    tensors = inputs(shape, seed=70)
+    keep = kt.row_dropout_mask(seed, 99, 96, p, DEVICE) if p else None
+    grads = (randn(*shape, seed=71), randn(*shape, seed=72)) if return_sum else randn(*shape, seed=71)
+    got = run(kt.bias_dropout_residual_layernorm, tensors, grads, EPS, p, seed=seed, return_sum=return_sum,
+              branch_scale=scale)
+    want = run(kt.bias_dropout_residual_layernorm_ref, tensors, grads, EPS, p, keep, return_sum=return_sum,
+               branch_scale=scale)
+    assert_all_close(got, want, (["sum"] if return_sum else []) + NAMES)
+    unscaled = run(kt.bias_dropout_residual_layernorm_ref, tensors, grads, EPS, p, keep,
+                   return_sum=return_sum)
+    assert not torch.allclose(got[0], unscaled[0], atol=1e-3)  # the scale changes the result
+    x, bias, residual = tensors[:3]
+    grad = randn(*shape, seed=73)
+    got = run(kt.bias_dropout_residual, (x, bias, residual), grad, p, seed=seed, branch_scale=scale)
+    want = run(kt.bias_dropout_residual_ref, (x, bias, residual), grad, p, keep, branch_scale=scale)
+    assert_all_close(got, want, ["out", "dx", "dbias", "dresidual"])
+
+
 @pytest.mark.parametrize("invertible", [False, True])
 def test_layer_norm_matches_torch(invertible):
     x, gamma, beta = randn(3, 33, 96, seed=50) * 3 + 1, 1.0 + randn(96, seed=51), randn(96, seed=52)
