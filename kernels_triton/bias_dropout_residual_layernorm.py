@@ -301,7 +301,8 @@ def _none_if_empty(t):
 def _op(x: Optional[Tensor], bias: Optional[Tensor], residual: Tensor, weight: Optional[Tensor],  # noqa: UP045
         ln_bias: Optional[Tensor], eps: float, dropout_p: float, seed: Optional[Tensor], return_sum: bool,  # noqa: UP045
         invertible: bool, deterministic: bool,
-        out_dtype: Optional[torch.dtype], branch_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # noqa: UP045
+        out_dtype: Optional[torch.dtype],  # noqa: UP045
+        branch_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     z, y, mean, rstd = _forward(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum,
                                 invertible, out_dtype, branch_scale)
     return tuple(residual.new_empty(0) if t is None else t for t in (z, y, mean, rstd))
@@ -309,7 +310,7 @@ def _op(x: Optional[Tensor], bias: Optional[Tensor], residual: Tensor, weight: O
 
 @_op.register_fake
 def _(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, return_sum, invertible, deterministic,
-      out_dtype, branch_scale):
+      out_dtype, branch_scale=1.0):
     has_ln = weight is not None
     store_sum = not has_ln or return_sum or not invertible
     rows = residual.numel() // residual.shape[-1]
@@ -325,7 +326,7 @@ def _backward_op(dz: Optional[Tensor], dy: Optional[Tensor], saved: Optional[Ten
                  rstd: Optional[Tensor], has_branch: bool, invertible: bool, deterministic: bool,  # noqa: UP045
                  dropout_p: float, seed: Optional[Tensor], x_dtype: Optional[torch.dtype],  # noqa: UP045
                  bias_dtype: Optional[torch.dtype], res_dtype: torch.dtype,  # noqa: UP045
-                 branch_scale: float) -> list[Tensor]:
+                 branch_scale: float = 1.0) -> list[Tensor]:
     grads = _backward(dz, dy, saved, weight, ln_bias, mean, rstd, has_branch, invertible, deterministic,
                       dropout_p, seed, x_dtype, bias_dtype, res_dtype, branch_scale)
     if weight is None:
@@ -335,7 +336,7 @@ def _backward_op(dz: Optional[Tensor], dy: Optional[Tensor], saved: Optional[Ten
 
 @_backward_op.register_fake
 def _(dz, dy, saved, weight, ln_bias, mean, rstd, has_branch, invertible, deterministic, dropout_p, seed,
-      x_dtype, bias_dtype, res_dtype, branch_scale):
+      x_dtype, bias_dtype, res_dtype, branch_scale=1.0):
     like = dy if weight is not None else dz
     grads = []
     if has_branch:
