@@ -139,7 +139,7 @@ def test_pre_layer_norm_model_is_refused(tmp_path):
     checkpoints = save_ds(tmp_path / "run", model)
     with pytest.raises(CheckpointError, match=r"pre-LN model \(pre_layer_norm=true.*post-LN only") as err:
         export_hf(checkpoints, tmp_path / "hf")
-    assert "state.pt" in str(err.value)
+    assert "state.pt" in str(err.value) and "model.pre_layer_norm=false" in str(err.value)
     assert not (tmp_path / "hf").exists()
 
 

@@ -147,9 +147,11 @@ def export_hf(
         raise CheckpointError(f"{imported.source} came without a BERT config; pass --origin-bert-config-file "
                               f"(a bert_config.json or config.json)")
     if imported.config.pre_layer_norm:
-        raise CheckpointError(f"{imported.source} is a pre-LN model (pre_layer_norm=true); Hugging Face's "
-                              f"BertModel is post-LN only and would compute something else, so it cannot be "
-                              f"exported to it")
+        raise CheckpointError(f"{imported.source} is a pre-LN model (pre_layer_norm=true, the recipe's "
+                              f"phases' default, as bing_bert's); Hugging Face's BertModel is post-LN only "
+                              f"and would compute something else, so it cannot be exported to it. For a "
+                              f"model transformers can load, pre-train with model.pre_layer_norm=false; "
+                              f"bertrecipes' own SQuAD fine-tuning and evaluation take pre-LN checkpoints")
     architecture = architecture or ("qa" if "qa_outputs.weight" in imported.state_dict else "pretraining")
     state = to_hf_state_dict(imported.state_dict, architecture, imported.source)
     vocab = Path(vocab_file) if vocab_file else imported.vocab_file
