@@ -143,11 +143,18 @@ def prepare_output_dir(path: str | Path) -> Path:
     return path
 
 
-def build_model_config(model_cfg: DictConfig, tokenizer_vocab_size: int, max_seq_length: int) -> BertConfig:
-    fields = OmegaConf.to_container(model_cfg, resolve=True)
-    multiple = fields.pop("pad_vocab_to_multiple_of", 1)
+def vocab_multiple(model_cfg: DictConfig) -> int:
+    """``model.pad_vocab_to_multiple_of``, checked."""
+    multiple = model_cfg.get("pad_vocab_to_multiple_of", 1)
     if not isinstance(multiple, int) or multiple < 1:
         raise ConfigError(f"model.pad_vocab_to_multiple_of must be a positive integer, got {multiple!r}")
+    return multiple
+
+
+def build_model_config(model_cfg: DictConfig, tokenizer_vocab_size: int, max_seq_length: int) -> BertConfig:
+    fields = OmegaConf.to_container(model_cfg, resolve=True)
+    fields.pop("pad_vocab_to_multiple_of", None)
+    multiple = vocab_multiple(model_cfg)
     vocab_size = fields.pop("vocab_size") or -(-tokenizer_vocab_size // multiple) * multiple
     if vocab_size < tokenizer_vocab_size:
         raise ConfigError(
@@ -217,9 +224,9 @@ def layer_drop_settings(cfg: DictConfig) -> dict | None:
     return {"theta": float(pld.theta), "gamma": float(pld.gamma)} if pld.enabled else None
 
 
-def build_layer_drop(cfg: DictConfig, model_config: BertConfig,
-                     ctx: dist.DistContext) -> ProgressiveLayerDrop | None:
-    """The run's progressive layer dropping (``progressive_layer_drop.enabled``), or None."""
+def build_layer_drop(cfg: DictConfig, ctx: dist.DistContext) -> ProgressiveLayerDrop | None:
+    """The run's progressive layer dropping (``progressive_layer_drop.enabled``), or None; its
+    settings are checked here, before any data work."""
     pld = cfg.progressive_layer_drop
     if not pld.enabled:
         return None
@@ -230,18 +237,25 @@ def build_layer_drop(cfg: DictConfig, model_config: BertConfig,
         raise ConfigError("progressive_layer_drop.enabled=true with distributed.strategy=fsdp: each rank "
                           "skips its own layers, and FSDP gathers a layer's weights with every rank; use "
                           "distributed.strategy=ddp (with distributed.zero_stage=1 to shard the optimizer)")
-    if not model_config.pre_layer_norm:
+    if not cfg.model.pre_layer_norm:
         log.warning("progressive_layer_drop on a post-LN model: DeepSpeed's recipe and the PLD paper use "
                     "pre-LN (model.pre_layer_norm=true), which they found keeps training stable when "
                     "layers are skipped")
-    return ProgressiveLayerDrop(model_config.num_hidden_layers, pld.theta, pld.gamma, cfg.seed)
+    return ProgressiveLayerDrop(cfg.model.num_hidden_layers, pld.theta, pld.gamma, cfg.seed)
 
 
 def check_triton_device(cfg: DictConfig, device: torch.device) -> None:
     """``kernel=triton`` and ``optimizer.fused=true`` launch Triton kernels: they need CUDA tensors,
     or Triton's interpreter (``TRITON_INTERPRET=1``) on a CPU. Said before any work, not at the first
     forward or step."""
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cuda":
+        return
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        if cfg.kernel.name == "triton" and cfg.precision.dtype == "bf16":
+            log.warning("kernel=triton precision=bf16 in Triton's interpreter (TRITON_INTERPRET=1): the "
+                        "interpreter computes bf16 matrix products wrongly, so this run's gradients are "
+                        "wrong; on a CPU use precision=fp32 or fp16 with kernel=triton (on a GPU bf16 is "
+                        "right)")
         return
     wanted = [knob for knob, on in (("kernel=triton", cfg.kernel.name == "triton"),
                                     ("optimizer.fused=true", cfg.optimizer.get("fused") is True)) if on]
@@ -524,6 +538,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         raise ConfigError(f"compile_mode must be one of {', '.join(dist.COMPILE_MODES)}, "
                           f"got {cfg.compile_mode!r}")
     check_triton_device(cfg, device)
+    layer_drop = build_layer_drop(cfg, ctx)
+    vocab_multiple(cfg.model)
     total_steps = cfg.total_training_steps or cfg.max_steps
     precision = cfg.precision.dtype
     autocast_dtype(precision)  # validates the name
@@ -556,7 +572,6 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         eval_share(len(eval_dataset), cfg.max_eval_samples, ctx.world_size)
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
     unpad, unpad_bucket = unpad_options(cfg.kernel)
-    layer_drop = build_layer_drop(cfg, model_config, ctx)
     raw_model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel),
                                    unpad=unpad, unpad_bucket=unpad_bucket).to(device)
     schedule = build_from_config("scheduler", cfg.scheduler, base_lr=cfg.optimizer.lr,

@@ -288,10 +288,18 @@ def test_post_ln_with_layer_drop_warns(make_cfg, tmp_path, caplog):
     assert "model.pre_layer_norm=true" in caplog.text
 
 
-def test_a_bad_theta_fails_before_training(make_cfg, tmp_path):
+def test_a_bad_theta_fails_before_any_data_work(make_cfg, tmp_path, monkeypatch):
+    import bertrecipes.engine as engine
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were prepared before the settings were checked")
+
+    monkeypatch.setattr(engine, "build_pretraining_dataset", no_data)
     with pytest.raises(ConfigError, match=r"progressive_layer_drop.theta must be in \(0, 1\], got 0.0"):
         train(make_cfg(*TINY, "max_steps=1", "progressive_layer_drop.enabled=true",
                        "progressive_layer_drop.theta=0.0"))
+    with pytest.raises(ConfigError, match="model.pad_vocab_to_multiple_of must be a positive integer, got 0"):
+        train(make_cfg(*TINY, "max_steps=1", "model.pad_vocab_to_multiple_of=0"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

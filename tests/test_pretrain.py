@@ -278,6 +278,18 @@ def test_a_second_run_into_a_used_output_dir_is_refused_unless_it_resumes(make_c
     assert "give total_training_steps=2 to keep the horizon" in caplog.text
 
 
+def test_triton_bf16_in_the_interpreter_warns_that_its_gradients_are_wrong(make_cfg, monkeypatch, caplog):
+    from bertrecipes.engine import check_triton_device
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_triton_device(make_cfg("kernel=triton", "precision=bf16"), torch.device("cpu"))
+    assert "computes bf16 matrix products wrongly" in caplog.text
+    caplog.clear()
+    check_triton_device(make_cfg("kernel=triton", "precision=fp16"), torch.device("cpu"))
+    check_triton_device(make_cfg("kernel=torch", "precision=bf16"), torch.device("cpu"))
+    assert "wrongly" not in caplog.text
+
+
 def test_triton_kernels_on_a_cpu_without_the_interpreter_are_refused_up_front(make_cfg, monkeypatch):
     from bertrecipes.engine import check_triton_device
 
