@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -222,13 +222,31 @@ class PretrainConfig:
 
 
 def refuse_unknown_keys(cfg: Any, schema: type) -> None:
-    """A top-level key the schema lacks (added with Hydra's ``+key=...``, which its own typo message
-    suggests) would be silently ignored: name it instead."""
+    """A key the schema lacks (added with Hydra's ``+key=...``, which its own typo message suggests)
+    would be silently ignored: name it instead. Top-level keys, and the keys of every group or block
+    built from a schema (``+kernel.foo=1``, ``+progressive_layer_drop.thta=0.5``)."""
     known = {f.name for f in fields(schema)}
     unknown = sorted(k for k in cfg if k not in known)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)} (added with +key=...?); nothing "
                           f"reads them. Valid keys: {', '.join(sorted(known))}")
+    _refuse_unknown_nested(cfg, "")
+
+
+def _refuse_unknown_nested(node: Any, prefix: str) -> None:
+    for key in node:
+        child = node._get_node(key)
+        if not OmegaConf.is_dict(child):
+            continue
+        schema = OmegaConf.get_type(child)
+        name = f"{prefix}{key}"
+        if is_dataclass(schema):
+            known = {f.name for f in fields(schema)}
+            unknown = sorted(f"{name}.{k}" for k in child if k not in known)
+            if unknown:
+                raise ConfigError(f"unknown key(s) {', '.join(unknown)} (added with +key=...?); nothing "
+                                  f"reads them. Valid keys of {name}: {', '.join(sorted(known))}")
+        _refuse_unknown_nested(child, f"{name}.")
 
 
 def launch_time() -> datetime.datetime:

@@ -255,6 +255,17 @@ def test_bad_values_fail_before_any_work_naming_them(make_cfg, tmp_path, overrid
 def test_a_key_added_with_plus_that_nothing_reads_is_refused(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="unknown top-level key.s. max_stpes .added with .key=...?."):
         train(make_cfg(*TINY, "+max_stpes=1", output_dir=tmp_path / "run"))
+    # inside a group or block too, named with the block's valid keys
+    for added, valid in (("+progressive_layer_drop.thta=0.5", "enabled, gamma, theta"),
+                         ("+kernel.unpadd=true", "attn_dropout_checkpoint"),
+                         ("+model.hidden_sise=64", "attention_probs_dropout_prob"),
+                         ("+distributed.zero=1", "backend")):
+        key = added[1:].split("=")[0]
+        message = f"unknown key(s) {key} (added with +key=...?); nothing reads them. Valid keys of " \
+                  f"{key.split('.')[0]}: {valid}"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            train(make_cfg(*TINY, added, output_dir=tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_phase_two_without_its_phase_one_checkpoint_is_refused(make_cfg, tmp_path):

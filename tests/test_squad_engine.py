@@ -318,6 +318,9 @@ def test_a_squad_key_added_with_plus_that_nothing_reads_is_refused(squad_files, 
     with pytest.raises(UserError, match="unknown top-level key.s. max_stpes"):
         run(compose_squad(*TINY, f"train_file={data}", f"vocab_file={vocab}", "+max_stpes=1",
                           f"output_dir={tmp_path / 'run'}"))
+    with pytest.raises(UserError, match="unknown key.s. kernel.unpadd .* Valid keys of kernel: "):
+        run(compose_squad(*TINY, f"train_file={data}", f"vocab_file={vocab}", "+kernel.unpadd=true",
+                          f"output_dir={tmp_path / 'run'}"))
 
 
 def test_fine_tuning_into_a_used_output_dir_is_refused_but_predicting_there_is_not(squad_files, tmp_path):
