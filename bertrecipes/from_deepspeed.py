@@ -164,7 +164,7 @@ def deepspeed_overrides(ds: dict, task: str) -> tuple[list[str], list[str]]:
     return overrides, notes
 
 
-def bing_bert_overrides(config: dict, seq: int | None, lr_schedule: str) -> tuple[list[str], list[str]]:
+def bing_bert_overrides(config: dict, seq: int | None) -> tuple[list[str], list[str]]:
     """(overrides, notes) for bing_bert's training config (``bert_large_lamb.json``'s shape)."""
     overrides, notes = [], []
     model = config.get("bert_model_config") or {}
@@ -194,7 +194,7 @@ def bing_bert_overrides(config: dict, seq: int | None, lr_schedule: str) -> tupl
     training = training or {}
     if "learning_rate" in training:
         overrides.append(f"optimizer.lr={_value(float(training['learning_rate']))}")
-    for key in ("warmup_proportion",) + (("decay_rate", "decay_step") if lr_schedule == "EE" else ()):
+    for key in ("warmup_proportion", "decay_rate", "decay_step"):  # EE and LE decay alike
         if key in training:
             overrides.append(f"scheduler.{key}={_value(training[key])}")
     if "total_training_steps" in training:
@@ -214,14 +214,15 @@ def command(ds_config: Path, bing_bert_config: Path | None = None, task: str = "
             raise UserError("--bing-bert-config is bing_bert's pre-training config; SQuAD fine-tuning takes "
                             "its architecture from model_file")
         return ["python", "-m", "bertrecipes.squad", *overrides], notes
-    overrides.append("scheduler=" + {"EE": "warmup_exp_decay_exp", "LE": "warmup_linear"}[lr_schedule])
+    schedules = {"EE": "warmup_exp_decay_exp", "LE": "warmup_linear_decay_exp"}
+    overrides.append(f"scheduler={schedules[lr_schedule]}")
     if bing_bert_config is None:
         notes.append("no --bing-bert-config: the model and the schedule's settings stay bertrecipes' "
                      "defaults (model=bert_tiny); give bing_bert's training config, or set model= and "
                      "scheduler.* yourself")
     else:
         training_config = _read_json(bing_bert_config, "bing_bert config")
-        more, more_notes = bing_bert_overrides(training_config, seq, lr_schedule)
+        more, more_notes = bing_bert_overrides(training_config, seq)
         # bing_bert sets the LR from its own config's learning_rate: that one wins
         ours = [o for o in overrides if o.startswith("optimizer.lr=")]
         theirs = [o for o in more if o.startswith("optimizer.lr=")]
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=("pretrain", "squad"), default="pretrain")
     parser.add_argument("--seq", type=int, help="sequence length (bing_bert's --max_seq_length)")
     parser.add_argument("--lr-schedule", choices=("EE", "LE"), default="EE",
-                        help="bing_bert's --lr_schedule: EE = warmup_exp_decay_exp, LE = warmup_linear")
+                        help="bing_bert's --lr_schedule: EE = warmup_exp_decay_exp, "
+                             "LE = warmup_linear_decay_exp (linear warmup, the same decay)")
     parser.add_argument("--lr-offset", type=float, help="bing_bert's --lr_offset")
     parser.add_argument("--max-predictions-per-seq", type=int, help="bing_bert's --max_predictions_per_seq")
     args = parser.parse_args(argv)

@@ -187,3 +187,20 @@ def test_progressive_layer_drop_maps_to_its_block_on_the_pre_ln_model(tmp_path):
     assert "ZeRO stage 3 with progressive_layer_drop" in said and "without theta and gamma" in said
     with pytest.raises(UserError, match="progressive_layer_drop must be a JSON object"):
         command(write(tmp_path, "bad_pld.json", {"progressive_layer_drop": True}))
+
+
+def test_lr_schedule_le_is_bing_berts_linear_warmup_with_exponential_decay(tmp_path):
+    """bing_bert's LE (``warmup_linear_decay_exp``, its progressive-layer-drop scripts): linear warmup,
+    then ``decay_rate ** ((step - warmup_end) / decay_step)``, the formula of its ``utils.py``."""
+    from hydra.utils import instantiate
+
+    words, _ = command(write(tmp_path, "ds.json", DS_SEQ128), write(tmp_path, "bert.json", BING_BERT),
+                       seq=128, lr_schedule="LE")
+    scheduler = composed(words).scheduler
+    assert (scheduler.decay_rate, scheduler.decay_step, scheduler.warmup_proportion) == (0.9, 250, 0.06)
+    schedule = instantiate(scheduler, base_lr=1.0, total_steps=7500)
+    warmup_end = 0.06 * 7500
+    for step in (0, 1, 200, 449, 450, 451, 1000, 7499):
+        x = step / 7500
+        want = x / 0.06 if x < 0.06 else 0.9 ** ((step - warmup_end) / 250)
+        assert schedule(step) == pytest.approx(want, rel=1e-12), step
