@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bertrecipes.errors import UserError
+from bertrecipes.errors import ConfigError, UserError
+from bertrecipes.layer_drop import check_config
 
 # Keys of a DeepSpeed config that change nothing in a bertrecipes run (logging, timers) or that
 # its other settings cover; said in a note, not mapped.
@@ -73,17 +74,37 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+def _block(ds: dict, key: str) -> dict:
+    """``ds[key]`` as a JSON object ({} when absent or null)."""
+    value = ds.get(key)
+    if key == "zero_optimization" and isinstance(value, bool):  # DeepSpeed's old form: true = stage 1
+        return {"stage": int(value)}
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{key} must be a JSON object, got {value!r}")
+    return value
+
+
+def _number(value: object, name: str, kind: type = float) -> float | int:
+    """``value`` as a ``kind`` (float or int), or a UserError naming ``name``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or (kind is int and value != int(value)):
+        raise UserError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
 def deepspeed_overrides(ds: dict, task: str) -> tuple[list[str], list[str]]:
     """(overrides, notes) for a DeepSpeed config ``ds``."""
     overrides, notes = [], []
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "steps_per_print"):
         if key in ds:
-            overrides.append(f"{key}={_value(ds[key])}")
+            overrides.append(f"{key}={_value(_number(ds[key], key, int))}")
     if "gradient_clipping" in ds:
-        overrides.append(f"max_grad_norm={_value(float(ds['gradient_clipping']))}")
+        overrides.append(f"max_grad_norm={_value(_number(ds['gradient_clipping'], 'gradient_clipping'))}")
 
-    optimizer = ds.get("optimizer")
+    optimizer = _block(ds, "optimizer")
     if optimizer:
         kind = str(optimizer.get("type", "")).lower()
         name = _OPTIMIZER_TYPES.get(kind)
@@ -100,7 +121,7 @@ def deepspeed_overrides(ds: dict, task: str) -> tuple[list[str], list[str]]:
         if params:
             notes.append(f"optimizer params without a counterpart, not mapped: {', '.join(sorted(params))}")
 
-    fp16, bf16 = ds.get("fp16") or {}, ds.get("bf16") or ds.get("bfloat16") or {}
+    fp16, bf16 = _block(ds, "fp16"), _block(ds, "bf16") or _block(ds, "bfloat16")
     if fp16.get("enabled"):
         overrides.append("precision=fp16")
         overrides += [f"precision.{k}={_value(fp16[k])}" for k in _FP16_KEYS if k in fp16]
@@ -112,7 +133,9 @@ def deepspeed_overrides(ds: dict, task: str) -> tuple[list[str], list[str]]:
     else:
         overrides.append("precision=fp32")
 
-    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    stage = _number(_block(ds, "zero_optimization").get("stage", 0), "zero_optimization.stage", int)
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
     if stage == 1:
         overrides.append("distributed.zero_stage=1")
     elif stage == 2:
@@ -125,21 +148,25 @@ def deepspeed_overrides(ds: dict, task: str) -> tuple[list[str], list[str]]:
                          "plain DDP is used")
         else:
             overrides.append("distributed.strategy=fsdp")
-    pld = ds.get("progressive_layer_drop") or {}
-    if not isinstance(pld, dict):
-        raise UserError(f"progressive_layer_drop must be a JSON object ({{\"enabled\": true, \"theta\": ..., "
-                        f"\"gamma\": ...}}), got {pld!r}")
+    pld = _block(ds, "progressive_layer_drop")
     if pld.get("enabled"):
         if task == "squad":
             notes.append("progressive_layer_drop is for pre-training; fine-tuning runs every layer")
         else:
             overrides.append("progressive_layer_drop.enabled=true")
-            overrides += [f"progressive_layer_drop.{k}={_value(float(pld[k]))}" for k in ("theta", "gamma")
-                          if k in pld]
-            missing = [k for k in ("theta", "gamma") if k not in pld]
+            given = {k: _number(pld[k], f"progressive_layer_drop.{k}") for k in ("theta", "gamma")
+                     if k in pld}
+            try:
+                check_config(given.get("theta", 0.5), given.get("gamma", 0.001))
+            except ConfigError as e:
+                raise UserError(str(e)) from e
+            overrides += [f"progressive_layer_drop.{k}={_value(v)}" for k, v in given.items()]
+            defaults = {"theta": 0.5, "gamma": 0.001}
+            missing = [f"{k} {defaults[k]}" for k in defaults if k not in given]
             if missing:
-                notes.append(f"progressive_layer_drop without {' and '.join(missing)} (DeepSpeed requires "
-                             "them): bertrecipes' defaults, theta 0.5 and gamma 0.001, apply")
+                names = " and ".join(k.split()[0] for k in missing)
+                notes.append(f"progressive_layer_drop without {names} (DeepSpeed requires them): "
+                             f"bertrecipes' default {' and '.join(missing)} applies")
             overrides.append("model.pre_layer_norm=true")
             notes.append("progressive_layer_drop: bing_bert runs it on its pre-LN model "
                          "(modelingpreln_layerdrop.py), hence model.pre_layer_norm=true")
@@ -187,9 +214,12 @@ def bing_bert_overrides(config: dict, seq: int | None) -> tuple[list[str], list[
     training = config.get("training")
     mixed = config.get("mixed_seq_training") or {}
     if mixed:
-        if seq is None or str(seq) not in mixed:
+        if seq is None:
             raise UserError(f"the bing_bert config trains at several lengths ({', '.join(sorted(mixed))}): "
                             f"give --seq with one of them")
+        if str(seq) not in mixed:
+            raise UserError(f"--seq {seq} is not one of the bing_bert config's lengths "
+                            f"({', '.join(sorted(mixed))})")
         training = mixed[str(seq)]
     training = training or {}
     if "learning_rate" in training:
@@ -200,7 +230,7 @@ def bing_bert_overrides(config: dict, seq: int | None) -> tuple[list[str], list[
     if "total_training_steps" in training:
         overrides.append(f"total_training_steps={_value(training['total_training_steps'])}")
         notes.append("max_steps is not in bing_bert's config (it runs num_epochs or stops by hand): set "
-                     "max_steps= (the recipe: 7038 at seq128, 1561 at seq512)")
+                     "max_steps= (BERT-large's 64K/32K LAMB recipe: 7038 at seq128, 1561 at seq512)")
     return overrides, notes
 
 

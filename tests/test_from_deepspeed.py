@@ -204,3 +204,34 @@ def test_lr_schedule_le_is_bing_berts_linear_warmup_with_exponential_decay(tmp_p
         x = step / 7500
         want = x / 0.06 if x < 0.06 else 0.9 ** ((step - warmup_end) / 250)
         assert schedule(step) == pytest.approx(want, rel=1e-12), step
+
+
+PLD_ON = {"enabled": True}
+
+
+@pytest.mark.parametrize("ds,message", [
+    ({"progressive_layer_drop": {**PLD_ON, "theta": None}}, "progressive_layer_drop.theta must be a number"),
+    ({"progressive_layer_drop": {**PLD_ON, "theta": 1.5}}, r"progressive_layer_drop.theta must be in \(0, 1\]"),
+    ({"progressive_layer_drop": {**PLD_ON, "gamma": -1}}, "progressive_layer_drop.gamma must be a finite"),
+    ({"zero_optimization": {"stage": "x"}}, "zero_optimization.stage must be an integer, got 'x'"),
+    ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage must be 0, 1, 2 or 3, got 5"),
+    ({"optimizer": "Lamb"}, "optimizer must be a JSON object, got 'Lamb'"),
+    ({"fp16": True}, "fp16 must be a JSON object"),
+    ({"train_batch_size": "64"}, "train_batch_size must be an integer, got '64'"),
+    ({"gradient_clipping": "1.0"}, "gradient_clipping must be a number"),
+])
+def test_bad_values_are_one_line_errors_naming_them(tmp_path, ds, message):
+    with pytest.raises(UserError, match=message):
+        command(write(tmp_path, "bad.json", ds))
+
+
+def test_deepspeeds_old_boolean_zero_optimization_is_stage_one(tmp_path):
+    words, _ = command(write(tmp_path, "zero.json", {"zero_optimization": True}))
+    assert composed(words).distributed.zero_stage == 1
+    words, _ = command(write(tmp_path, "off.json", {"zero_optimization": False}))
+    assert composed(words).distributed.zero_stage == 0
+
+
+def test_a_seq_the_bing_bert_config_lacks_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"--seq 256 is not one of the bing_bert config's lengths \(128, 512"):
+        command(write(tmp_path, "ds.json", DS_SEQ128), write(tmp_path, "bert.json", BING_BERT), seq=256)
