@@ -211,7 +211,7 @@ PLD_ON = {"enabled": True}
 
 @pytest.mark.parametrize("ds,message", [
     ({"progressive_layer_drop": {**PLD_ON, "theta": None}}, "progressive_layer_drop.theta must be a number"),
-    ({"progressive_layer_drop": {**PLD_ON, "theta": 1.5}}, r"progressive_layer_drop.theta must be in \(0, 1\]"),
+    ({"progressive_layer_drop": {**PLD_ON, "theta": 1.5}}, r"theta must be in \(0, 1\]"),
     ({"progressive_layer_drop": {**PLD_ON, "gamma": -1}}, "progressive_layer_drop.gamma must be a finite"),
     ({"zero_optimization": {"stage": "x"}}, "zero_optimization.stage must be an integer, got 'x'"),
     ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage must be 0, 1, 2 or 3, got 5"),
