@@ -55,3 +55,20 @@ def test_both_sides_train_and_score_by_the_official_rules(squad_files, hf_checkp
         written = tmp_path / f"{row['impl']}.json"
         written.write_text(json.dumps(row["predictions"]))
         assert evaluate_files(eval_part, written) == {"exact_match": row["exact_match"], "f1": row["f1"]}
+
+
+def test_one_side_with_an_override_for_ours(squad_files, hf_checkpoint, tmp_path):  # noqa: F811
+    data, _ = squad_files
+    common = ["--squad-file", str(data), "--model-dir", str(hf_checkpoint), "--train-articles", "2",
+              "--eval-articles", "1", "--seq", "64", "--doc-stride", "24", "--max-query-length", "12",
+              "--batch", "4", "--micro", "4", "--max-steps", "2", "--device", "cpu", "--precision", "fp32",
+              "--kernel", "torch"]
+    out = tmp_path / "ours.json"
+    assert compare.main([*common, "--impls", "ours", "--ours-override", "optimizer.bias_correction=true",
+                         "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["bertrecipes"] and rows[0]["steps"] == 2
+    with pytest.raises(Exception, match="optimizer.no_such_knob"):  # the override reaches our config
+        compare.main([*common, "--impls", "ours", "--ours-override", "optimizer.no_such_knob=1"])
+    with pytest.raises(SystemExit):
+        compare.main([*common, "--impls", "theirs"])
