@@ -609,11 +609,11 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         scaler.load_state_dict(resume_from["scaler"])
         state = TrainState(**resume_from["train_state"])
         log.info("resumed from %s at step %d", resume_from["path"], state.global_step)
-        saved_pld = resume_from.get("layer_drop")
-        if saved_pld != layer_drop_settings(cfg):
+        saved_pld, now_pld = resume_from.get("layer_drop"), layer_drop_settings(cfg)
+        if saved_pld != now_pld:
             log.warning("progressive_layer_drop was %s when the run was saved and is %s now: the layers run "
                         "from here on differ from an uninterrupted run's", saved_pld or "off",
-                        layer_drop_settings(cfg) or "off")
+                        now_pld or "off")
         saved_total = resume_from["scheduler"].get("total_steps")
         if saved_total is not None and saved_total != total_steps:
             log.warning("the LR schedule's horizon was %d steps when the run was saved and is %d now "
@@ -762,9 +762,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     # losses averaged over ranks; tokens summed over ranks
                     reduced = torch.cat([loss_sum / accum, torch.tensor(
                         [real_tokens - tokens_at_last_log, layers_run], device=device, dtype=loss_sum.dtype)])
-                    reduced = dist.all_reduce_mean(reduced, ctx)
-                    losses = reduced[:3].tolist()
-                    global_tokens = real_tokens_logged + float(reduced[3]) * ctx.world_size
+                    reduced = dist.all_reduce_mean(reduced, ctx).tolist()  # one read of the device
+                    losses = reduced[:3]
+                    global_tokens = real_tokens_logged + reduced[3] * ctx.world_size
                     samples_per_sec, tokens_per_sec = throughput.rates(state.last_global_data_samples,
                                                                        global_tokens)
                     record = {
@@ -786,7 +786,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                     if layer_drop is not None:  # the last step's keep ratio; the share of layers run
                         steps_before = state.global_step - 1 + state.pld_step_offset
                         record["pld_theta"] = layer_drop.theta_at(steps_before)
-                        mean_layers = float(reduced[4]) / forwards  # per micro-batch, over the ranks
+                        mean_layers = reduced[4] / forwards  # per micro-batch, over the ranks
                         record["pld_layers"] = mean_layers / model_config.num_hidden_layers
                         window_flops = training_flops_per_sample(
                             model_config, cfg.max_seq_length, cfg.max_predictions_per_seq, layers=mean_layers)
