@@ -854,14 +854,16 @@ def run_and_report(cfg: DictConfig, output_dir: str | Path | None = None) -> dic
 
 
 def report_user_error(error: UserError) -> NoReturn:
-    """Log ``error`` in one line and exit with status 2. In a sweep (``-m``) re-raise it instead:
-    Hydra then marks this job failed, runs the others, and exits 1 at the end."""
+    """Log ``error`` in one line and exit with status 2. In a sweep (``-m``) raise it again instead, as
+    one of Hydra's compact errors: Hydra then marks this job failed, runs the others, and at the end
+    exits 1 with the job's overrides and this one line (no traceback)."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import CompactHydraException
     from hydra.types import RunMode
 
     log.error("%s", error)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise error
+        raise type("SweepJobError", (CompactHydraException,), {})(str(error)) from None
     raise SystemExit(2) from None
 
 

@@ -412,6 +412,7 @@ def test_a_bad_job_in_a_sweep_fails_alone(tmp_path, data_cache):
     assert result.returncode == 1  # the sweep reports the failure...
     said = result.stdout + result.stderr
     assert "train_batch_size is not divisible" in said and "train_batch_size=30" in said
+    assert "Traceback" not in said  # the bad job's error is one line, as outside a sweep
     assert not (out / "0" / "metrics.jsonl").exists()
     assert [r["step"] for r in read_metrics(out / "1")] == [1]  # ...after running the good job
 
