@@ -326,7 +326,7 @@ def versions() -> dict:
     return found
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure_all(argv: list[str] | None, workdir: Path) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="large,base", help="comma list of tiny, base, large")
@@ -378,7 +378,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.time_budget is not None and time.monotonic() - started > args.time_budget
 
     rows: list[dict] = []
-    workdir = Path(tempfile.mkdtemp(prefix="bench_pretrain_"))
     on_cuda = args.device.startswith("cuda")
     device_name = torch.cuda.get_device_name() if on_cuda else "cpu"
     capacity = (torch.cuda.get_device_properties(torch.device(args.device)).total_memory / 2**30
@@ -491,6 +490,12 @@ def print_row(row: dict, header: bool) -> None:
     if row.get("cudagraph_skips") and "reduce-overhead" in " ".join(IMPLS.get(row["impl"], ())):
         print(f"{'':<24} ^ Inductor ran {row['cudagraph_skips']} graph(s) without CUDA graphs (see the log)",
               flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # the runs' checkpoints and data cache live here, removed at the end however the run ends
+    with tempfile.TemporaryDirectory(prefix="bench_pretrain_") as workdir:
+        return measure_all(argv, Path(workdir))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def kernel_ms(call, iters: int, name_part: str = "") -> float:
     return sum(device_time_us(e) for e in rows) / 1e3 / iters
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure_all(argv: list[str] | None, workdir: Path) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="large")
@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from bertrecipes import engine
 
-    workdir = Path(tempfile.mkdtemp(prefix="profile_step_"))
     micro = args.micro or DEFAULT_MICRO.get(args.seq, 8)
     steps = args.skip + 1 + args.steps  # skipped, one profiler warm-up, recorded
     overrides = overrides_for(args.model, args.seq, micro, args.dtype, args.impl, steps, args.device, 1.0,
@@ -153,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 
         write_json_atomic(args.json, summary)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # the runs' checkpoints and data cache live here, removed at the end however the run ends
+    with tempfile.TemporaryDirectory(prefix="profile_step_") as workdir:
+        return measure_all(argv, Path(workdir))
 
 
 if __name__ == "__main__":

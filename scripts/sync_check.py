@@ -65,7 +65,7 @@ def count_syncs(overrides: list[str], steps: int, workdir: Path) -> collections.
     return sources
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure_all(argv: list[str] | None, workdir: Path) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", choices=("triton", "torch"), default="triton")
@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.unpad is not None:
         overrides.append(f"kernel.unpad={args.unpad}")
     overrides.append(f"optimizer.fused={args.fused}")
-    workdir = Path(tempfile.mkdtemp(prefix="sync_check_"))
     count_syncs(overrides, 1, workdir)  # warm-up: what only a first run does (compiles, library set-up)
     short = count_syncs(overrides, args.steps, workdir)
     long = count_syncs(overrides, 2 * args.steps, workdir)
@@ -111,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             "json": str(args.json)}, "per_step": per_step, "total_per_step": total,
             "runs": {"short": dict(short), "long": dict(long)}})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # the runs' checkpoints and data cache live here, removed at the end however the run ends
+    with tempfile.TemporaryDirectory(prefix="sync_check_") as workdir:
+        return measure_all(argv, Path(workdir))
 
 
 if __name__ == "__main__":

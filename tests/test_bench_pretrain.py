@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,12 @@ def test_nothing_fits_and_out_of_time():
 
 
 @pytest.mark.slow
-def test_cpu_run_writes_every_row(tmp_path, data_cache):
+def test_cpu_run_writes_every_row(tmp_path, data_cache, monkeypatch):
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     code = bench.main(["--device", "cpu", "--models", "tiny", "--seqs", "64", "--dtypes", "fp32",
                        "--micro", "4", "--steps", "1", "--impls", "torch,hf", "--cache-dir", str(data_cache),
                        "--json", str(out)])
@@ -85,6 +89,7 @@ def test_cpu_run_writes_every_row(tmp_path, data_cache):
         assert row["samples_per_sec"] > 0 and 0 < row["real_token_fraction"] <= 1
     # the same loader, seed and micro-batch: both sides see the same batches
     assert rows["torch"]["real_token_fraction"] == pytest.approx(rows["hf"]["real_token_fraction"])
+    assert not list(scratch.glob("bench_pretrain_*"))  # the runs' working directory is gone
 
 
 def test_spent_time_budget_skips_rows_and_still_writes(tmp_path):

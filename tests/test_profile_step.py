@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 profile_step = pytest.importorskip("profile_step")
 
 
-def test_window_holds_the_recorded_steps(tmp_path, data_cache):
+def test_window_holds_the_recorded_steps(tmp_path, data_cache, monkeypatch):
     out = tmp_path / "profile.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert profile_step.main(["--device", "cpu", "--model", "tiny", "--seq", "32", "--micro", "2",
                               "--impl", "torch", "--skip", "1", "--steps", "2", "--top", "400",
                               "--cache-dir", str(data_cache), "--json", str(out)]) == 0
@@ -25,6 +29,7 @@ def test_window_holds_the_recorded_steps(tmp_path, data_cache):
     calls = {e["name"]: e["calls"] for e in summary["top"]}
     assert calls["Optimizer.step#Lamb.step"] == 1.0
     assert calls["aten::gelu_backward"] == 3.0  # bert_tiny: 2 layers + the MLM head, one micro-batch
+    assert not list(scratch.glob("profile_step_*"))  # the run's working directory is gone
 
 
 def test_kernel_time_counts_device_rows_only():

@@ -15,6 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from torch._dynamo.utils import counters
 
 from bertrecipes.checkpoint import load_checkpoint, save_checkpoint
@@ -201,8 +202,9 @@ def test_compiled_fine_tuning_follows_the_eager_run(squad_files, tmp_path, kerne
 def test_fine_tune_from_a_pretraining_checkpoint_with_accumulation(squad_files, tmp_path):
     """bert_tiny pre-trained for 2 steps on the demo data, then fine-tuned (DS checkpoint path)."""
     data, vocab = squad_files
-    config = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64)
+    # not the model group's architecture (TINY: intermediate 64, post-LN), to see which one is recorded
+    config = BertConfig(vocab_size=208, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, pre_layer_norm=True)
     save_checkpoint(tmp_path / "pt", "global_step2",
                     state={"model": BertForPreTraining(config).state_dict(),
                            "model_config": config.to_dict()},
@@ -213,6 +215,13 @@ def test_fine_tune_from_a_pretraining_checkpoint_with_accumulation(squad_files, 
                                 "max_steps=3", f"output_dir={out}"))
     assert summary["global_step"] == 3 and [r["samples"] for r in read_metrics(out)[:3]] == [8, 16, 24]
     assert (out / "predictions.json").is_file() and "f1" in summary["eval"]
+    # the run's config.yaml records the checkpoint's architecture, with the run's dropout
+    recorded = OmegaConf.load(out / "config.yaml").model
+    dropout = OmegaConf.load(out / "config.yaml").dropout
+    expected = config.to_dict() | {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    assert {k: v for k, v in recorded.items() if k != "pad_vocab_to_multiple_of"} == {
+        k: expected[k] for k in recorded if k != "pad_vocab_to_multiple_of"}
+    assert recorded.intermediate_size == 48 and recorded.pre_layer_norm and recorded.vocab_size == 208
 
 
 @pytest.mark.parametrize("overrides, message", [

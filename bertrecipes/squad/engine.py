@@ -161,6 +161,15 @@ def load_qa_weights(model: BertForQuestionAnswering, state_dict: dict[str, torch
     return not any(k.startswith("qa_outputs.") for k in result.missing_keys)
 
 
+def record_architecture(model_cfg: DictConfig, config: BertConfig) -> None:
+    """Set the ``model`` group's fields to ``config``'s, the architecture a checkpoint gave."""
+    for key in model_cfg:
+        if hasattr(config, key):
+            model_cfg[key] = getattr(config, key)
+    if "pad_vocab_to_multiple_of" in model_cfg:
+        model_cfg.pad_vocab_to_multiple_of = 1  # the vocabulary size is the checkpoint's, as it is
+
+
 def build_model(cfg: DictConfig, initial: InitialModel, vocab_size: int) -> BertForQuestionAnswering:
     """The QA model: the checkpoint's architecture (or the ``model`` group's), ``dropout`` applied."""
     if initial.config is not None:
@@ -267,6 +276,8 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
     tokenizer, vocab_file = build_tokenizer(cfg, initial)
     vocab_size = max(tokenizer.get_vocab().values()) + 1
     model = build_model(cfg, initial, vocab_size).to(device)
+    if initial.config is not None:  # config.yaml shows the architecture the run has: the checkpoint's
+        record_architecture(cfg.model, model.config)
     # predicting from a fine-tuned model: its record carries the step that model was saved at
     has_qa_layer = bool(initial.state_dict) and "qa_outputs.weight" in initial.state_dict
     fine_tuned_step = initial.global_step if has_qa_layer else None
