@@ -100,7 +100,8 @@ def test_defaults_are_bingbertsquads_recipe():
     assert cfg.scheduler.warmup_proportion == pytest.approx(0.1)
     assert (cfg.max_seq_length, cfg.doc_stride, cfg.max_query_length) == (384, 128, 64)
     assert (cfg.n_best_size, cfg.max_answer_length) == (20, 30)
-    assert cfg.ckpt_type == "DS" and cfg.do_lower_case and cfg.do_train and cfg.do_predict
+    assert cfg.ckpt_type == "DS" and cfg.do_train and cfg.do_predict
+    assert cfg.do_lower_case is None  # as the checkpoint was trained (BingBertSquad passes it for uncased)
 
 
 @pytest.mark.parametrize("override", ["doc_strid=64", "optimizer.lrr=1e-3", "n_best=3"])
@@ -222,6 +223,56 @@ def test_fine_tune_from_a_pretraining_checkpoint_with_accumulation(squad_files, 
     assert {k: v for k, v in recorded.items() if k != "pad_vocab_to_multiple_of"} == {
         k: expected[k] for k in recorded if k != "pad_vocab_to_multiple_of"}
     assert recorded.intermediate_size == 48 and recorded.pre_layer_norm and recorded.vocab_size == 208
+
+
+def test_do_lower_case_follows_the_checkpoint_it_fine_tunes_and_predicts_from(squad_files, tmp_path, caplog):
+    """A cased pre-training run (data.lower_case=false, with a vocabulary that alone would say uncased):
+    fine-tuning and then predicting from the fine-tuned run keep its case unless told otherwise."""
+    data, vocab = squad_files
+    config = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    save_checkpoint(tmp_path / "pt", "global_step2",
+                    state={"model": BertForPreTraining(config).state_dict(),
+                           "model_config": config.to_dict()},
+                    client_state={"vocab_file": str(vocab)}, config_yaml="data:\n  lower_case: false\n")
+    common = [*TINY, f"predict_file={data}"]
+    run(compose_squad(*common, f"train_file={data}", f"model_file={tmp_path / 'pt'}", "max_steps=2",
+                      f"output_dir={tmp_path / 'ft'}"))
+    assert OmegaConf.load(tmp_path / "ft" / "config.yaml").do_lower_case is False
+    run(compose_squad(*common, "do_train=false", f"model_file={tmp_path / 'ft' / 'checkpoints'}",
+                      f"output_dir={tmp_path / 'pred'}"))
+    assert OmegaConf.load(tmp_path / "pred" / "config.yaml").do_lower_case is False
+    fine_tuned = json.loads((tmp_path / "ft" / "predictions.json").read_text())
+    assert json.loads((tmp_path / "pred" / "predictions.json").read_text()) == fine_tuned
+    # lower-casing the same model's input changes what it answers (the vocabulary is uncased)
+    caplog.clear()
+    run(compose_squad(*common, "do_train=false", "do_lower_case=true",
+                      f"model_file={tmp_path / 'ft' / 'checkpoints'}", f"output_dir={tmp_path / 'lower'}"))
+    assert "do_lower_case=True, but" in caplog.text and "do_lower_case says False" in caplog.text
+    assert json.loads((tmp_path / "lower" / "predictions.json").read_text()) != fine_tuned
+
+
+def test_lower_case_setting_reads_the_record_beside_the_checkpoint(tmp_path):
+    from bertrecipes.interop.export import lower_case_setting
+
+    uncased, cased = tmp_path / "uncased.txt", tmp_path / "cased.txt"
+    uncased.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\ncat\n##s\n")
+    cased.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\nCat\n##s\n")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    weights = folder / "weights.bin"
+    assert lower_case_setting(weights, uncased) == (True, None)  # no record: the vocabulary decides
+    assert lower_case_setting(weights, cased) == (False, None)
+    (folder / "tokenizer_config.json").write_text('{"do_lower_case": false}')  # a Hugging Face folder
+    record = f"{folder / 'tokenizer_config.json'}: do_lower_case"
+    assert lower_case_setting(weights, uncased) == (False, record)
+    (folder / "config.yaml").write_text("do_lower_case: true\n")  # a fine-tuning run's config wins
+    assert lower_case_setting(weights, cased)[0] is True
+    (folder / "config.yaml").write_text("data:\n  lower_case: false\n")  # a pre-training run's
+    assert lower_case_setting(weights, uncased) == (False, f"{folder / 'config.yaml'}: data.lower_case")
+    (folder / "config.yaml").write_text("data: [unclosed\n")  # unreadable: the next record
+    (folder / "tokenizer_config.json").unlink()
+    assert lower_case_setting(weights, cased) == (False, None)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -173,6 +173,18 @@ def test_resume_with_different_window_settings_is_refused_naming_them(squad_file
     summary = run(squad_cfg(data, vocab, out, "max_steps=2", "resume=true", "do_predict=false",
                             "train_micro_batch_size_per_gpu=2"))
     assert summary["global_step"] == 2
+    # the same train_file named another way (a link to it) is the same setting; another one is not
+    link = tmp_path / "link.json"
+    link.symlink_to(data)
+    summary = run(compose_squad(*TINY, f"train_file={link}", f"predict_file={data}", f"vocab_file={vocab}",
+                                "num_train_epochs=2", "dropout=0.1", "checkpoint_steps=3",
+                                "keep_last_checkpoints=2", f"output_dir={out}", "max_steps=3", "resume=true",
+                                "do_predict=false"))
+    assert summary["global_step"] == 3
+    other = tmp_path / "other.json"
+    other.write_text(data.read_text())
+    with pytest.raises(UserError, match="saved with train_file="):
+        run(squad_cfg(other, vocab, out, "max_steps=4", "resume=true"))
 
 
 def test_resume_with_another_optimizer_or_vocabulary_is_refused_before_anything_changes(

@@ -101,18 +101,42 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], architecture: str,
 
 
 def infer_lower_case(imported: ImportedCheckpoint, vocab_file: Path) -> bool:
-    """Whether the tokenizer lower-cases: the run's ``data.lower_case`` for our checkpoints, else
-    "no upper-case letter in the vocabulary" (uncased BERT vocabularies have none)."""
-    run_config = Path(imported.source).parent / "config.yaml"
+    """Whether the tokenizer lower-cases, as :func:`lower_case_setting` finds it."""
+    return lower_case_setting(imported.source, vocab_file)[0]
+
+
+def lower_case_setting(source: str | Path, vocab_file: str | Path) -> tuple[bool, str | None]:
+    """Whether the tokenizer of the checkpoint at ``source`` lower-cases, and where that is recorded.
+
+    The record, when there is one beside the checkpoint: a bertrecipes pre-training run's
+    ``data.lower_case`` or a fine-tuning run's ``do_lower_case`` (its ``config.yaml``), or a Hugging
+    Face folder's ``tokenizer_config.json``. Without one (``None``), the vocabulary decides: uncased
+    BERT vocabularies have no upper-case token."""
+    folder = Path(source).parent
+    run_config = folder / "config.yaml"
     if run_config.is_file():
         import yaml
 
-        lower_case = ((yaml.safe_load(run_config.read_text()) or {}).get("data") or {}).get("lower_case")
-        if isinstance(lower_case, bool):
-            return lower_case
+        try:
+            saved = yaml.safe_load(run_config.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            saved = {}
+        if isinstance(saved, dict):
+            for value, where in (((saved.get("data") or {}).get("lower_case"), "data.lower_case"),
+                                 (saved.get("do_lower_case"), "do_lower_case")):
+                if isinstance(value, bool):
+                    return value, f"{run_config}: {where}"
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        try:
+            value = json.loads(tokenizer_config.read_text()).get("do_lower_case")
+        except (OSError, ValueError, AttributeError):
+            value = None
+        if isinstance(value, bool):
+            return value, f"{tokenizer_config}: do_lower_case"
     with open(vocab_file, encoding="utf-8") as f:
         tokens = [line.rstrip("\n") for line in f]
-    return not any(t != t.lower() for t in tokens if not (t.startswith("[") and t.endswith("]")))
+    return not any(t != t.lower() for t in tokens if not (t.startswith("[") and t.endswith("]"))), None
 
 
 def _write_json(path: Path, data: dict) -> None:

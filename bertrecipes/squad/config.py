@@ -47,7 +47,7 @@ class SquadConfig:
     model_file: str | None = None  # null: a from-scratch model built from the `model` group
     origin_bert_config_file: str | None = None  # config.json / bert_config.json for HF and TF
     vocab_file: str | None = None  # null: the vocabulary the checkpoint names or ships
-    do_lower_case: bool = True
+    do_lower_case: bool | None = None  # null: as the checkpoint was trained, else as its vocabulary says
 
     max_seq_length: int = 384
     doc_stride: int = 128  # tokens between the starts of consecutive windows over a context

@@ -205,10 +205,29 @@ def build_tokenizer(cfg: DictConfig, initial: InitialModel):
     if not vocab_file:
         raise ConfigError(f"no vocabulary: set vocab_file (a BERT vocab.txt); {initial.source} names none")
     try:
+        resolve_lower_case(cfg, initial, vocab_file)
         return load_tokenizer(vocab_file, lower_case=cfg.do_lower_case), Path(vocab_file)
     except (OSError, ValueError) as e:
         hint = "" if cfg.vocab_file else f" (named by {initial.source}; set vocab_file to override)"
         raise ConfigError(f"vocab_file: {e}{hint}") from None
+
+
+def resolve_lower_case(cfg: DictConfig, initial: InitialModel, vocab_file: str | Path) -> None:
+    """Set ``do_lower_case`` when it is null: as the checkpoint was trained (its run's config, a Hugging
+    Face folder's tokenizer_config.json), else as its vocabulary says (uncased ones have no upper-case
+    token). A value given that contradicts the checkpoint's record is kept, with a warning."""
+    from bertrecipes.interop.export import lower_case_setting
+
+    source = initial.source if initial.state_dict is not None else vocab_file
+    inferred, record = lower_case_setting(source, vocab_file)
+    if cfg.do_lower_case is None:
+        cfg.do_lower_case = inferred
+        log.info("do_lower_case=%s (%s)", inferred, record or f"the vocabulary {vocab_file} is "
+                 f"{'uncased' if inferred else 'cased'}")
+    elif record is not None and cfg.do_lower_case != inferred:
+        log.warning("do_lower_case=%s, but %s says %s: the text is tokenized %s, not as the model was "
+                    "trained (leave do_lower_case unset to follow the checkpoint)", cfg.do_lower_case, record,
+                    inferred, "lower-cased" if cfg.do_lower_case else "with its case")
 
 
 # --------------------------------------------------------------------------- run
@@ -355,6 +374,19 @@ RESUME_FIXED = ("train_file", "max_seq_length", "doc_stride", "max_query_length"
                 "train_batch_size")
 
 
+def same_setting(key: str, saved: Any, now: Any) -> bool:
+    """Whether a resumed run's ``key`` is the saved one: equal, or for ``train_file`` the same file
+    named another way (a relative path, a link)."""
+    if saved == now:
+        return True
+    if key == "train_file" and isinstance(saved, str) and isinstance(now, str):
+        try:
+            return Path(saved).is_file() and Path(now).is_file() and Path(saved).samefile(now)
+        except OSError:
+            return False
+    return False
+
+
 def load_resume_checkpoint(cfg: DictConfig, checkpoint_dir: Path) -> dict[str, Any]:
     """The latest checkpoint of the fine-tuning run in ``checkpoint_dir``, checked against ``cfg``."""
     if not cfg.do_train:
@@ -372,8 +404,10 @@ def load_resume_checkpoint(cfg: DictConfig, checkpoint_dir: Path) -> dict[str, A
     saved_config = Path(payload["path"]).parent / "config.yaml"
     if saved_config.is_file():
         saved = OmegaConf.load(saved_config)
+        if cfg.do_lower_case is None and isinstance(saved.get("do_lower_case"), bool):
+            cfg.do_lower_case = saved.do_lower_case  # unset: the run's own
         changed = [f"{key}={saved.get(key)!r} (now {cfg[key]!r})" for key in RESUME_FIXED
-                   if key in saved and saved.get(key) != cfg[key]]
+                   if key in saved and not same_setting(key, saved.get(key), cfg[key])]
         if changed:
             raise ConfigError(f"resume=true but the run was saved with {', '.join(changed)}: these settings "
                               "decide the training windows and their order, so a resumed run must keep them "
