@@ -83,6 +83,7 @@ def run_ours(args, train_json: Path, eval_json: Path, work: Path) -> dict:
         f"device={args.device}", f"seed={args.seed}", f"output_dir={out}",
         f"steps_per_print={args.steps_per_print}", "progress_bar=false",
         *([f"max_steps={args.max_steps}"] if args.max_steps else []),
+        "windows_without_answer=cls",  # the windows transformers' side trains on (as its run_qa.py)
         *args.ours_override,
     ])
     summary = run(cfg)

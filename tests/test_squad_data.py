@@ -130,6 +130,25 @@ def test_windows_over_a_long_context_contain_the_answer(tokenizer):
         assert len(owners) == len(every_token)
 
 
+def test_dropping_windows_without_the_answer_keeps_exactly_the_labelled_ones(tokenizer):
+    """BingBertSquad's training windows: those of Google BERT's whose label is not [CLS], unchanged."""
+    context = long_context(30)
+    answers = ["In 1900", "1915", context[-20:].strip()]
+    examples = [_example(context, a, f"q{i}") for i, a in enumerate(answers)]
+    every = build_features(examples, tokenizer, 64, 16, 8, is_training=True, windows_without_answer="cls")
+    kept = build_features(examples, tokenizer, 64, 16, 8, is_training=True, windows_without_answer="drop")
+    labelled = np.flatnonzero(every.start_positions > 0)
+    assert 0 < len(labelled) < len(every) and len(kept) == len(labelled)
+    for field in ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions",
+                  "example_index", "token_offsets", "max_context"):
+        assert np.array_equal(getattr(kept, field), getattr(every, field)[labelled]), field
+    # prediction keeps every window whatever the setting
+    predict = build_features(examples, tokenizer, 64, 16, 8, is_training=False, windows_without_answer="drop")
+    assert len(predict) == len(every)
+    with pytest.raises(ConfigError, match="windows_without_answer must be one of drop, cls, got 'keep'"):
+        build_features(examples, tokenizer, 64, 16, 8, is_training=True, windows_without_answer="keep")
+
+
 def test_layout_of_a_window(tokenizer):
     context = long_context(2)
     question = "Who met whom near the river and the mountain and the city and the harbour?"

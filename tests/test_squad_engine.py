@@ -279,6 +279,7 @@ def test_lower_case_setting_reads_the_record_beside_the_checkpoint(tmp_path):
     (["train_file=null"], "do_train=true needs train_file"),
     (["do_train=false", "do_predict=false"], "nothing to do"),
     (["ckpt_type=PT"], "ckpt_type must be one of DS, HF, TF"),
+    (["windows_without_answer=keep"], "windows_without_answer must be one of drop, cls, got 'keep'"),
     (["vocab_file=null"], "no vocabulary: set vocab_file"),
     (["vocab_file=/nonexistent/vocab.txt"], "/nonexistent/vocab.txt"),
     (["max_query_length=62"], "leaves no room for the context"),

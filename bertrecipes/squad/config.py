@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from bertrecipes.config import refuse_unknown_keys, register_configs
 from bertrecipes.distributed import COMPILE_MODES, DistributedConfig
 from bertrecipes.errors import ConfigError
+from bertrecipes.squad.data import WINDOWS_WITHOUT_ANSWER
 
 CKPT_TYPES = ("DS", "HF", "TF")
 
@@ -54,6 +55,9 @@ class SquadConfig:
     max_query_length: int = 64  # question tokens kept
     n_best_size: int = 20
     max_answer_length: int = 30  # in WordPiece tokens
+    # a training window that does not hold the whole answer: "drop" it (BingBertSquad) or label it
+    # [CLS] ("cls": Google BERT, NVIDIA, Hugging Face)
+    windows_without_answer: str = "drop"
 
     # Batch arithmetic as in pre-training: train_batch_size = micro x accumulation x world_size.
     train_batch_size: int | None = 24
@@ -120,5 +124,8 @@ def validate_squad_config(cfg) -> None:
         raise ConfigError(f"distributed.strategy must be ddp for SQuAD fine-tuning (the model is "
                           f"replicated on every rank; distributed.zero_stage=1 shards the optimizer "
                           f"state), got {cfg.distributed.strategy!r}")
+    if cfg.windows_without_answer not in WINDOWS_WITHOUT_ANSWER:
+        raise ConfigError(f"windows_without_answer must be one of {', '.join(WINDOWS_WITHOUT_ANSWER)}, "
+                          f"got {cfg.windows_without_answer!r}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")

@@ -13,7 +13,8 @@ tokens until one reaches the end, so consecutive windows overlap by ``L - doc_st
 Tokens are mapped back to the original context through the fast tokenizer's character offsets, so
 an answer span becomes token positions (training) and predicted token spans become text
 (prediction) without detokenising WordPieces. In training, a window that does not contain the whole
-answer is labelled start = end = 0 (the [CLS] token), as in BERT. A training answer that cannot be
+answer is left out (``windows_without_answer="drop"``, as BingBertSquad does) or labelled start = end
+= 0, the [CLS] token (``"cls"``, as Google BERT does). A training answer that cannot be
 found in its context at ``answer_start`` (whitespace differences aside) is skipped and counted.
 
 Each context token also records whether this window gives it its *maximum context*: the window in
@@ -36,6 +37,9 @@ from bertrecipes.errors import ConfigError
 from bertrecipes.squad.evaluate import SquadFileError, check_version, json_field, read_json
 
 log = logging.getLogger(__name__)
+
+# a training window without the whole answer: left out (BingBertSquad) or labelled [CLS] (Google BERT)
+WINDOWS_WITHOUT_ANSWER = ("drop", "cls")
 
 
 @dataclass(frozen=True)
@@ -217,8 +221,12 @@ def build_features(
     doc_stride: int,
     max_query_length: int,
     is_training: bool,
+    windows_without_answer: str = "cls",
 ) -> SquadFeatures:
     """Tokenise every example and cut its context into windows; see the module docstring."""
+    if windows_without_answer not in WINDOWS_WITHOUT_ANSWER:
+        raise ConfigError(f"windows_without_answer must be one of {', '.join(WINDOWS_WITHOUT_ANSWER)}, "
+                          f"got {windows_without_answer!r}")
     if max_seq_length - max_query_length - 3 <= 0:
         raise ConfigError(f"max_seq_length={max_seq_length} leaves no room for context after "
                           f"max_query_length={max_query_length}")
@@ -271,6 +279,8 @@ def build_features(
                 if start <= first and last < start + length:
                     start_pos = len(prefix) + first - start
                     end_pos = len(prefix) + last - start
+                elif windows_without_answer == "drop":
+                    continue
             for key, value in (("ids", ids), ("types", types), ("start", start_pos), ("end", end_pos),
                                ("example", index), ("offsets", offsets), ("max_ctx", max_ctx),
                                ("length", n)):

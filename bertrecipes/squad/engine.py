@@ -307,7 +307,7 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
     def features_of(examples: list[SquadExample], is_training: bool) -> SquadFeatures:
         t0 = time.perf_counter()
         features = build_features(examples, tokenizer, cfg.max_seq_length, cfg.doc_stride,
-                                  cfg.max_query_length, is_training)
+                                  cfg.max_query_length, is_training, cfg.windows_without_answer)
         log.info("%s: %d questions -> %d windows of %d tokens (%.1fs)%s",
                  "train" if is_training else "predict", len(examples), len(features), cfg.max_seq_length,
                  time.perf_counter() - t0,
@@ -371,7 +371,7 @@ def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
 
 # Settings that decide the training windows and their order: a resumed run must keep them.
 RESUME_FIXED = ("train_file", "max_seq_length", "doc_stride", "max_query_length", "do_lower_case", "seed",
-                "train_batch_size")
+                "train_batch_size", "windows_without_answer")
 
 
 def same_setting(key: str, saved: Any, now: Any) -> bool:
