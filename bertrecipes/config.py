@@ -99,6 +99,9 @@ class WarmupLinearConfig:
     _target_: str = "bertrecipes.optim.WarmupLinear"
     warmup_proportion: float = 0.01
     lr_offset: float = 0.0
+    # false: decay 1 - x from the first step (Google BERT, BingBertSquad); true: (1 - x) / (1 - warmup),
+    # 1 when warmup ends (Hugging Face's get_linear_schedule_with_warmup, NVIDIA's run_squad.py)
+    rescale_after_warmup: bool = False
 
 
 @dataclass

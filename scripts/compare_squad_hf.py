@@ -120,8 +120,8 @@ def run_hf(args, train_json: Path, eval_json: Path, work: Path) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0,
                                   fused=device.type == "cuda")
     warmup = 0.1 * total
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: s / warmup if s < warmup else max(0.0, (total - s) / (total - warmup)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # ours: BingBertSquad's warmup_linear
+        optimizer, lambda s: s / warmup if s < warmup else max(0.0, 1.0 - s / total))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     arrays = {name: getattr(train_features, name) for name in
               ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions")}

@@ -80,11 +80,27 @@ class TestWarmupLinear:
     def test_endpoints_and_boundary(self) -> None:
         assert warmup_linear(0, TOTAL, WARMUP) == 0.0
         assert warmup_linear(50, TOTAL, WARMUP) == pytest.approx(0.5)
-        assert warmup_linear(100, TOTAL, WARMUP) == pytest.approx(1.0)
-        # Halfway through the decay span [100, 10000]: (1 - 0.505) / 0.99 = 0.5.
-        assert warmup_linear(5050, TOTAL, WARMUP) == pytest.approx(0.5)
+        # After warmup, Google BERT's polynomial decay (power 1, from step 0) and BingBertSquad's
+        # warmup_linear: 1 - x, so 1 - 0.01 at the end of warmup and 0.495 at step 5050.
+        assert warmup_linear(100, TOTAL, WARMUP) == pytest.approx(0.99)
+        assert warmup_linear(99, TOTAL, WARMUP) == pytest.approx(0.99)  # the last warmup step: 99/100
+        assert warmup_linear(5050, TOTAL, WARMUP) == pytest.approx(1 - 5050 / TOTAL, rel=1e-12)
         assert warmup_linear(TOTAL, TOTAL, WARMUP) == 0.0
         assert warmup_linear(TOTAL + 500, TOTAL, WARMUP) == 0.0
+
+    def test_rescaled_decay_is_hugging_faces(self) -> None:
+        # Halfway through the decay span [100, 10000]: (1 - 0.505) / 0.99 = 0.5.
+        assert warmup_linear(100, TOTAL, WARMUP, rescale_after_warmup=True) == pytest.approx(1.0)
+        assert warmup_linear(5050, TOTAL, WARMUP, rescale_after_warmup=True) == pytest.approx(0.5)
+        assert warmup_linear(TOTAL + 500, TOTAL, WARMUP, rescale_after_warmup=True) == 0.0
+        # transformers' get_linear_schedule_with_warmup on the same steps
+        transformers = pytest.importorskip("transformers")
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([param], lr=1.0)
+        hf = transformers.get_linear_schedule_with_warmup(optimizer, int(WARMUP * TOTAL), TOTAL)
+        for step in (0, 1, 50, 99, 100, 101, 5050, 9999, TOTAL):
+            assert warmup_linear(step, TOTAL, WARMUP, rescale_after_warmup=True) == pytest.approx(
+                hf.lr_lambdas[0](step), rel=1e-12, abs=1e-15), step
 
     def test_zero_warmup_decays_from_one(self) -> None:
         assert warmup_linear(0, TOTAL, 0.0) == 1.0
@@ -94,8 +110,11 @@ class TestWarmupLinear:
         schedule = WarmupLinear(base_lr=1e-4, total_steps=TOTAL, warmup_proportion=WARMUP, lr_offset=2e-6)
         assert schedule(0) == pytest.approx(2e-6)
         assert schedule(50) == pytest.approx(5e-5 + 2e-6)
-        assert schedule(100) == pytest.approx(1e-4 + 2e-6)
+        assert schedule(100) == pytest.approx(1e-4 * 0.99 + 2e-6)
         assert schedule(TOTAL) == pytest.approx(2e-6)
+        rescaled = WarmupLinear(base_lr=1e-4, total_steps=TOTAL, warmup_proportion=WARMUP,
+                                rescale_after_warmup=True)
+        assert rescaled(100) == pytest.approx(1e-4)
 
     def test_validation(self) -> None:
         with pytest.raises(ValueError, match="total_steps must be > 0, got -5"):

@@ -61,22 +61,27 @@ def warmup_exp_decay_exp(
     return decay_rate ** ((global_step - warmup * total_steps) / decay_steps)
 
 
-def warmup_linear(global_step: int, total_steps: int, warmup: float = 0.002) -> float:
+def warmup_linear(global_step: int, total_steps: int, warmup: float = 0.002,
+                  rescale_after_warmup: bool = False) -> float:
     """BERT's linear warmup to 1, then linear decay to 0 at ``total_steps`` (clamped at 0 beyond it).
 
     With ``x = global_step / total_steps``::
 
         x < warmup  ->  x / warmup
-        otherwise   ->  max((1 - x) / (1 - warmup), 0)
+        otherwise   ->  max(1 - x, 0)                          Google BERT, BingBertSquad
+                        max((1 - x) / (1 - warmup), 0)         rescale_after_warmup: Hugging Face, NVIDIA
 
-    The decay branch is scaled so the factor is continuous (exactly 1) at the end of warmup.
+    Google BERT's decay (and the ``warmup_linear`` of BingBertSquad and pytorch-pretrained-BERT) runs
+    from the first step, so the factor drops from 1 to ``1 - warmup`` when warmup ends; the rescaled
+    decay of Hugging Face's ``get_linear_schedule_with_warmup`` and NVIDIA's ``LinearWarmUpScheduler``
+    starts at 1 there instead.
     """
     _check_total_steps(total_steps)
     _check_warmup(warmup, "warmup")
     x = global_step / total_steps
     if x < warmup:
         return x / warmup
-    return max((1.0 - x) / (1.0 - warmup), 0.0)
+    return max((1.0 - x) / (1.0 - warmup) if rescale_after_warmup else 1.0 - x, 0.0)
 
 
 def _check_base_lr(base_lr: float, lr_offset: float) -> None:
@@ -119,12 +124,14 @@ class WarmupExpDecayExp:
 
 @dataclass(frozen=True)
 class WarmupLinear:
-    """``lr = base_lr * warmup_linear(step, total_steps, warmup_proportion) + lr_offset``."""
+    """``lr = base_lr * warmup_linear(step, total_steps, warmup_proportion, rescale_after_warmup)
+    + lr_offset``."""
 
     base_lr: float
     total_steps: int
     warmup_proportion: float = 0.01
     lr_offset: float = 0.0
+    rescale_after_warmup: bool = False
 
     def __post_init__(self) -> None:
         _check_base_lr(self.base_lr, self.lr_offset)
@@ -133,7 +140,8 @@ class WarmupLinear:
 
     def __call__(self, step: int) -> float:
         _check_step(step)
-        return self.base_lr * warmup_linear(step, self.total_steps, self.warmup_proportion) + self.lr_offset
+        return self.base_lr * warmup_linear(step, self.total_steps, self.warmup_proportion,
+                                            self.rescale_after_warmup) + self.lr_offset
 
 
 @dataclass(frozen=True)
