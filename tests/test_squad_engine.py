@@ -253,6 +253,42 @@ def test_do_lower_case_follows_the_checkpoint_it_fine_tunes_and_predicts_from(sq
     assert json.loads((tmp_path / "lower" / "predictions.json").read_text()) != fine_tuned
 
 
+def test_a_vocabulary_other_than_the_checkpoints_is_refused(squad_files, tmp_path):
+    data, vocab = squad_files
+    config = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    state = {"model": BertForPreTraining(config).state_dict(), "model_config": config.to_dict()}
+    save_checkpoint(tmp_path / "pt", "global_step2", state=state, client_state={"vocab_file": str(vocab)})
+    other = tmp_path / "other.txt"  # as many tokens, another order
+    lines = vocab.read_text().splitlines()
+    other.write_text("\n".join([*lines[:5], *reversed(lines[5:])]) + "\n")
+    common = [*TINY, f"train_file={data}", f"predict_file={data}", "max_steps=1"]
+    differs = f"vocab_file={other} differs from the vocabulary .* was trained with"
+    with pytest.raises(UserError, match=differs):
+        run(compose_squad(*common, f"model_file={tmp_path / 'pt'}", f"vocab_file={other}",
+                          f"output_dir={tmp_path / 'a'}"))
+    # the same tokens in another file are the same vocabulary
+    same = tmp_path / "same.txt"
+    same.write_bytes(vocab.read_bytes())
+    run(compose_squad(*common, "do_predict=false", f"model_file={tmp_path / 'pt'}", f"vocab_file={same}",
+                      f"output_dir={tmp_path / 'b'}"))
+    # a checkpoint without its vocabulary: the rows must be the tokens, or them padded
+    tokens = len(lines)
+    assert tokens == 140
+    for rows, fits in ((144, True), (256, True), (200, False), (30522, False)):
+        config = BertConfig(vocab_size=rows, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64)
+        state = {"model": BertForPreTraining(config).state_dict(), "model_config": config.to_dict()}
+        save_checkpoint(tmp_path / f"pt{rows}", "global_step2", state=state)
+        cfg = compose_squad(*common, "do_predict=false", f"model_file={tmp_path / f'pt{rows}'}",
+                            f"vocab_file={vocab}", f"output_dir={tmp_path / f'r{rows}'}")
+        if fits:
+            assert run(cfg)["global_step"] == 1
+        else:
+            with pytest.raises(UserError, match=f"vocabulary has 140 tokens but .* was trained with {rows}"):
+                run(cfg)
+
+
 def test_lower_case_setting_reads_the_record_beside_the_checkpoint(tmp_path):
     from bertrecipes.interop.export import lower_case_setting
 

@@ -174,9 +174,17 @@ def build_model(cfg: DictConfig, initial: InitialModel, vocab_size: int) -> Bert
     """The QA model: the checkpoint's architecture (or the ``model`` group's), ``dropout`` applied."""
     if initial.config is not None:
         model_config = initial.config
-        if vocab_size > model_config.vocab_size:
+        rows = model_config.vocab_size
+        if vocab_size > rows:
             raise ConfigError(f"the tokenizer has {vocab_size} tokens but {initial.source} was trained "
-                              f"with a vocabulary of {model_config.vocab_size}; use its own vocab_file")
+                              f"with a vocabulary of {rows}; use its own vocab_file")
+        # A checkpoint without its vocabulary file (a bing_bert or TF one): its rows are the tokens of
+        # the one it was trained with, or them padded (bing_bert and NVIDIA pad to a multiple of 8).
+        if initial.vocab_file is None and not any(
+                rows == -(-vocab_size // multiple) * multiple for multiple in (1, 8, 16, 32, 64, 128)):
+            raise ConfigError(f"the vocabulary has {vocab_size} tokens but {initial.source} was trained with "
+                              f"{rows} (not that number padded to a multiple of 8 to 128 either): use the "
+                              "vocab_file it was trained with")
     else:
         model_config = build_model_config(cfg.model, vocab_size, cfg.max_seq_length)
     if cfg.dropout is not None:
@@ -204,6 +212,11 @@ def build_tokenizer(cfg: DictConfig, initial: InitialModel):
     vocab_file = cfg.vocab_file or initial.vocab_file
     if not vocab_file:
         raise ConfigError(f"no vocabulary: set vocab_file (a BERT vocab.txt); {initial.source} names none")
+    if cfg.vocab_file and initial.vocab_file and Path(cfg.vocab_file).is_file() and \
+            Path(initial.vocab_file).is_file() and \
+            Path(cfg.vocab_file).read_bytes() != Path(initial.vocab_file).read_bytes():
+        raise ConfigError(f"vocab_file={cfg.vocab_file} differs from the vocabulary {initial.source} was "
+                          f"trained with ({initial.vocab_file}): leave vocab_file unset to use that one")
     try:
         resolve_lower_case(cfg, initial, vocab_file)
         return load_tokenizer(vocab_file, lower_case=cfg.do_lower_case), Path(vocab_file)
