@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -24,6 +25,14 @@ from bertrecipes.data.config import register_data_configs
 from bertrecipes.distributed import DistributedConfig
 from bertrecipes.errors import ConfigError
 from bertrecipes.layer_drop import ProgressiveLayerDropConfig
+
+
+def config_dir() -> str:
+    """The Hydra config directory: ``conf/`` of the source tree (a clone, an editable install), else
+    the copy an installed wheel carries as ``bertrecipes/conf``."""
+    package = Path(__file__).resolve().parent
+    source_tree = package.parent / "conf"
+    return str(source_tree if (source_tree / "pretrain.yaml").is_file() else package / "conf")
 
 # --------------------------------------------------------------------------- model
 

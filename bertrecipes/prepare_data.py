@@ -16,16 +16,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from bertrecipes.config import register_configs
+from bertrecipes.config import config_dir, register_configs
 from bertrecipes.data.build import prepare_data
 from bertrecipes.errors import UserError
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = config_dir()
 
 register_configs()
 log = logging.getLogger("bertrecipes")

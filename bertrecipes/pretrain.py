@@ -12,16 +12,15 @@ Every knob is a command-line override; see conf/ and README.md.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bertrecipes.config import register_configs
+from bertrecipes.config import config_dir, register_configs
 from bertrecipes.engine import run_and_report
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = config_dir()
 
 register_configs()
 log = logging.getLogger("bertrecipes")

@@ -13,16 +13,16 @@ Every knob is a command-line override; see conf/squad.yaml.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from bertrecipes.config import config_dir
 from bertrecipes.squad.config import register_squad_configs
 from bertrecipes.squad.engine import run_and_report
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+CONFIG_DIR = config_dir()
 
 register_squad_configs()
 log = logging.getLogger("bertrecipes")
