@@ -417,23 +417,31 @@ def test_a_bad_job_in_a_sweep_fails_alone(tmp_path, data_cache):
     assert [r["step"] for r in read_metrics(out / "1")] == [1]  # ...after running the good job
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, data_cache):
+@pytest.mark.parametrize("to_the_group", [False, True], ids=["process", "process-group-with-workers"])
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, data_cache, to_the_group):
+    """SIGTERM to the training process, or (as Slurm and systemd send it) to its whole process group,
+    loader workers included: the step finishes, a checkpoint is saved, the exit status is 143."""
     import signal
     import time
 
     env = {**os.environ, "BERTRECIPES_CACHE": str(data_cache)}
     out = tmp_path / "sig"
+    workers = ["data.num_workers=2"] if to_the_group else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "bertrecipes.pretrain", *TINY, "max_steps=100000", f"output_dir={out}",
-         "progress_bar=false"],
+         "progress_bar=false", *workers],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=to_the_group,
     )
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    if to_the_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]  # not "finished": a chain stops here
     saved = load_checkpoint(out / "checkpoints")

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -345,6 +346,15 @@ class _RankBatchSampler(Sampler[tuple[int, list[int]]]):
             yield epoch, indices.tolist()
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """In a loader worker: ignore SIGTERM and SIGINT. A scheduler (Slurm's preemption or time limit,
+    systemd) signals the whole process group; a worker killed by it would take the training process
+    down before it saves its checkpoint. The training process handles the signal and, when it
+    finishes, shuts its workers down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _BatchFetcher(torch.utils.data.Dataset):
     """Maps (epoch, indices) to a whole batch, so DataLoader workers gather with one fancy-index.
 
@@ -443,6 +453,7 @@ class PretrainingLoader:
                 num_workers=self.num_workers, pin_memory=self.pin_memory,
                 # Worker seeds would otherwise be drawn from torch's global RNG.
                 generator=torch.Generator().manual_seed(self.seed),
+                worker_init_fn=_leave_stop_signals_to_the_trainer,
             )
             for flat, layout in loader:
                 self._samples_consumed += self.global_batch_size
