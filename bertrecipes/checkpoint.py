@@ -152,6 +152,11 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_text_atomic(save_dir / LATEST_FILE, tag + "\n")
+    # what a save killed midway (kill -9, a lost node) left: one writer per directory, so none is live
+    for leftover in [*save_dir.glob(".*.tmp"), *save_dir.glob(".*.old")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+            log.info("removed %s, left by an interrupted save", leftover)
     if keep_last > 0:
         for old_tag in list_checkpoints(save_dir)[:-keep_last]:
             if old_tag != tag:

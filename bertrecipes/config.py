@@ -13,7 +13,10 @@ Knobs keep the names users know from DeepSpeed's bing_bert (``train_batch_size``
 from __future__ import annotations
 
 import datetime
+import difflib
+import itertools
 import os
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -259,6 +262,144 @@ def _refuse_unknown_nested(node: Any, prefix: str) -> None:
                 raise ConfigError(f"unknown key(s) {', '.join(unknown)} (added with +key=...?); nothing "
                                   f"reads them. Valid keys of {name}: {', '.join(sorted(known))}")
         _refuse_unknown_nested(child, f"{name}.")
+
+
+def check_command_line(config_name: str, argv: list[str] | None = None) -> None:
+    """Check a Hydra entry point's command line (default: ``sys.argv[1:]``) before Hydra composes
+    ``config_name``: an unknown key in a ``key=value`` override, or an unknown option of a config group,
+    is one line on stderr naming it with the closest valid keys or the group's options, and exit status 2.
+    The entry point's config directory and config groups must be registered already."""
+    problem = find_override_problem(config_name, sys.argv[1:] if argv is None else argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# Hydra flags after which there is nothing to check, or a config other than the entry point's.
+_UNCHECKED_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--info", "-i",
+                    "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+                    "--experimental-rerun")
+_MAX_COMPOSITIONS = 16  # group sweeps: the combinations of options composed to check keys against
+
+
+def find_override_problem(config_name: str, argv: list[str]) -> str | None:
+    """What is wrong with the overrides in ``argv`` (a Hydra command line, flags included), in one line,
+    or None. Checked: the option of each ``group=option`` and ``+group=option`` (every option of a sweep),
+    that a plain ``group=option`` names a group the config's defaults list has, and that the key of each
+    plain ``key=value`` exists in the config composed with the command line's group choices. Left to
+    Hydra and to :func:`refuse_unknown_keys`: ``hydra.*``, ``+key``, ``++key``, ``~key``, ``group@package``,
+    glob and range sweeps of a group, and a command line Hydra cannot parse."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, OverrideType
+    from hydra.errors import HydraException
+
+    if GlobalHydra.instance().is_initialized() or any(a.split("=", 1)[0] in _UNCHECKED_FLAGS for a in argv):
+        return None
+    parser = get_args_parser()
+
+    def refuse(message: str) -> None:
+        raise ValueError(message)
+
+    parser.error = refuse  # type: ignore[method-assign]  # Hydra itself reports a bad command line
+    try:
+        overrides = OverridesParser.create().parse_overrides(parser.parse_args(argv).overrides)
+    except (ValueError, HydraException):
+        return None
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+
+        def is_group(name: str) -> bool:
+            parent, _, leaf = name.rpartition("/")
+            return leaf in loader.list_groups(parent)
+
+        groups: list[tuple[Any, list[str]]] = []  # (override, the options it selects)
+        keys = []
+        for override in overrides:
+            name = override.key_or_group
+            if name == "hydra" or name.startswith(("hydra.", "hydra/")) or override.package is not None:
+                continue
+            if not is_group(name):
+                if "/" in name:
+                    return f"{override.input_line}: no config group {name}"
+                if override.type == OverrideType.CHANGE:
+                    keys.append(override)
+                continue
+            if override.type == OverrideType.DEL:
+                groups.append((override, []))
+                continue
+            value = override.value()
+            if isinstance(value, ChoiceSweep):
+                choices = [str(choice) for choice in value.list]
+            elif isinstance(value, str):
+                choices = [value]
+            else:  # a glob or range sweep, a list of configs: Hydra judges it
+                return None
+            available = loader.get_group_options(name)
+            shown = [option for option in available if not option.endswith("_schema")]
+            for choice in choices:
+                if choice not in available:
+                    close = difflib.get_close_matches(choice, shown)
+                    hint = f"did you mean {', '.join(close)}? " if close else ""
+                    return (f"{override.input_line}: config group {name} has no option {choice!r}; "
+                            f"{hint}options: {', '.join(shown)}")
+            groups.append((override, choices))
+
+        def line(override: Any, choice: str | None) -> str:
+            prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++"}.get(override.type, "")
+            return override.input_line if choice is None else f"{prefix}{override.key_or_group}={choice}"
+
+        combinations = itertools.islice(
+            itertools.product(*[choices or [None] for _, choices in groups]), _MAX_COMPOSITIONS)
+        composed = []
+        try:
+            for combination in combinations:
+                chosen = [line(o, choice) for (o, _), choice in zip(groups, combination, strict=True)]
+                composed.append(compose(config_name, overrides=chosen))
+        except HydraException:
+            added = [line(o, choices[0] if choices else None) for o, choices in groups
+                     if o.type != OverrideType.CHANGE]
+            try:
+                defaults = compose(config_name, overrides=added, return_hydra_config=True)
+            except HydraException:
+                return None
+            selected = defaults.hydra.runtime.choices
+            for override, _ in groups:
+                if override.type == OverrideType.CHANGE and override.key_or_group not in selected:
+                    return (f"{override.input_line}: config group {override.key_or_group} is not in the "
+                            f"defaults list of {config_name}.yaml; select it with +{override.input_line}")
+            return None
+
+    for override in keys:
+        problems = [_missing_key(cfg, override.key_or_group) for cfg in composed]
+        if all(problems):
+            return f"{override.input_line}: {problems[0]}"
+    return None
+
+
+def _missing_key(cfg: Any, key: str) -> str | None:
+    """Why ``key`` (a dotted path) is not a key of ``cfg``, or None if it is, or if a list or an
+    interpolation on its path leaves the answer to Hydra."""
+    node, path = cfg, ""
+    for part in key.split("."):
+        if OmegaConf.is_list(node):
+            return None
+        if not OmegaConf.is_dict(node):
+            return f"{path[:-1]} is a value, not a group of keys"
+        valid = [k for k in node.keys() if isinstance(k, str) and (path or k != "hydra")]
+        if part not in valid:
+            close = [path + k for k in difflib.get_close_matches(part, valid)]
+            where = f"of {path[:-1]}" if path else "at the top level"
+            if close:
+                return f"no key {path + part}; did you mean {', '.join(close)}?"
+            return f"no key {path + part}; valid keys {where}: {', '.join(sorted(valid))}"
+        if OmegaConf.is_interpolation(node, part):
+            return None
+        node, path = node._get_node(part), f"{path}{part}."
+    return None
 
 
 def launch_time() -> datetime.datetime:

@@ -30,9 +30,11 @@ from tqdm import tqdm
 from bertrecipes import distributed as dist
 from bertrecipes.checkpoint import (
     LATEST_FILE,
+    STATE_FILE,
     VOCAB_FILE,
     CheckpointError,
     capture_rng_state,
+    list_checkpoints,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -500,6 +502,15 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
         dist.shutdown(ctx)
 
 
+def stopped_before_its_first_checkpoint(output_dir: Path, checkpoint_dir: Path) -> bool:
+    """Whether ``output_dir`` holds a run (its config.yaml or metrics.jsonl) that has no complete
+    checkpoint: it was killed before its first save finished."""
+    started = (output_dir / "config.yaml").is_file() or (output_dir / "metrics.jsonl").is_file()
+    complete = (checkpoint_dir / LATEST_FILE).is_file() or (checkpoint_dir / STATE_FILE).is_file() or \
+        bool(list_checkpoints(checkpoint_dir))
+    return started and not complete
+
+
 def check_run_settings(cfg: DictConfig, output_dir: Path, starting_over: bool = False) -> None:
     """What the schema's types cannot reject, said before any work: unknown keys, out-of-range
     values, a phase without the checkpoint it continues, an output_dir that holds another run (not
@@ -523,8 +534,9 @@ def check_run_settings(cfg: DictConfig, output_dir: Path, starting_over: bool = 
         earlier = [name for name in (CHECKPOINT_SUBDIR, "metrics.jsonl") if (output_dir / name).exists()]
         if earlier:
             raise ConfigError(f"output_dir {output_dir} already holds a run ({', '.join(earlier)}): continue "
-                              "it with resume=true, or give another output_dir (by default each run gets a "
-                              "new time-stamped one)")
+                              "it with resume=true (which starts it over if it stopped before its first "
+                              "checkpoint), or give another output_dir (by default each run gets a new "
+                              "time-stamped one)")
 
 
 def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torch.device,
@@ -547,7 +559,11 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         raise ConfigError("precision=bf16 but this GPU does not support bfloat16; use precision=fp16")
 
     resume_from = None
-    if cfg.resume:
+    if cfg.resume and stopped_before_its_first_checkpoint(output_dir, checkpoint_dir):
+        log.warning("resume=true but the run in %s stopped before it saved a checkpoint: starting it over "
+                    "(its metrics.jsonl is replaced)", output_dir)
+        starting_over = True
+    elif cfg.resume:
         if not checkpoint_dir.is_dir():
             raise CheckpointError(
                 f"resume=true but no checkpoint in {checkpoint_dir}: the directory does not exist "

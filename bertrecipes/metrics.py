@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from bertrecipes.atomic import write_text_atomic
+from bertrecipes.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,28 @@ class MetricsFile:
                  drop: Callable[[dict[str, Any]], bool] | None = None):
         self.path = Path(path)
         if (truncate_after_step is not None or drop is not None) and self.path.exists():
-            lines = [(line, json.loads(line)) for line in self.path.read_text().splitlines() if line.strip()]
+            lines = [(line, record) for line, record in self._read() if record is not None]
             kept = [line for line, record in lines
                     if (truncate_after_step is None or record.get("step", 0) <= truncate_after_step)
                     and not (drop and drop(record))]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+
+    def _read(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """The file's records; a last line cut short (the process was killed while writing it) reads
+        as None, and any other line that is not JSON is an error naming it."""
+        lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+        out: list[tuple[str, dict[str, Any] | None]] = []
+        for number, line in enumerate(lines, 1):
+            try:
+                out.append((line, json.loads(line)))
+            except json.JSONDecodeError as e:
+                if number < len(lines):
+                    raise UserError(f"{self.path}, line {number}: not a JSON record ({e}); remove or fix "
+                                    "that line to continue the run") from None
+                log.warning("%s: dropping its last line, cut short (%d characters)", self.path, len(line))
+                out.append((line, None))
+        return out
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")

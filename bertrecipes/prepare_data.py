@@ -20,7 +20,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from bertrecipes.config import config_dir, register_configs
+from bertrecipes.config import check_command_line, config_dir, register_configs
 from bertrecipes.data.build import prepare_data
 from bertrecipes.errors import UserError
 
@@ -70,5 +70,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("pretrain")
     sys.argv += _default_overrides(sys.argv[1:])
     main()

@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bertrecipes.config import config_dir, register_configs
+from bertrecipes.config import check_command_line, config_dir, register_configs
 from bertrecipes.engine import run_and_report
 
 CONFIG_DIR = config_dir()
@@ -39,4 +39,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("pretrain")
     main()

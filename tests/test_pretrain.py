@@ -189,6 +189,41 @@ def test_resume_without_checkpoint_is_a_clear_error(make_cfg, tmp_path):
         train(make_cfg(*TINY, "max_steps=1", "resume=true", output_dir=tmp_path))
 
 
+def test_a_run_killed_before_its_first_checkpoint_resumes_by_starting_over(make_cfg, tmp_path, caplog):
+    straight = tmp_path / "straight"
+    train(make_cfg(*TINY, "total_training_steps=3", "max_steps=3", output_dir=straight))
+    out = tmp_path / "run"  # two steps logged, no checkpoint finished (a save killed midway left its .tmp)
+    train(make_cfg(*TINY, "total_training_steps=3", "max_steps=2", "checkpoint_at_end=false", output_dir=out))
+    leftover = out / "checkpoints" / ".global_step2.x1y2z3.tmp"
+    leftover.mkdir(parents=True)
+    (leftover / "state.pt").write_bytes(b"half a checkpoint")
+    caplog.set_level(logging.WARNING, logger="bertrecipes.engine")
+    train(make_cfg(*TINY, "total_training_steps=3", "max_steps=3", "resume=true", output_dir=out))
+    assert "stopped before it saved a checkpoint: starting it over" in caplog.text
+    a, b = read_metrics(straight), read_metrics(out)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert not leftover.exists()  # the first complete save removed what the killed one left
+    assert (out / "checkpoints" / "global_step3").is_dir()
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(make_cfg, tmp_path, caplog):
+    out = tmp_path / "run"
+    train(make_cfg(*TINY, "total_training_steps=3", "max_steps=2", output_dir=out))
+    metrics = out / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"step": 3, "samples": 2')  # the process died writing step 3's record
+    caplog.set_level(logging.WARNING, logger="bertrecipes.metrics")
+    train(make_cfg(*TINY, "total_training_steps=3", "max_steps=3", "resume=true", output_dir=out))
+    assert "dropping its last line, cut short" in caplog.text
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    # a damaged line that is not the last is not guessed at
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], lines[1][:10], lines[2]]) + "\n")
+    with pytest.raises(UserError, match=f"{metrics}, line 2: not a JSON record"):
+        train(make_cfg(*TINY, "total_training_steps=3", "max_steps=4", "resume=true", output_dir=out))
+
+
 def test_truncated_checkpoint_on_resume_names_the_file_and_keeps_it(make_cfg, tmp_path):
     train(make_cfg(*TINY, "max_steps=1", output_dir=tmp_path))
     state = tmp_path / "checkpoints" / "global_step1" / "state.pt"
@@ -278,7 +313,7 @@ def test_a_second_run_into_a_used_output_dir_is_refused_unless_it_resumes(make_c
     out = tmp_path / "run"
     train(make_cfg(*TINY, "max_steps=2", output_dir=out))
     before = read_metrics(out)
-    refused = "already holds a run (checkpoints, metrics.jsonl): continue it with resume=true, or give"
+    refused = "already holds a run (checkpoints, metrics.jsonl): continue it with resume=true (which"
     with pytest.raises(ConfigError, match=re.escape(refused)):
         train(make_cfg(*TINY, "max_steps=1", output_dir=out))
     assert read_metrics(out) == before and (out / "checkpoints" / "global_step2").is_dir()

@@ -18,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bertrecipes.config import config_dir
+from bertrecipes.config import check_command_line, config_dir
 from bertrecipes.squad.config import register_squad_configs
 from bertrecipes.squad.engine import run_and_report
 
@@ -41,4 +41,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("squad")
     main()
