@@ -135,6 +135,9 @@ class PrecisionConfig:
     loss_scale_window: int = 1000  # overflow-free steps before the scale doubles
     hysteresis: int = 2  # overflows tolerated before the scale is lowered
     min_loss_scale: float = 1.0
+    # an overflow with the dynamic scale already at min_loss_scale stops the run (DeepSpeed's
+    # DynamicLossScaler does the same by default): every later step would be skipped too
+    raise_error_at_min_scale: bool = True
 
 
 # --------------------------------------------------------------------------- kernel

@@ -361,16 +361,17 @@ class OptimizerStep:
                 self.optimizer.step()
         self.scaler.update(found_inf)
         self.optimizer.zero_grad(set_to_none=not self.keep_grads)
-        self._post(torch.stack([found_inf.to(torch.float32), self.scaler.scale_tensor]))
+        self._post(torch.stack([found_inf.to(torch.float32), self.scaler.scale_tensor,
+                                self.scaler.at_min_scale.to(torch.float32)]))
         return grad_norm
 
     def _post(self, outcome: torch.Tensor) -> None:
-        """Start copying (overflow flag, scale) to the host behind the step's kernels."""
+        """Start copying (overflow flag, scale, at-minimum flag) to the host behind the step's kernels."""
         if outcome.device.type != "cuda":
             self._pending = (outcome.cpu(), None, self.state.global_step)
             return
         if self._host is None:
-            self._host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+            self._host = torch.empty(len(outcome), dtype=torch.float32, pin_memory=True)
         self._host.copy_(outcome, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
@@ -385,7 +386,7 @@ class OptimizerStep:
         self._pending = None
         if done is not None:
             done.synchronize()
-        overflow, scale = host.tolist()  # the host copy: no device read
+        overflow, scale, at_min_scale = host.tolist()  # the host copy: no device read
         if not overflow:
             self.state.schedule_step += 1
             return
@@ -393,6 +394,13 @@ class OptimizerStep:
         if self.takes_flag and hasattr(self.local, "undo_skipped_step"):
             self.local.undo_skipped_step()
         log.warning("step %d: gradient overflow, step skipped; loss scale now %g", step, scale)
+        if at_min_scale and self.scaler.raise_error_at_min_scale:
+            raise UserError(
+                f"step {step}: the gradients overflowed with the fp16 loss scale already at its minimum "
+                f"(precision.min_loss_scale={self.scaler.min_scale:g}), so every later step would be "
+                "skipped too: the run has diverged. Resume from an earlier checkpoint with a lower "
+                "optimizer.lr, or use precision=bf16 (precision.raise_error_at_min_scale=false carries "
+                "on regardless)")
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device,
@@ -511,6 +519,45 @@ def stopped_before_its_first_checkpoint(output_dir: Path, checkpoint_dir: Path) 
     return started and not complete
 
 
+def restore_optimizer_and_scaler(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                                 scaler: LossScaler, saved: dict[str, Any], target: str) -> None:
+    """Load a checkpoint's optimizer and loss-scaler state, keeping this run's settings: a
+    hyperparameter (weight decay, betas, eps, LAMB's min/max_coeff, bias correction) or a precision
+    setting changed on resume takes effect, with a warning naming it. ``target`` names this run's
+    optimizer in the error when the saved state is another optimizer's."""
+    configured = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+                  for group in optimizer.param_groups]
+    saved_groups = (saved["optimizer"] or {}).get("param_groups") or []
+    saved_keys = set().union(*(g.keys() for g in saved_groups)) - {"params", "lr", "initial_lr"}
+    missing = sorted(set().union(*(c.keys() for c in configured)) - saved_keys) if saved_groups else []
+    try:
+        if missing:  # torch would load it, and the first step would fail on the missing settings
+            raise KeyError(f"the saved state has no {', '.join(missing)}")
+        dist.load_optimizer_state(model, optimizer, saved["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{saved['path']}: its optimizer state does not fit this run's optimizer "
+                              f"({target}), so it was saved by another: {e}. Resume with the optimizer "
+                              "the run was saved with") from e
+    saved["optimizer"] = None  # loaded: let the copy go (gigabytes for BERT-large)
+    changed: dict[str, tuple[Any, Any]] = {}
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        for key, value in settings.items():
+            if key in group and group[key] != value:
+                changed.setdefault(key, (group[key], value))
+            group[key] = value
+    if changed:
+        log.warning("resuming with optimizer settings other than the saved ones, which now apply: %s",
+                    ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+    if not scaler.load_state_dict(saved["scaler"]):
+        def described(dynamic: bool, scale: float) -> str:
+            return (f"a dynamic loss scale at {scale:g}" if dynamic else
+                    f"a static loss scale of {scale:g}" if scale != 1.0 else "no loss scaling")
+
+        log.warning("the run was saved with %s; this run's precision settings give %s, which now applies",
+                    described(bool(saved["scaler"].get("dynamic")), float(saved["scaler"]["scale"])),
+                    described(scaler.dynamic, scaler.scale))
+
+
 def check_run_settings(cfg: DictConfig, output_dir: Path, starting_over: bool = False) -> None:
     """What the schema's types cannot reject, said before any work: unknown keys, out-of-range
     values, a phase without the checkpoint it continues, an output_dir that holds another run (not
@@ -621,8 +668,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     except (ValueError, TypeError) as e:
         raise ConfigError(f"optimizer: {e}") from e
     if resume_from is not None:
-        dist.load_optimizer_state(raw_model, optimizer, resume_from["optimizer"])
-        scaler.load_state_dict(resume_from["scaler"])
+        restore_optimizer_and_scaler(raw_model, optimizer, scaler, resume_from, cfg.optimizer._target_)
         state = TrainState(**resume_from["train_state"])
         log.info("resumed from %s at step %d", resume_from["path"], state.global_step)
         saved_pld, now_pld = resume_from.get("layer_drop"), layer_drop_settings(cfg)

@@ -48,7 +48,8 @@ class LossScaler:
 
     def __init__(self, scale: float = 1.0, dynamic: bool = False, scale_window: int = 1000,
                  hysteresis: int = 2, min_scale: float = 1.0, scale_factor: float = 2.0,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", raise_error_at_min_scale: bool = False) -> None:
+        self.raise_error_at_min_scale = raise_error_at_min_scale
         self.scale_window = int(scale_window)
         self.hysteresis = int(hysteresis)
         self.min_scale = float(min_scale)
@@ -59,6 +60,8 @@ class LossScaler:
         self._hysteresis_left = torch.tensor(self.hysteresis, dtype=torch.int64, device=device)
         self._steps_since_overflow = torch.zeros((), dtype=torch.int64, device=device)
         self._overflows = torch.zeros((), dtype=torch.int64, device=device)
+        # set when an overflow finds the dynamic scale already at min_scale, with no hysteresis left
+        self.at_min_scale = torch.zeros((), dtype=torch.bool, device=device)
 
     @classmethod
     def from_config(cls, cfg, device: torch.device | str = "cpu") -> LossScaler:
@@ -76,6 +79,9 @@ class LossScaler:
                 raise ConfigError(f"precision.{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.min_loss_scale <= 0:
             raise ConfigError(f"precision.min_loss_scale must be > 0, got {cfg.min_loss_scale}")
+        if not 0 <= cfg.initial_scale_power <= 127:  # 2**128 is no longer a finite fp32 number
+            raise ConfigError(f"precision.initial_scale_power must be in [0, 127] (the scale starts at "
+                              f"2**initial_scale_power), got {cfg.initial_scale_power}")
         return cls(
             scale=float(2.0 ** cfg.initial_scale_power),
             dynamic=True,
@@ -83,6 +89,7 @@ class LossScaler:
             hysteresis=cfg.hysteresis,
             min_scale=float(cfg.min_loss_scale),
             device=device,
+            raise_error_at_min_scale=bool(cfg.get("raise_error_at_min_scale", True)),
         )
 
     @property
@@ -119,6 +126,7 @@ class LossScaler:
         if self.dynamic:
             tolerate = found & (self._hysteresis_left > 1)  # spend hysteresis; the scale stays
             back_off = found & ~tolerate
+            self.at_min_scale.copy_(back_off & (self._scale <= self.min_scale))
             grow = ~found & (clean_steps % self.scale_window == 0)
             scale = torch.where(back_off, torch.clamp(self._scale / self.scale_factor, min=self.min_scale),
                                 self._scale)
@@ -136,10 +144,16 @@ class LossScaler:
             "overflows": self.overflows,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.static_scale is not None:
-            self.static_scale = float(state["scale"])
-        self._scale.fill_(float(state["scale"]))
-        self._hysteresis_left.fill_(int(state["hysteresis_left"]))
-        self._steps_since_overflow.fill_(int(state["steps_since_overflow"]))
+    def load_state_dict(self, state: dict) -> bool:
+        """Continue a saved scaler: its overflow count always; its scale and counters only when it is
+        the same kind as this one (both dynamic, or the same static scale), so that a precision
+        setting changed on resume (a static scale, fp32 to fp16) takes effect. Returns whether the
+        scale was restored."""
         self._overflows.fill_(int(state["overflows"]))
+        if bool(state.get("dynamic")) != self.dynamic or (
+                not self.dynamic and float(state["scale"]) != self.static_scale):
+            return False
+        self._scale.fill_(float(state["scale"]))
+        self._hysteresis_left.fill_(min(int(state["hysteresis_left"]), self.hysteresis))
+        self._steps_since_overflow.fill_(int(state["steps_since_overflow"]))
+        return True

@@ -75,6 +75,35 @@ def test_state_dict_round_trip_continues_identically():
         assert a.state_dict() == b.state_dict()
 
 
+def test_a_saved_scaler_of_another_kind_leaves_the_configured_scale():
+    dynamic = LossScaler.from_config(fp16_cfg(initial_scale_power=8))
+    for overflow in [True, True, False]:
+        dynamic.update(overflow)
+    saved = dynamic.state_dict()
+    assert saved["scale"] == 2.0**7 and saved["overflows"] == 2
+    static = LossScaler.from_config(fp16_cfg(loss_scale=128.0 * 3))  # a static scale given on resume
+    assert static.load_state_dict(saved) is False
+    assert static.scale == 384.0 and static.overflows == 2
+    fresh = LossScaler.from_config(fp16_cfg(initial_scale_power=12))  # fp32 (no scaling) -> fp16
+    assert fresh.load_state_dict(LossScaler.from_config(fp16_cfg(dtype="fp32")).state_dict()) is False
+    assert fresh.scale == 2.0**12
+    other_power = LossScaler.from_config(fp16_cfg(initial_scale_power=20))  # dynamic -> dynamic
+    assert other_power.load_state_dict(saved) is True and other_power.state_dict() == saved
+
+
+def test_an_overflow_at_the_minimum_scale_is_flagged():
+    s = LossScaler.from_config(fp16_cfg(initial_scale_power=2, hysteresis=2, min_loss_scale=2.0))
+    flags = []
+    for overflow in [True, True, True, False, True, True]:
+        s.update(overflow)
+        flags.append((s.scale, bool(s.at_min_scale)))
+    # 4: hysteresis spent; 4 -> 2 (the minimum); at 2 with no hysteresis left: flagged; a clean step
+    # resets nothing but the flag; then hysteresis is still spent, so the next overflow is flagged
+    assert flags == [(4.0, False), (2.0, False), (2.0, True), (2.0, False), (2.0, True), (2.0, True)]
+    with pytest.raises(ValueError, match=r"initial_scale_power must be in \[0, 127\]"):
+        LossScaler.from_config(fp16_cfg(initial_scale_power=128))
+
+
 def test_bad_precision_values_are_named():
     with pytest.raises(ValueError, match="fp8"):
         autocast_dtype("fp8")

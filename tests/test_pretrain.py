@@ -101,6 +101,34 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(make_cfg, tmp_path):
     assert record["loss_scale"] == 2.0**39 and record["grad_norm"] is None
 
 
+def test_fp16_overflow_at_the_minimum_scale_stops_the_run(make_cfg, tmp_path):
+    """DeepSpeed's rule: an overflow with the scale at min_loss_scale (hysteresis spent) ends the run."""
+    fp16 = ["precision=fp16", "precision.initial_scale_power=40", "precision.hysteresis=1",
+            f"precision.min_loss_scale={2.0**39}"]  # 2^40 and 2^39 both overflow on this model
+    with pytest.raises(UserError, match="overflowed with the fp16 loss scale already at its minimum"):
+        train(make_cfg(*TINY, "max_steps=4", *fp16, output_dir=tmp_path / "a"))
+    summary = train(make_cfg(*TINY, "max_steps=4", *fp16, "precision.raise_error_at_min_scale=false",
+                             output_dir=tmp_path / "b"))
+    assert summary["train_state"]["skipped_steps"] == 4
+
+
+def test_resume_applies_changed_optimizer_and_precision_settings(make_cfg, tmp_path, caplog):
+    out = tmp_path / "run"
+    train(make_cfg(*TINY, "max_steps=2", "precision=fp16", output_dir=out))
+    caplog.set_level(logging.WARNING, logger="bertrecipes.engine")
+    train(make_cfg(*TINY, "max_steps=4", "resume=true", "optimizer.max_coeff=0.05", "precision=fp16",
+                   "precision.loss_scale=128", output_dir=out))
+    assert "max_coeff 10.0 -> 0.05" in caplog.text
+    assert "saved with a dynamic loss scale at 65536; this run's precision settings give a static loss " \
+           "scale of 128, which now applies" in caplog.text
+    resumed = read_metrics(out)[2:]
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert all(r["lamb_coeff_max"] <= 0.05 + 1e-7 and r["loss_scale"] == 128 for r in resumed)
+    # the state of another optimizer is refused, naming it
+    with pytest.raises(CheckpointError, match="does not fit this run's optimizer .bertrecipes.optim.Adam."):
+        train(make_cfg(*TINY, "max_steps=5", "resume=true", "optimizer=adam", "precision=fp16", output_dir=out))
+
+
 def test_fp16_overflows_mid_run_hold_the_schedule_and_move_the_scale(make_cfg, tmp_path):
     """Real fp16 overflows in the middle of a run (scale 2^18, doubling every 2 clean steps, so it
     keeps climbing back into overflow). The host learns each step's overflow one step late, so this

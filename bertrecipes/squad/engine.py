@@ -62,6 +62,7 @@ from bertrecipes.engine import (
     prepare_output_dir,
     rank_rng_states,
     report_user_error,
+    restore_optimizer_and_scaler,
     restore_rank_rng,
     seed_everything,
     seed_rank_streams,
@@ -485,13 +486,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
         raise ConfigError(f"precision: {e}") from e
     state = TrainState()
     if resume_from is not None:
-        try:
-            dist.load_optimizer_state(model, optimizer, resume_from["optimizer"])
-            resume_from["optimizer"] = None  # loaded: let it go (gigabytes for BERT-large)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{resume_from['path']}: its optimizer state does not fit this run's "
-                                  f"optimizer ({cfg.optimizer._target_}): {e}") from e
-        scaler.load_state_dict(resume_from["scaler"])
+        restore_optimizer_and_scaler(model, optimizer, scaler, resume_from, cfg.optimizer._target_)
         state = TrainState(**resume_from["train_state"])
         saved_total = resume_from["scheduler"].get("total_steps")
         if saved_total is not None and saved_total != total_steps:
