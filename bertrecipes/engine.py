@@ -9,7 +9,9 @@ LR update, step, zero, all without the host waiting for the GPU. Logging and che
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import logging
 import os
 import random
@@ -42,6 +44,7 @@ from bertrecipes.checkpoint import (
 from bertrecipes.config import PretrainConfig, refuse_unknown_keys, resolve_batch_sizes
 from bertrecipes.data import PretrainingLoader
 from bertrecipes.data.build import build_pretraining_dataset, build_run_eval_dataset
+from bertrecipes.data.tokenizer import read_vocab
 from bertrecipes.errors import ConfigError, UserError
 from bertrecipes.evaluation import eval_share, evaluate_pretraining
 from bertrecipes.interop import load_into_model, load_model_state
@@ -519,6 +522,45 @@ def stopped_before_its_first_checkpoint(output_dir: Path, checkpoint_dir: Path) 
     return started and not complete
 
 
+def data_identity(dataset) -> dict[str, Any]:
+    """What fixes the training data's order, for a resumed run to compare: the instances (their
+    preparation settings, count and vocabulary)."""
+    manifest = dataset.manifest or {}
+    settings = json.dumps(manifest.get("settings"), sort_keys=True, default=str)
+    return {"num_instances": len(dataset), "vocab_sha256": manifest.get("vocab_sha256"),
+            "settings_sha256": hashlib.sha256(settings.encode()).hexdigest()[:16]}
+
+
+def check_resumed_data(cfg: DictConfig, saved: dict[str, Any], dataset, state: TrainState, micro: int,
+                       world: int) -> None:
+    """A resumed run continues the saved one's position in the data: the same data and seed (they
+    fix the order), and a micro-batch x world size that divides the samples already consumed."""
+    client = saved.get("client_state") or {}
+    if "seed" in client and client["seed"] != cfg.seed:
+        raise ConfigError(f"resume=true but the run was saved with seed={client['seed']} (now {cfg.seed}): "
+                          "the seed fixes the order of the data, so a resumed run must keep it (give the "
+                          "saved value)")
+    now = data_identity(dataset)
+    if "data" in client and client["data"] != now:
+        was = client["data"]
+        differences = [f"{was['num_instances']} instances then, {now['num_instances']} now"]
+        if was["vocab_sha256"] != now["vocab_sha256"]:
+            differences.append("another vocabulary")
+        if was["settings_sha256"] != now["settings_sha256"]:
+            differences.append("other data settings")
+        raise ConfigError(f"resume=true but the training data is not the saved run's "
+                          f"({', '.join(differences)}): its position in the data would mean other samples; "
+                          "resume with the data overrides it was saved with (its config.yaml), or start a "
+                          "new run with init_from")
+    consumed = state.last_global_data_samples
+    if consumed % (micro * world):
+        fits = [m for m in range(1, 2 * micro + 1) if consumed % (m * world) == 0][-3:]
+        raise ConfigError(f"resume=true but the run has consumed {consumed} samples, not a multiple of "
+                          f"train_micro_batch_size_per_gpu={micro} x {world} ranks, so the next micro-batch "
+                          "cannot start where it stopped: resume with a micro-batch that divides it (such as "
+                          f"{', '.join(map(str, fits))}, with train_batch_size to match)")
+
+
 def restore_optimizer_and_scaler(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                                  scaler: LossScaler, saved: dict[str, Any], target: str) -> None:
     """Load a checkpoint's optimizer and loss-scaler state, keeping this run's settings: a
@@ -633,6 +675,12 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         dist.barrier(ctx)
     if eval_dataset is not None:  # too small for the world size: say so now, not after training
         eval_share(len(eval_dataset), cfg.max_eval_samples, ctx.world_size)
+    if init_from is not None and init_from.vocab_file is not None and Path(init_from.vocab_file).is_file() \
+            and read_vocab(init_from.vocab_file) != read_vocab(dataset.vocab_file):
+        raise ConfigError(f"init_from={cfg.init_from} was trained with the vocabulary "
+                          f"{init_from.vocab_file}, and this run's data uses another ({dataset.vocab_file}): "
+                          "its embedding rows would stand for other tokens; give data.vocab_file its "
+                          "vocabulary")
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
     unpad, unpad_bucket = unpad_options(cfg.kernel)
     raw_model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel),
@@ -683,6 +731,13 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                         "uninterrupted run's; give total_training_steps=%d to keep the horizon",
                         saved_total, total_steps, cfg.total_training_steps, cfg.max_steps, saved_total)
 
+    micro = batch.train_micro_batch_size_per_gpu
+    if resume_from is not None:
+        check_resumed_data(cfg, resume_from, dataset, state, micro, ctx.world_size)
+    if len(dataset) < micro * ctx.world_size:
+        raise ConfigError(f"the training data has {len(dataset)} instances, fewer than one micro-batch on "
+                          f"every rank (train_micro_batch_size_per_gpu={micro} x {ctx.world_size} ranks): "
+                          "give more data or a smaller micro-batch")
     loader = PretrainingLoader(
         dataset, batch.train_micro_batch_size_per_gpu, seed=cfg.seed, rank=ctx.rank,
         world_size=ctx.world_size, start_sample=state.last_global_data_samples,
@@ -741,7 +796,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                 # DeepSpeed bing_bert's names for the data position, for users' own tooling.
                 client_state={"epoch": state.epoch, "last_global_step": state.global_step,
                               "last_global_data_samples": state.last_global_data_samples,
-                              "vocab_file": str(dataset.vocab_file)},
+                              "vocab_file": str(dataset.vocab_file), "seed": cfg.seed,
+                              "data": data_identity(dataset)},
                 config_yaml=resolved_config, keep_last=cfg.keep_last_checkpoints,
                 files={VOCAB_FILE: dataset.vocab_file},
             )

@@ -126,7 +126,8 @@ def test_resume_applies_changed_optimizer_and_precision_settings(make_cfg, tmp_p
     assert all(r["lamb_coeff_max"] <= 0.05 + 1e-7 and r["loss_scale"] == 128 for r in resumed)
     # the state of another optimizer is refused, naming it
     with pytest.raises(CheckpointError, match="does not fit this run's optimizer .bertrecipes.optim.Adam."):
-        train(make_cfg(*TINY, "max_steps=5", "resume=true", "optimizer=adam", "precision=fp16", output_dir=out))
+        train(make_cfg(*TINY, "max_steps=5", "resume=true", "optimizer=adam", "precision=fp16",
+                       output_dir=out))
 
 
 def test_fp16_overflows_mid_run_hold_the_schedule_and_move_the_scale(make_cfg, tmp_path):
@@ -250,6 +251,38 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(make_cfg, tmp_p
     metrics.write_text("\n".join([lines[0], lines[1][:10], lines[2]]) + "\n")
     with pytest.raises(UserError, match=f"{metrics}, line 2: not a JSON record"):
         train(make_cfg(*TINY, "total_training_steps=3", "max_steps=4", "resume=true", output_dir=out))
+
+
+def test_resume_refuses_another_seed_or_data_and_a_micro_batch_off_the_position(make_cfg, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg(*TINY, "max_steps=3", output_dir=out))  # 3 x 8 = 24 samples consumed
+    with pytest.raises(ConfigError, match=r"saved with seed=\d+ \(now 7\): the seed fixes the order"):
+        train(make_cfg(*TINY, "max_steps=4", "resume=true", "seed=7", output_dir=out))
+    with pytest.raises(ConfigError, match="training data is not the saved run's .* other data settings"):
+        train(make_cfg(*TINY, "max_steps=4", "resume=true", "data.dupe_factor=3", output_dir=out))
+    with pytest.raises(ConfigError, match=r"consumed 24 samples, not a multiple of "
+                                          r"train_micro_batch_size_per_gpu=5 x 1 ranks.*such as 4, 6, 8"):
+        train(make_cfg(*TINY, "max_steps=4", "resume=true", "train_batch_size=10",
+                       "train_micro_batch_size_per_gpu=5", output_dir=out))
+    # a micro-batch that divides the position continues the same samples
+    summary = train(make_cfg(*TINY, "max_steps=4", "resume=true", "train_micro_batch_size_per_gpu=2",
+                             output_dir=out))
+    assert summary["train_state"]["last_global_data_samples"] == 32
+
+
+def test_init_from_a_checkpoint_of_another_vocabulary_is_refused(make_cfg, tmp_path):
+    first = tmp_path / "first"
+    train(make_cfg(*TINY, "max_steps=1", output_dir=first))
+    with pytest.raises(ConfigError, match="trained with the vocabulary .*, and this run's data uses another"):
+        train(make_cfg(*TINY, "max_steps=1", "data.vocab_size=380", f"init_from={first / 'checkpoints'}",
+                       output_dir=tmp_path / "second"))
+
+
+def test_data_smaller_than_one_micro_batch_is_named(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"instances, fewer than one micro-batch on every rank "
+                                          r"\(train_micro_batch_size_per_gpu=100000 x 1 ranks\)"):
+        train(make_cfg(*TINY, "max_steps=1", "train_batch_size=100000",
+                       "train_micro_batch_size_per_gpu=100000", output_dir=tmp_path))
 
 
 def test_truncated_checkpoint_on_resume_names_the_file_and_keeps_it(make_cfg, tmp_path):

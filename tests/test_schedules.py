@@ -76,6 +76,14 @@ class TestWarmupExpDecayExp:
             warmup_exp_decay_exp(10, 0.99, 0, TOTAL, WARMUP)
 
 
+def test_warmup_degree_must_be_positive() -> None:
+    for degree in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="degree must be a finite float > 0"):
+            WarmupExpDecayExp(base_lr=1e-3, total_steps=TOTAL, degree=degree)
+        with pytest.raises(ValueError, match="degree must be a finite float > 0"):
+            warmup_exp_decay_exp(5, 0.99, 1000, TOTAL, WARMUP, degree=degree)
+
+
 class TestWarmupLinear:
     def test_endpoints_and_boundary(self) -> None:
         assert warmup_linear(0, TOTAL, WARMUP) == 0.0

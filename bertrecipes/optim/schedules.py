@@ -49,6 +49,9 @@ def warmup_exp_decay_exp(
     """
     _check_total_steps(total_steps)
     _check_warmup(warmup, "warmup")
+    if not (math.isfinite(degree) and degree > 0.0):
+        raise ValueError(f"degree must be a finite float > 0 (the warmup is (x/warmup)**degree), "
+                         f"got {degree}")
     if not decay_rate > 0.0:
         raise ValueError(f"decay_rate must be > 0, got {decay_rate}")
     if not decay_steps > 0:
@@ -113,6 +116,9 @@ class WarmupExpDecayExp:
             raise ValueError(f"decay_rate must be > 0, got {self.decay_rate}")
         if not self.decay_step > 0:
             raise ValueError(f"decay_step must be > 0, got {self.decay_step}")
+        if not (math.isfinite(self.degree) and self.degree > 0.0):
+            raise ValueError(f"degree must be a finite float > 0 (the warmup is (x/warmup)**degree), "
+                             f"got {self.degree}")
 
     def __call__(self, step: int) -> float:
         _check_step(step)
