@@ -184,6 +184,18 @@ def test_mismatched_shards_are_refused_naming_both(built: dict, tmp_path: Path) 
     assert len(dataset) == built[1].manifest["num_instances"]
 
 
+def test_prepared_shards_used_with_other_data_settings_say_so(built: dict, make_cfg, caplog) -> None:
+    manifest = built[1].manifest
+    assert manifest["masking"] == "static" and manifest["masked_lm_prob"] == pytest.approx(0.15)
+    cfg = make_cfg("data=text_files", f"data.prepared_dir={built[1].directory}", "data.masking=dynamic",
+                   "data.masked_lm_prob=0.4", f"max_seq_length={SEQ}", f"max_predictions_per_seq={PRED}")
+    caplog.set_level(logging.WARNING, logger="bertrecipes.data")
+    dataset = build_pretraining_dataset(cfg)
+    assert dataset.dynamic_masking is None  # the shards' static masks, as they are
+    assert "masking='static' (this run's data.masking='dynamic')" in caplog.text
+    assert "masked_lm_prob=0.15 (this run's data.masked_lm_prob=0.4)" in caplog.text
+
+
 def _row_ids(batch: dict[str, torch.Tensor]) -> list[bytes]:
     return [bytes(row.numpy().tobytes()) for row in batch["input_ids"]]
 

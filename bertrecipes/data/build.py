@@ -174,16 +174,27 @@ def _preparer(cfg: DictConfig) -> Any:
     )
 
 
+# what prepared shards fix, which a run's data settings cannot change
+PREPARED_SETTINGS = ("masking", "masked_lm_prob", "whole_word_mask", "lower_case", "dupe_factor",
+                     "short_seq_prob")
+
+
 def prepare_data(cfg: DictConfig) -> PreparedData:
     """Prepare (or find in the cache) the data `cfg` names, without opening it for training."""
     if cfg.data.get("prepared_dir"):
         directory = Path(cfg.data.prepared_dir).expanduser()
-        open_prepared(
+        _, manifest, _ = open_prepared(
             directory,
             max_seq_length=cfg.max_seq_length,
             max_predictions_per_seq=cfg.max_predictions_per_seq,
             vocab_file=cfg.data.get("vocab_file"),
         )
+        differ = [f"{key}={manifest[key]!r} (this run's data.{key}={cfg.data[key]!r})"
+                  for key in PREPARED_SETTINGS if key in manifest and key in cfg.data
+                  and manifest[key] != cfg.data[key]]
+        if differ:
+            logger.warning("data.prepared_dir=%s holds shards prepared with %s: they are used as they are",
+                           directory, ", ".join(differ))
         return PreparedData(directory, {}, reused=True)
     return _preparer(cfg)(cfg)
 
