@@ -522,6 +522,20 @@ def stopped_before_its_first_checkpoint(output_dir: Path, checkpoint_dir: Path) 
     return started and not complete
 
 
+def logged_eval(metrics: Path, step: int) -> bool:
+    """Whether ``metrics`` (a run's metrics.jsonl) holds the held-out evaluation of ``step``."""
+    if not metrics.is_file():
+        return False
+    for line in metrics.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step") == step and "eval_loss" in record:
+            return True
+    return False
+
+
 def data_identity(dataset) -> dict[str, Any]:
     """What fixes the training data's order, for a resumed run to compare: the instances (their
     preparation settings, count and vocabulary)."""
@@ -830,6 +844,16 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     last_eval: dict[str, Any] = {}
     first_step = state.global_step
     last_saved_step = state.global_step if resume_from else -1
+    if resume_from is not None and eval_dataset is not None and cfg.eval_steps and \
+            state.global_step % cfg.eval_steps == 0 and state.global_step < cfg.max_steps:
+        # the checkpoint comes before its step's evaluation: a run stopped during that evaluation
+        # has none on record, so it is done now (rank 0 reads the record; every rank evaluates)
+        missing = torch.tensor(float(ctx.is_main and not logged_eval(output_dir / "metrics.jsonl",
+                                                                     state.global_step)))
+        if dist.all_reduce_sum(missing.to(device), ctx).item():
+            log.info("step %d's evaluation was not finished when the run stopped: evaluating now",
+                     state.global_step)
+            last_eval = evaluate()
     if resume_from is not None:  # last before the loop: nothing else draws from the restored stream
         restore_rank_rng(resume_from, ctx)
     try:

@@ -158,6 +158,13 @@ def test_a_failing_evaluation_loses_no_training(make_cfg, tmp_path, heldout, mon
         train(make_cfg(*TINY, "max_steps=3", f"eval_data=[{heldout}]", "eval_steps=2", "checkpoint_steps=2",
                        output_dir=tmp_path / "periodic"))
     assert (tmp_path / "periodic" / "checkpoints" / "global_step2").is_dir()
+    # resumed, the run first does the evaluation that failed, then goes on
+    monkeypatch.undo()
+    train(make_cfg(*TINY, "max_steps=3", f"eval_data=[{heldout}]", "eval_steps=2", "checkpoint_steps=2",
+                   "resume=true", output_dir=tmp_path / "periodic"))
+    steps, evals = records(tmp_path / "periodic")
+    assert [r["step"] for r in evals] == [2, 3] and [r["step"] for r in steps] == [1, 2, 3]
+    monkeypatch.setattr("bertrecipes.engine.evaluate_pretraining", fail)
     # the evaluation after the last step
     with pytest.raises(RuntimeError, match="out of memory in the evaluation"):
         train(make_cfg(*TINY, "max_steps=3", f"eval_data=[{heldout}]", output_dir=tmp_path / "end"))
@@ -335,6 +342,24 @@ def test_command_line_checks_the_output_directory_before_the_work(tmp_path, caps
                  str(tmp_path / "missing" / "scores.json"), "--cache-dir", str(tmp_path / "cache")])
     assert code == 2
     assert "its directory does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # nothing was prepared
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "error: --device cuda: CUDA is not available on this machine (use --device auto or "
+             "--device cpu)"),
+    ("cuda:1", "error: --device cuda:1: CUDA is not available on this machine (use --device auto or "
+               "--device cpu)"),
+    ("gpu", "error: --device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_command_line_names_a_bad_device_by_its_flag_before_the_work(tmp_path, capsys, monkeypatch, device,
+                                                                     message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    checkpoints = small_checkpoint(tmp_path)
+    code = main([str(checkpoints), "--eval-data", str(tmp_path / "small.txt"), "--device", device,
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert capsys.readouterr().err == message + "\n"
     assert not (tmp_path / "cache").exists()  # nothing was prepared
 
 
