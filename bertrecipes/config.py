@@ -362,12 +362,13 @@ def find_override_problem(config_name: str, argv: list[str]) -> str | None:
             for combination in combinations:
                 chosen = [line(o, choice) for (o, _), choice in zip(groups, combination, strict=True)]
                 composed.append(compose(config_name, overrides=chosen))
-        except HydraException:
+        except Exception:  # Hydra reports what it cannot compose, but for a plain group=option whose group
+            # the defaults list lacks: said here, with the + that selects it
             added = [line(o, choices[0] if choices else None) for o, choices in groups
                      if o.type != OverrideType.CHANGE]
             try:
                 defaults = compose(config_name, overrides=added, return_hydra_config=True)
-            except HydraException:
+            except Exception:
                 return None
             selected = defaults.hydra.runtime.choices
             for override, _ in groups:

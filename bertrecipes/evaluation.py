@@ -252,11 +252,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _device_option_problem(name: str) -> str | None:
+    """What is wrong with ``--device name``, in the command line's terms, or None."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: CUDA is not available on this machine (use --device auto or --device cpu)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.output and not Path(args.output).resolve().parent.is_dir():  # say so before the work, not after
         print(f"error: --output {args.output}: its directory does not exist", file=sys.stderr)
+        return 2
+    problem = _device_option_problem(args.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         scores = evaluate_checkpoint(

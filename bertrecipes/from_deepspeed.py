@@ -8,7 +8,8 @@ pre-training, bing_bert's training config) in, Hydra overrides out.
 It prints ``# notes`` (what has no counterpart, or differs), then the command. What it maps:
 
 * DeepSpeed config: ``train_batch_size``, ``train_micro_batch_size_per_gpu``,
-  ``gradient_accumulation_steps``, ``steps_per_print``, ``gradient_clipping`` (``max_grad_norm``),
+  ``gradient_accumulation_steps``, ``steps_per_print``, ``gradient_clipping`` (``max_grad_norm``; else
+  the optimizer's ``params.max_grad_norm``, as in BingBertSquad's config),
   ``optimizer`` (Lamb or Adam/AdamW and their ``params``), ``fp16`` (``loss_scale``,
   ``initial_scale_power``, ``loss_scale_window``, ``hysteresis``, ``min_loss_scale``) or ``bf16``,
   ``zero_optimization.stage`` (1: ``distributed.zero_stage=1``; 3: ``distributed.strategy=fsdp``).
@@ -118,6 +119,14 @@ def deepspeed_overrides(ds: dict, task: str) -> tuple[list[str], list[str]]:
         for key in _OPTIMIZER_PARAMS[name]:
             if key in params:
                 overrides.append(f"optimizer.{key}={_value(params.pop(key))}")
+        if "max_grad_norm" in params:  # BingBertSquad's config clips here, not with gradient_clipping
+            clip = _number(params.pop("max_grad_norm"), "optimizer.params.max_grad_norm")
+            if "gradient_clipping" not in ds:
+                overrides.append(f"max_grad_norm={_value(clip)}")
+            elif clip != _number(ds["gradient_clipping"], "gradient_clipping"):
+                notes.append(f"optimizer.params.max_grad_norm={_value(clip)} differs from gradient_clipping="
+                             f"{_value(_number(ds['gradient_clipping'], 'gradient_clipping'))}; DeepSpeed "
+                             f"clips with gradient_clipping, as here")
         if params:
             notes.append(f"optimizer params without a counterpart, not mapped: {', '.join(sorted(params))}")
 
@@ -246,6 +255,7 @@ def command(ds_config: Path, bing_bert_config: Path | None = None, task: str = "
         return ["python", "-m", "bertrecipes.squad", *overrides], notes
     schedules = {"EE": "warmup_exp_decay_exp", "LE": "warmup_linear_decay_exp"}
     overrides.append(f"scheduler={schedules[lr_schedule]}")
+    lengths: list[int] = []  # the sequence lengths of bing_bert's mixed_seq_training, if any
     if bing_bert_config is None:
         notes.append("no --bing-bert-config: the model and the schedule's settings stay bertrecipes' "
                      "defaults (model=bert_tiny); give bing_bert's training config, or set model= and "
@@ -253,6 +263,8 @@ def command(ds_config: Path, bing_bert_config: Path | None = None, task: str = "
     else:
         training_config = _read_json(bing_bert_config, "bing_bert config")
         more, more_notes = bing_bert_overrides(training_config, seq)
+        lengths = [int(length) for length in training_config.get("mixed_seq_training") or {}
+                   if str(length).isdigit()]
         # bing_bert sets the LR from its own config's learning_rate: that one wins
         ours = [o for o in overrides if o.startswith("optimizer.lr=")]
         theirs = [o for o in more if o.startswith("optimizer.lr=")]
@@ -266,6 +278,11 @@ def command(ds_config: Path, bing_bert_config: Path | None = None, task: str = "
     overrides = list(dict.fromkeys(overrides))  # once each (progressive_layer_drop asks for pre-LN too)
     if seq is not None:
         overrides.append(f"max_seq_length={seq}")
+        shorter = [length for length in lengths if length < seq]
+        if shorter or (bing_bert_config is None and seq == 512):
+            first = f"the seq{min(shorter)} phase" if shorter else "phase 1"
+            notes.append(f"phase 2 (seq{seq}) continues {first}: add init_from=<phase-1 run>/checkpoints "
+                         "(bing_bert's --load_training_checkpoint), or it pre-trains from random weights")
     if max_predictions_per_seq is not None:
         overrides.append(f"max_predictions_per_seq={max_predictions_per_seq}")
     if lr_offset is not None:

@@ -8,6 +8,7 @@ The reference is the transformers library reading the exported directory (``from
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,29 @@ def test_command_line(exported, tmp_path, capsys):
     assert "error: checkpoint path" in capsys.readouterr().err
     assert main([str(checkpoints), str(tmp_path / "cli3"), "--ckpt-type", "HF"]) == 2
     assert "use ckpt_type=DS" in capsys.readouterr().err
+
+
+def test_output_path_the_os_refuses_is_a_one_line_error(exported, tmp_path, capsys, monkeypatch):
+    _, checkpoints, _ = exported
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    for out in (a_file / "x", a_file / "deeper" / "x"):
+        assert main([str(checkpoints), str(out)]) == 2
+        assert capsys.readouterr().err == f"error: cannot create {out}: {a_file} is not a directory\n"
+
+    import errno
+
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    out = tmp_path / "out" / "hf"
+    with pytest.raises(UserError) as info:
+        export_hf(checkpoints, out)
+    assert str(info.value) == f"cannot write {out}: No space left on device"
+    assert list((tmp_path / "out").iterdir()) == []  # the partial export is removed
 
 
 @pytest.mark.skipif(not SHARED_TF.is_dir(), reason=f"{SHARED_TF} absent (the shared data folder)")

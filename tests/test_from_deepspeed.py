@@ -49,6 +49,14 @@ DS_SQUAD = {"train_batch_size": 24, "train_micro_batch_size_per_gpu": 3, "steps_
             "optimizer": {"type": "Adam",
                           "params": {"lr": 3e-5, "weight_decay": 0.0, "bias_correction": False}},
             "gradient_clipping": 1.0, "fp16": {"enabled": True}}
+# DeepSpeedExamples/BingBertSquad/deepspeed_bsz24_config.json as published: the clipping is the
+# optimizer's max_grad_norm, and there is no gradient_clipping
+DS_SQUAD_PUBLISHED = {
+    "train_batch_size": 24, "train_micro_batch_size_per_gpu": 6, "steps_per_print": 10,
+    "optimizer": {"type": "Adam", "params": {"lr": 3e-5, "max_grad_norm": 1.0, "weight_decay": 0.0,
+                                             "bias_correction": False}},
+    "fp16": {"enabled": True},
+}
 
 RECIPE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "steps_per_print", "max_grad_norm",
                "max_seq_length", "max_predictions_per_seq", "total_training_steps")
@@ -108,6 +116,41 @@ def test_bingbertsquad_config_gives_the_squad_defaults_in_fp16(tmp_path):
         assert ours[key] == default[key], key
     assert ours.optimizer == default.optimizer
     assert ours.precision.dtype == "fp16" and default.precision.dtype == "fp32"
+
+
+def test_optimizer_max_grad_norm_is_the_clipping_unless_gradient_clipping_is_given(tmp_path):
+    words, notes = command(write(tmp_path, "ds.json", DS_SQUAD_PUBLISHED), task="squad")
+    assert "max_grad_norm=1.0" in words and notes == []
+    assert composed(words, "output_dir=/tmp/x").train_micro_batch_size_per_gpu == 6
+
+    params = {**DS_SQUAD_PUBLISHED["optimizer"]["params"], "max_grad_norm": 0.5}
+    only_params = {**DS_SQUAD_PUBLISHED, "optimizer": {"type": "Adam", "params": params}}
+    words, notes = command(write(tmp_path, "params.json", only_params), task="squad")
+    assert composed(words, "output_dir=/tmp/x").max_grad_norm == 0.5 and notes == []
+
+    both = {**only_params, "gradient_clipping": 2.0}
+    words, notes = command(write(tmp_path, "both.json", both), task="squad")
+    assert [w for w in words if w.startswith("max_grad_norm=")] == ["max_grad_norm=2.0"]
+    assert notes == ["optimizer.params.max_grad_norm=0.5 differs from gradient_clipping=2.0; DeepSpeed "
+                     "clips with gradient_clipping, as here"]
+    agreeing = {**only_params, "gradient_clipping": 0.5}
+    words, notes = command(write(tmp_path, "agree.json", agreeing), task="squad")
+    assert [w for w in words if w.startswith("max_grad_norm=")] == ["max_grad_norm=0.5"] and notes == []
+    with pytest.raises(UserError, match="optimizer.params.max_grad_norm must be a number"):
+        bad = {"optimizer": {"type": "Lamb", "params": {"max_grad_norm": "1"}}}
+        command(write(tmp_path, "bad.json", bad))
+
+
+def test_seq512_says_that_phase_two_starts_from_the_phase_one_checkpoint(tmp_path):
+    """bing_bert's seq512 script loads the seq128 checkpoint (--load_training_checkpoint); the command
+    has no such path to give, so a note asks for init_from, as +phase=seq512 requires."""
+    ds, bing = write(tmp_path, "ds.json", DS_SEQ128), write(tmp_path, "bert.json", BING_BERT)
+    wanted = ("phase 2 (seq512) continues the seq128 phase: add init_from=<phase-1 run>/checkpoints "
+              "(bing_bert's --load_training_checkpoint), or it pre-trains from random weights")
+    assert wanted in command(ds, bing, seq=512)[1]
+    assert not any("init_from" in n for n in command(ds, bing, seq=128)[1])
+    assert any("add init_from=" in n for n in command(ds, seq=512)[1])  # without bing_bert's config
+    assert not any("init_from" in n for n in command(ds, seq=128)[1])
 
 
 def test_the_rest_of_deepspeeds_settings(tmp_path):

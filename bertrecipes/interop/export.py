@@ -143,6 +143,17 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _cannot_write(out_dir: Path, error: OSError) -> str:
+    """One line for an OSError met creating or writing ``out_dir``: the path and the OS's reason."""
+    for parent in out_dir.absolute().parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():  # mkdir says "File exists" or "Not a directory" for it
+                return f"cannot create {out_dir}: {parent} is not a directory"
+            break
+    where = f" ({error.filename})" if error.filename and str(error.filename) != str(out_dir) else ""
+    return f"cannot write {out_dir}: {error.strerror or error}{where}"
+
+
 def export_hf(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -186,8 +197,11 @@ def export_hf(
 
     from safetensors.torch import save_file
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise UserError(_cannot_write(out_dir, e)) from None
     try:
         _write_json(tmp / "config.json", hf_config_dict(imported.config, architecture))
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -206,6 +220,9 @@ def export_hf(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(_cannot_write(out_dir, e)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,6 +13,7 @@ Every knob is a command-line override; see conf/squad.yaml.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -35,9 +36,25 @@ def main(cfg: DictConfig) -> None:
     cfg.output_dir = output_dir
     summary = run_and_report(cfg, output_dir)
     if summary:
-        scores = summary.get("eval", {})
-        log.info("done: %d training steps; exact_match %s, f1 %s; outputs in %s", summary["global_step"],
-                 scores.get("exact_match"), scores.get("f1"), summary["output_dir"])
+        log.info("%s", done_line(cfg, summary))
+
+
+def done_line(cfg: DictConfig, summary: dict[str, Any]) -> str:
+    """The run's last log line: what it did (fine-tuned, or predicted with a model fine-tuned before),
+    its scores when the predict file has answers, and where its outputs are."""
+    steps = summary["global_step"]
+    if cfg.do_train:
+        what = f"fine-tuned for {steps} steps" + (", then predicted" if cfg.do_predict else "")
+    elif steps:
+        what = f"predicted with a model fine-tuned for {steps} steps (no training in this run)"
+    else:
+        what = "predicted (no training in this run)"
+    scores = summary.get("eval") or {}
+    if "exact_match" in scores:
+        what += f"; exact_match {scores['exact_match']:.2f}, f1 {scores['f1']:.2f}"
+    elif scores:
+        what += "; not scored (the predict file has no answers)"
+    return f"done: {what}; outputs in {summary['output_dir']}"
 
 
 if __name__ == "__main__":
