@@ -185,6 +185,16 @@ def test_resume_with_different_window_settings_is_refused_naming_them(squad_file
     other.write_text(data.read_text())
     with pytest.raises(UserError, match="saved with train_file="):
         run(squad_cfg(other, vocab, out, "max_steps=4", "resume=true"))
+    # a run saved before windows_without_answer existed trained on every window, [CLS] labels included
+    saved = load_checkpoint(out / "checkpoints")["path"]
+    config = Path(saved).parent / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if not line.startswith("windows_without_answer")))
+    with pytest.raises(UserError, match="saved with windows_without_answer='cls' \\(now 'drop'\\)"):
+        run(squad_cfg(link, vocab, out, "max_steps=4", "resume=true"))
+    summary = run(squad_cfg(link, vocab, out, "max_steps=4", "resume=true", "do_predict=false",
+                            "windows_without_answer=cls"))
+    assert summary["global_step"] == 4
 
 
 def test_resume_with_another_optimizer_or_vocabulary_is_refused_before_anything_changes(

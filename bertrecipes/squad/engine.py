@@ -388,6 +388,10 @@ RESUME_FIXED = ("train_file", "max_seq_length", "doc_stride", "max_query_length"
                 "train_batch_size", "windows_without_answer")
 
 
+# What a run saved before a setting existed did: its value for that setting.
+SAVED_BEFORE_THE_KEY = {"windows_without_answer": "cls"}
+
+
 def same_setting(key: str, saved: Any, now: Any) -> bool:
     """Whether a resumed run's ``key`` is the saved one: equal, or for ``train_file`` the same file
     named another way (a relative path, a link)."""
@@ -420,6 +424,8 @@ def load_resume_checkpoint(cfg: DictConfig, checkpoint_dir: Path) -> dict[str, A
         saved = OmegaConf.load(saved_config)
         if cfg.do_lower_case is None and isinstance(saved.get("do_lower_case"), bool):
             cfg.do_lower_case = saved.do_lower_case  # unset: the run's own
+        for key, value in SAVED_BEFORE_THE_KEY.items():  # a run saved before the setting existed
+            saved.setdefault(key, value)
         changed = [f"{key}={saved.get(key)!r} (now {cfg[key]!r})" for key in RESUME_FIXED
                    if key in saved and not same_setting(key, saved.get(key), cfg[key])]
         if changed:
