@@ -968,6 +968,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                 log.warning("stopped at step %d on request; resume with resume=true output_dir=%s",
                             state.global_step, output_dir)
     finally:
+        # the loader's worker processes stop here, however the run ends: they ignore SIGTERM (see
+        # PretrainingLoader), so left to the interpreter's exit they would be waited for forever
+        batches.close()
         progress.close()
         if metrics_file is not None:
             metrics_file.close()

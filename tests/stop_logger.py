@@ -15,3 +15,11 @@ class StopAtStep:
 
     def finish(self):
         pass
+
+
+class CrashAtStep(StopAtStep):
+    """Raises at step ``STOP_AT_STEP``: a run that crashes mid-training."""
+
+    def log(self, metrics, step):
+        if step == self.stop_at and "loss" in metrics:
+            raise RuntimeError(f"crash at step {step}")

@@ -547,6 +547,20 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, data_cache, t
     assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 3))
 
 
+def test_a_crash_with_loader_workers_exits_instead_of_waiting_for_them(tmp_path, data_cache):
+    """The workers ignore SIGTERM (a stop signal is the trainer's), so the run stops them itself: a crash
+    must not leave the interpreter's exit waiting on them (HYDRA_FULL_ERROR keeps the traceback, and
+    with it the loader, alive to the end)."""
+    env = {**os.environ, "BERTRECIPES_CACHE": str(data_cache), "HYDRA_FULL_ERROR": "1", "STOP_AT_STEP": "3",
+           "PYTHONPATH": str(ROOT / "tests")}
+    done = subprocess.run(
+        [sys.executable, "-m", "bertrecipes.pretrain", *TINY, "max_steps=50",
+         f"output_dir={tmp_path / 'run'}", "progress_bar=false", "data.num_workers=2",
+         "logger._target_=stop_logger.CrashAtStep"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1 and "RuntimeError: crash at step 3" in done.stderr, done.stderr[-2000:]
+
+
 def make_cfg_for(out: Path, data_cache: Path, *overrides: str):
     from hydra import compose, initialize_config_dir
 
