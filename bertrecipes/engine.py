@@ -663,6 +663,15 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
 
     resume_from = None
     if cfg.resume and stopped_before_its_first_checkpoint(output_dir, checkpoint_dir):
+        saved = OmegaConf.load(output_dir / "config.yaml") if (output_dir / "config.yaml").is_file() else {}
+        if saved.get("checkpoint_steps") == 0 and saved.get("checkpoint_at_end") is False:
+            raise ConfigError(f"resume=true but the run in {output_dir} saves no checkpoints "
+                              "(checkpoint_steps=0, checkpoint_at_end=false): there is nothing to resume; "
+                              "give another output_dir")
+        if cfg.init_from_required and not cfg.init_from:
+            raise ConfigError(f"resume=true but the run in {output_dir} stopped before it saved a "
+                              f"checkpoint, so it starts over, and job {cfg.job_name} continues an earlier "
+                              "phase: give init_from=<its checkpoint directory> as the first attempt did")
         log.warning("resume=true but the run in %s stopped before it saved a checkpoint: starting it over "
                     "(its metrics.jsonl is replaced)", output_dir)
         starting_over = True

@@ -218,11 +218,17 @@ def test_resume_without_checkpoint_is_a_clear_error(make_cfg, tmp_path):
         train(make_cfg(*TINY, "max_steps=1", "resume=true", output_dir=tmp_path))
 
 
-def test_a_run_killed_before_its_first_checkpoint_resumes_by_starting_over(make_cfg, tmp_path, caplog):
+def test_a_run_killed_before_its_first_checkpoint_resumes_by_starting_over(make_cfg, tmp_path, caplog,
+                                                                           monkeypatch):
     straight = tmp_path / "straight"
     train(make_cfg(*TINY, "total_training_steps=3", "max_steps=3", output_dir=straight))
-    out = tmp_path / "run"  # two steps logged, no checkpoint finished (a save killed midway left its .tmp)
-    train(make_cfg(*TINY, "total_training_steps=3", "max_steps=2", "checkpoint_at_end=false", output_dir=out))
+    out = tmp_path / "run"  # a crash at step 3, before the run's checkpoint at the end
+    monkeypatch.setenv("STOP_AT_STEP", "3")
+    with pytest.raises(RuntimeError, match="crash at step 3"):
+        train(make_cfg(*TINY, "total_training_steps=3", "max_steps=3",
+                       "logger._target_=stop_logger.CrashAtStep", output_dir=out))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3] and not (out / "checkpoints").exists()
+    # ... and a save killed midway left its .tmp
     leftover = out / "checkpoints" / ".global_step2.x1y2z3.tmp"
     leftover.mkdir(parents=True)
     (leftover / "state.pt").write_bytes(b"half a checkpoint")
@@ -234,6 +240,17 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_by_starting_over(make_
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert not leftover.exists()  # the first complete save removed what the killed one left
     assert (out / "checkpoints" / "global_step3").is_dir()
+    # not started over: a run that saves no checkpoints at all, or a later phase without its init_from
+    none = tmp_path / "none"
+    train(make_cfg(*TINY, "max_steps=2", "checkpoint_steps=0", "checkpoint_at_end=false", output_dir=none))
+    with pytest.raises(ConfigError, match="saves no checkpoints .*nothing to resume"):
+        train(make_cfg(*TINY, "max_steps=3", "resume=true", output_dir=none))
+    phase2 = tmp_path / "phase2"
+    with pytest.raises(RuntimeError, match="crash at step 3"):
+        train(make_cfg(*TINY, "max_steps=3", f"init_from={straight / 'checkpoints'}",
+                       "init_from_required=true", "logger._target_=stop_logger.CrashAtStep", output_dir=phase2))
+    with pytest.raises(ConfigError, match="stopped before it saved a checkpoint, so it starts over, and job"):
+        train(make_cfg(*TINY, "max_steps=2", "resume=true", "init_from_required=true", output_dir=phase2))
 
 
 def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(make_cfg, tmp_path, caplog):
