@@ -248,7 +248,8 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_by_starting_over(make_
     phase2 = tmp_path / "phase2"
     with pytest.raises(RuntimeError, match="crash at step 3"):
         train(make_cfg(*TINY, "max_steps=3", f"init_from={straight / 'checkpoints'}",
-                       "init_from_required=true", "logger._target_=stop_logger.CrashAtStep", output_dir=phase2))
+                       "init_from_required=true", "logger._target_=stop_logger.CrashAtStep",
+                       output_dir=phase2))
     with pytest.raises(ConfigError, match="stopped before it saved a checkpoint, so it starts over, and job"):
         train(make_cfg(*TINY, "max_steps=2", "resume=true", "init_from_required=true", output_dir=phase2))
 
