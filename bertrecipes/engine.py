@@ -522,6 +522,20 @@ def stopped_before_its_first_checkpoint(output_dir: Path, checkpoint_dir: Path) 
     return started and not complete
 
 
+def warn_if_saved_before_rescale_after_warmup(checkpoint_file: str | Path, cfg: DictConfig) -> None:
+    """A run saved when ``warmup_linear`` decayed as (1 - x)/(1 - warmup), before
+    ``scheduler.rescale_after_warmup`` existed, now gets 1 - x unless told: say so on resume."""
+    saved_config = Path(checkpoint_file).parent / "config.yaml"
+    if not saved_config.is_file():
+        return
+    scheduler = OmegaConf.load(saved_config).get("scheduler") or {}
+    if str(scheduler.get("_target_", "")).endswith(".WarmupLinear") and \
+            "rescale_after_warmup" not in scheduler and not cfg.scheduler.get("rescale_after_warmup", False):
+        log.warning("the run was saved when warmup_linear decayed as (1 - x)/(1 - warmup); it now decays as "
+                    "1 - x (Google BERT's and BingBertSquad's): give scheduler.rescale_after_warmup=true to "
+                    "keep the saved run's rates")
+
+
 def logged_eval(metrics: Path, step: int) -> bool:
     """Whether ``metrics`` (a run's metrics.jsonl) holds the held-out evaluation of ``step``."""
     if not metrics.is_file():
@@ -740,6 +754,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         raise ConfigError(f"optimizer: {e}") from e
     if resume_from is not None:
         restore_optimizer_and_scaler(raw_model, optimizer, scaler, resume_from, cfg.optimizer._target_)
+        warn_if_saved_before_rescale_after_warmup(resume_from["path"], cfg)
         state = TrainState(**resume_from["train_state"])
         log.info("resumed from %s at step %d", resume_from["path"], state.global_step)
         saved_pld, now_pld = resume_from.get("layer_drop"), layer_drop_settings(cfg)

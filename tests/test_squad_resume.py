@@ -5,6 +5,7 @@ the random state must come back too); the settings that fix the windows' order m
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -163,7 +164,8 @@ def test_resume_after_training_finished_only_predicts(squad_files, uninterrupted
     assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
 
 
-def test_resume_with_different_window_settings_is_refused_naming_them(squad_files, tmp_path):  # noqa: F811
+def test_resume_with_different_window_settings_is_refused_naming_them(squad_files, tmp_path,  # noqa: F811
+                                                                     caplog):
     data, vocab = squad_files
     out = tmp_path / "run"
     run(squad_cfg(data, vocab, out, "max_steps=1", "do_predict=false"))
@@ -188,13 +190,16 @@ def test_resume_with_different_window_settings_is_refused_naming_them(squad_file
     # a run saved before windows_without_answer existed trained on every window, [CLS] labels included
     saved = load_checkpoint(out / "checkpoints")["path"]
     config = Path(saved).parent / "config.yaml"
+    newer = ("windows_without_answer", "rescale_after_warmup")
     config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
-                              if not line.startswith("windows_without_answer")))
+                              if not line.strip().startswith(newer)))
     with pytest.raises(UserError, match="saved with windows_without_answer='cls' \\(now 'drop'\\)"):
         run(squad_cfg(link, vocab, out, "max_steps=4", "resume=true"))
+    caplog.set_level(logging.WARNING, logger="bertrecipes.engine")
     summary = run(squad_cfg(link, vocab, out, "max_steps=4", "resume=true", "do_predict=false",
                             "windows_without_answer=cls"))
     assert summary["global_step"] == 4
+    assert "saved when warmup_linear decayed as (1 - x)/(1 - warmup)" in caplog.text
 
 
 def test_resume_with_another_optimizer_or_vocabulary_is_refused_before_anything_changes(

@@ -68,6 +68,7 @@ from bertrecipes.engine import (
     seed_rank_streams,
     unpad_options,
     uses_cuda_graphs,
+    warn_if_saved_before_rescale_after_warmup,
 )
 from bertrecipes.errors import ConfigError, UserError
 from bertrecipes.metrics import MetricsFile, NullLogger, Throughput, finite_or_none
@@ -493,6 +494,7 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     state = TrainState()
     if resume_from is not None:
         restore_optimizer_and_scaler(model, optimizer, scaler, resume_from, cfg.optimizer._target_)
+        warn_if_saved_before_rescale_after_warmup(resume_from["path"], cfg)
         state = TrainState(**resume_from["train_state"])
         saved_total = resume_from["scheduler"].get("total_steps")
         if saved_total is not None and saved_total != total_steps:
