@@ -551,12 +551,17 @@ def logged_eval(metrics: Path, step: int) -> bool:
 
 
 def data_identity(dataset) -> dict[str, Any]:
-    """What fixes the training data's order, for a resumed run to compare: the instances (their
-    preparation settings, count and vocabulary)."""
-    manifest = dataset.manifest or {}
-    settings = json.dumps(manifest.get("settings"), sort_keys=True, default=str)
-    return {"num_instances": len(dataset), "vocab_sha256": manifest.get("vocab_sha256"),
-            "settings_sha256": hashlib.sha256(settings.encode()).hexdigest()[:16]}
+    """What fixes the training data, for a resumed run to compare: the count of instances, the
+    vocabulary, and the content of three of them (first, middle, last). Content, not the preparation
+    settings, which name the corpus files' paths and times: the same data staged elsewhere matches."""
+    n = len(dataset)
+    sample = dataset.get_batch(sorted({0, n // 2, n - 1}), epoch=0)
+    digest = hashlib.sha256()
+    for key in sorted(sample):
+        digest.update(key.encode())
+        digest.update(sample[key].numpy().tobytes())
+    return {"num_instances": n, "vocab_sha256": (dataset.manifest or {}).get("vocab_sha256"),
+            "sample_sha256": digest.hexdigest()[:16]}
 
 
 def check_resumed_data(cfg: DictConfig, saved: dict[str, Any], dataset, state: TrainState, micro: int,
@@ -568,14 +573,15 @@ def check_resumed_data(cfg: DictConfig, saved: dict[str, Any], dataset, state: T
         raise ConfigError(f"resume=true but the run was saved with seed={client['seed']} (now {cfg.seed}): "
                           "the seed fixes the order of the data, so a resumed run must keep it (give the "
                           "saved value)")
-    now = data_identity(dataset)
-    if "data" in client and client["data"] != now:
-        was = client["data"]
-        differences = [f"{was['num_instances']} instances then, {now['num_instances']} now"]
-        if was["vocab_sha256"] != now["vocab_sha256"]:
-            differences.append("another vocabulary")
-        if was["settings_sha256"] != now["settings_sha256"]:
-            differences.append("other data settings")
+    was, now = client.get("data") or {}, data_identity(dataset)
+    differences = []
+    if was.get("num_instances", now["num_instances"]) != now["num_instances"]:
+        differences.append(f"{was['num_instances']} instances then, {now['num_instances']} now")
+    if was.get("vocab_sha256", now["vocab_sha256"]) != now["vocab_sha256"]:
+        differences.append("another vocabulary")
+    if not differences and was.get("sample_sha256", now["sample_sha256"]) != now["sample_sha256"]:
+        differences.append("other instances")
+    if differences:
         raise ConfigError(f"resume=true but the training data is not the saved run's "
                           f"({', '.join(differences)}): its position in the data would mean other samples; "
                           "resume with the data overrides it was saved with (its config.yaml), or start a "
@@ -583,10 +589,12 @@ def check_resumed_data(cfg: DictConfig, saved: dict[str, Any], dataset, state: T
     consumed = state.last_global_data_samples
     if consumed % (micro * world):
         fits = [m for m in range(1, 2 * micro + 1) if consumed % (m * world) == 0][-3:]
+        advice = (f"resume with a micro-batch that divides it (such as {', '.join(map(str, fits))}, with "
+                  "train_batch_size to match)" if fits else
+                  "resume on as many ranks as the run was saved with")
         raise ConfigError(f"resume=true but the run has consumed {consumed} samples, not a multiple of "
                           f"train_micro_batch_size_per_gpu={micro} x {world} ranks, so the next micro-batch "
-                          "cannot start where it stopped: resume with a micro-batch that divides it (such as "
-                          f"{', '.join(map(str, fits))}, with train_batch_size to match)")
+                          f"cannot start where it stopped: {advice}")
 
 
 def restore_optimizer_and_scaler(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

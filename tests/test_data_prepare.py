@@ -196,6 +196,24 @@ def test_prepared_shards_used_with_other_data_settings_say_so(built: dict, make_
     assert "masked_lm_prob=0.15 (this run's data.masked_lm_prob=0.4)" in caplog.text
 
 
+def test_a_run_resumes_on_its_corpus_staged_at_another_path(make_cfg, corpus: Path, vocab: Path,
+                                                             tmp_path: Path) -> None:
+    """The resume check compares the instances, not the files' paths and times: a corpus copied to
+    node-local scratch before a preempted job resumes is the same data."""
+    from bertrecipes.engine import train
+
+    common = ["data=text_files", f"data.vocab_file={vocab}", "data.num_proc=1", "data.dupe_factor=1",
+              f"max_seq_length={SEQ}", f"max_predictions_per_seq={PRED}", "model=bert_tiny",
+              "model.hidden_size=32", "model.intermediate_size=64", "train_batch_size=8",
+              "train_micro_batch_size_per_gpu=4", "steps_per_print=1"]
+    out = tmp_path / "run"
+    train(make_cfg(*common, f"data.paths=[{corpus}]", "max_steps=2", output_dir=out))
+    staged = tmp_path / "scratch" / corpus.name  # a directory of text files
+    shutil.copytree(corpus, staged)
+    summary = train(make_cfg(*common, f"data.paths=[{staged}]", "max_steps=3", "resume=true", output_dir=out))
+    assert summary["global_step"] == 3
+
+
 def _row_ids(batch: dict[str, torch.Tensor]) -> list[bytes]:
     return [bytes(row.numpy().tobytes()) for row in batch["input_ids"]]
 
