@@ -605,16 +605,21 @@ def restore_optimizer_and_scaler(model: torch.nn.Module, optimizer: torch.optim.
     optimizer in the error when the saved state is another optimizer's."""
     configured = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
                   for group in optimizer.param_groups]
-    saved_groups = (saved["optimizer"] or {}).get("param_groups") or []
+    saved_optimizer = saved["optimizer"] or {}
+    if saved_optimizer.get("format") == "fqn":  # FSDP's, keyed by parameter name
+        saved_optimizer = saved_optimizer.get("state") or {}
+    saved_groups = saved_optimizer.get("param_groups") or []
     saved_keys = set().union(*(g.keys() for g in saved_groups)) - {"params", "lr", "initial_lr"}
     missing = sorted(set().union(*(c.keys() for c in configured)) - saved_keys) if saved_groups else []
+    if missing:  # torch would load it, and the first step would fail on the missing settings
+        raise CheckpointError(f"{saved['path']}: its optimizer state does not fit this run's optimizer "
+                              f"({target}): it has no {', '.join(missing)}, so another optimizer saved it; "
+                              "resume with the optimizer the run was saved with")
     try:
-        if missing:  # torch would load it, and the first step would fail on the missing settings
-            raise KeyError(f"the saved state has no {', '.join(missing)}")
         dist.load_optimizer_state(model, optimizer, saved["optimizer"])
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{saved['path']}: its optimizer state does not fit this run's optimizer "
-                              f"({target}), so it was saved by another: {e}. Resume with the optimizer "
+                              f"({target}), so another optimizer saved it ({e}); resume with the optimizer "
                               "the run was saved with") from e
     saved["optimizer"] = None  # loaded: let the copy go (gigabytes for BERT-large)
     changed: dict[str, tuple[Any, Any]] = {}

@@ -158,6 +158,13 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, source, tmp_path):
     assert [r["step"] for r in b] == list(range(1, 8))
     for ra, rb in zip(a[5:], b[5:], strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5), ra["step"]
+    if source == "fsdp":  # its optimizer state is keyed by name: another optimizer is still refused
+        other = tmp_path / "other"
+        shutil.copytree(runs[source], other)
+        result = run([*TINY, "max_steps=7", "resume=true", "optimizer=adam", f"output_dir={other}"],
+                     runs["cache"])
+        said = result.stdout + result.stderr
+        assert result.returncode == 2 and "does not fit this run's optimizer" in said, said[-2000:]
 
 
 def test_layer_drop_under_ddp_equals_one_process_and_fsdp_is_refused(tmp_path):
