@@ -890,7 +890,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         if dist.all_reduce_sum(missing.to(device), ctx).item():
             log.info("step %d's evaluation was not finished when the run stopped: evaluating now",
                      state.global_step)
-            last_eval = evaluate()
+            with throughput.paused():  # samples/s and MFU count training time only
+                last_eval = evaluate()
     if resume_from is not None:  # last before the loop: nothing else draws from the restored stream
         restore_rank_rng(resume_from, ctx)
     try:

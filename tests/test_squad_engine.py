@@ -372,6 +372,20 @@ def test_a_malformed_file_is_one_line_and_exit_status_2(squad_files, tmp_path, c
     assert "Traceback" not in caplog.text
 
 
+def test_a_train_file_without_usable_windows_says_why(squad_files, tmp_path):
+    data, vocab = squad_files
+    lost = tmp_path / "lost.json"  # every answer_start points elsewhere: nothing to train on
+    lost.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [{
+        "context": "Paris is a city in France.",
+        "qas": [{"id": "q", "question": "Where is Paris?",
+                 "answers": [{"text": "France", "answer_start": 0}]}],
+    }]}]}))
+    with pytest.raises(UserError, match="gives no training windows: no answer was found in its context at "
+                                        "answer_start, or none fits whole in a window of max_seq_length=64"):
+        run(compose_squad(*TINY, f"train_file={lost}", f"predict_file={data}", f"vocab_file={vocab}",
+                          f"output_dir={tmp_path / 'run'}"))
+
+
 class RecordingLogger:
     """A dashboard logger (the interface WandbLogger has) that keeps what it is given."""
 

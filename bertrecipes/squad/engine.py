@@ -473,8 +473,10 @@ def train(cfg: DictConfig, model: BertForQuestionAnswering, features: SquadFeatu
     loop continues from."""
     forward = forward if forward is not None else model
     if len(features) == 0:
-        raise UserError(f"train_file {cfg.train_file} gives no training windows (every answer was "
-                        f"unlocatable?)")
+        raise UserError(f"train_file {cfg.train_file} gives no training windows: no answer was found in its "
+                        "context at answer_start" + (", or none fits whole in a window of max_seq_length="
+                        f"{cfg.max_seq_length} (windows_without_answer=drop leaves the others out)"
+                        if cfg.windows_without_answer == "drop" else ""))
     total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * len(features) / batch.train_batch_size)
     precision = cfg.precision.dtype
     ctx = outputs.ctx
