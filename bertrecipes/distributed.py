@@ -294,6 +294,21 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def main_rank_first(ctx: DistContext, name: str, hours: float = 48.0):
+    """Run the block on rank 0 first and on the other ranks after it, as a barrier on each side
+    would, but with the others waiting on the rendezvous store instead of a collective: work that can
+    take longer than ``distributed.timeout_minutes`` (building the data cache from a raw corpus) does
+    not fail the run. If rank 0 fails instead, torchrun stops the others."""
+    key = f"bertrecipes/{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    store = dist.distributed_c10d._get_default_store() if ctx.enabled else None
+    if store is not None and not ctx.is_main:
+        store.wait([key], datetime.timedelta(hours=hours))
+    yield
+    if store is not None and ctx.is_main:
+        store.set(key, "done")
+
+
 def shutdown(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()

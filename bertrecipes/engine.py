@@ -717,12 +717,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         init_from = load_model_state(cfg.init_from, cfg.ckpt_type, cfg.origin_bert_config_file)
 
     seed_everything(cfg.seed)
-    if not ctx.is_main:  # rank 0 builds (or finds) the data cache; the others then read it
-        dist.barrier(ctx)
-    dataset = build_pretraining_dataset(cfg)
-    eval_dataset = build_run_eval_dataset(cfg, dataset.vocab_file) if cfg.eval_data else None
-    if ctx.is_main:
-        dist.barrier(ctx)
+    with dist.main_rank_first(ctx, "data"):  # rank 0 builds (or finds) the data cache; the others read it
+        dataset = build_pretraining_dataset(cfg)
+        eval_dataset = build_run_eval_dataset(cfg, dataset.vocab_file) if cfg.eval_data else None
     if eval_dataset is not None:  # too small for the world size: say so now, not after training
         eval_share(len(eval_dataset), cfg.max_eval_samples, ctx.world_size)
     if init_from is not None and init_from.vocab_file is not None and Path(init_from.vocab_file).is_file() \

@@ -193,6 +193,17 @@ def test_layer_drop_under_ddp_equals_one_process_and_fsdp_is_refused(tmp_path):
     assert not (tmp_path / "fsdp" / "metrics.jsonl").exists()
 
 
+def test_data_built_for_longer_than_the_collective_timeout_does_not_fail_the_run(tmp_path):
+    """Rank 0 builds the data cache (seconds here, hours for a real corpus) while the other ranks wait
+    on the rendezvous store, outside the collective timeout (1.8 s here)."""
+    slow = [a for a in TINY if not a.startswith("data.num_documents")]
+    out = tmp_path / "run"
+    result = run([*slow, "data.num_documents=4000", "distributed.timeout_minutes=0.03", "max_steps=2",
+                  f"output_dir={out}"], tmp_path / "cache", nproc=2, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [r["step"] for r in losses(out)] == [1, 2]
+
+
 def test_uneven_data_ends_epochs_cleanly_on_every_rank(tmp_path):
     # 3 micro-batches per rank per epoch at most; 12 steps cross several epoch ends.
     small = [a for a in TINY if not a.startswith(("data.num_documents", "total_training_steps"))]
