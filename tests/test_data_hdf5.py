@@ -163,6 +163,27 @@ def test_wrong_phase_and_bad_files_are_named(shards, tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("masked_lm_ids", 40000, r"masked_lm_ids row 2 holds \[40000\]: each must be a token id in \[0, "),
+    ("masked_lm_positions", SEQ + 5, rf"masked_lm_positions row 2 holds \[{SEQ + 5}\]: each must be a real"),
+    ("next_sentence_labels", 2, "next_sentence_labels row 2 is 2: each must be 0 or 1"),
+])
+def test_bad_labels_are_named_when_converting(shards, tmp_path: Path, field, value, message) -> None:
+    """Checked as the ids are: otherwise a bad label fails training hours later, naming no file or row."""
+    _, vocab, _ = shards
+    broken = nvidia_arrays(5, seed=3)
+    if field == "next_sentence_labels":
+        broken[field][2] = value
+    else:
+        broken[field][2, 0] = value
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    write_hdf5(bad_dir / "x.hdf5", broken)
+    with pytest.raises(DataPreparationError, match=f"x.hdf5 failed: ValueError: {message}"):
+        convert_nvidia_hdf5(bad_dir, vocab_file=vocab, lower_case=True, cache_dir=tmp_path / "cache",
+                            max_seq_length=SEQ, max_predictions_per_seq=PRED, progress=False)
+
+
 def test_data_nvidia_hdf5_config(make_cfg, shards) -> None:
     directory, vocab, _ = shards
     cfg = make_cfg(

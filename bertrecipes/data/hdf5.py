@@ -133,11 +133,25 @@ def _convert_file_checked(path: Path, shard_dir: Path, vocab_size: int) -> dict[
     is_pad = positions == 0
     counts = np.where(is_pad.any(axis=1), is_pad.argmax(axis=1), positions.shape[1])
     used = np.arange(positions.shape[1]) < counts[:, None]
+    # the labels, as the ids: a bad one would fail training hours later, naming no file or row
+    for name, values, low, high, meaning in (
+            ("masked_lm_positions", positions, 1, lengths[:, None], "a real token after [CLS]"),
+            ("masked_lm_ids", masked_ids, 0, vocab_size, f"a token id in [0, {vocab_size})"),
+    ):
+        bad = used & ((values < low) | (values >= high))
+        if bad.any():
+            row = int(np.flatnonzero(bad.any(axis=1))[0])
+            raise ValueError(f"{name} row {row} holds {values[row][bad[row]].tolist()}: each must be "
+                             f"{meaning}")
+    labels = data["next_sentence_labels"].reshape(n)
+    if n and not np.isin(labels, (0, 1)).all():
+        row = int(np.flatnonzero(~np.isin(labels, (0, 1)))[0])
+        raise ValueError(f"next_sentence_labels row {row} is {labels[row]}: each must be 0 or 1")
     rows = {
         "input_ids": input_ids,
         "lengths": lengths,
         "segment_b_start": b_start,
-        "next_sentence_labels": data["next_sentence_labels"].reshape(n),
+        "next_sentence_labels": labels,
         "masked_lm_positions": np.where(used, positions, 0),
         "masked_lm_ids": np.where(used, masked_ids, 0),
         "num_predictions": counts,
