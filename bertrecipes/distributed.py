@@ -222,6 +222,27 @@ def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer.optim if _is_zero(optimizer) else optimizer
 
 
+def spread_stats(values: torch.Tensor | None, ctx: DistContext,
+                 device: torch.device) -> tuple[float, float, float] | None:
+    """(min, max, mean) of ``values`` spread over the ranks, each holding its own part (ZeRO-1's
+    shards; a part may be empty); None when no rank holds any. A collective: every rank calls it."""
+    part = (values if values is not None else torch.empty(0)).to(device=device, dtype=torch.float32)
+    low = part.min() if part.numel() else torch.tensor(float("inf"), device=device)
+    high = part.max() if part.numel() else torch.tensor(float("-inf"), device=device)
+    total = torch.stack([part.sum(), torch.tensor(float(part.numel()), device=device)])
+    if ctx.enabled:
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    count = float(total[1])
+    return None if count == 0 else (float(low), float(high), float(total[0]) / count)
+
+
+def is_zero(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is ZeRO-1's (each rank steps its own shard of the parameters)."""
+    return _is_zero(optimizer)
+
+
 def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer).__name__ == "ZeroRedundancyOptimizer"
 

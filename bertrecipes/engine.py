@@ -969,7 +969,12 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                             model_config, cfg.max_seq_length, cfg.max_predictions_per_seq, layers=mean_layers)
                     layers_run, forwards = 0, 0
                     coeffs = getattr(dist.local_optimizer(optimizer), "last_coeffs", None)
-                    if coeffs is not None and coeffs.numel():
+                    if dist.is_zero(optimizer) and hasattr(dist.local_optimizer(optimizer), "last_coeffs"):
+                        stats = dist.spread_stats(coeffs, ctx, device)  # each rank has its shard's
+                        if stats is not None:
+                            record.update(lamb_coeff_min=stats[0], lamb_coeff_max=stats[1],
+                                          lamb_coeff_mean=stats[2])
+                    elif coeffs is not None and coeffs.numel():
                         coeffs = dist.full(coeffs)
                         record.update(lamb_coeff_min=float(coeffs.min()), lamb_coeff_max=float(coeffs.max()),
                                       lamb_coeff_mean=float(coeffs.mean()))
