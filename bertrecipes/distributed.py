@@ -169,7 +169,8 @@ def build_optimizer(make_optimizer: Callable, param_groups: list[dict], ctx: Dis
                     cfg: DistributedConfig) -> torch.optim.Optimizer:
     """The configured optimizer, sharded across ranks when ``zero_stage == 1``."""
     if cfg.zero_stage not in (0, 1):
-        raise ConfigError(f"distributed.zero_stage must be 0 or 1, got {cfg.zero_stage}")
+        raise ConfigError(f"distributed.zero_stage must be 0 or 1, got {cfg.zero_stage} (for ZeRO-3's "
+                          "sharded parameters use distributed.strategy=fsdp)")
     if cfg.zero_stage == 0 or not ctx.enabled:
         return make_optimizer(param_groups)
     # Imported here: torch.distributed.optim scripts its functional optimizers on import (slow, noisy).

@@ -617,6 +617,8 @@ def restore_optimizer_and_scaler(model: torch.nn.Module, optimizer: torch.optim.
                               "resume with the optimizer the run was saved with")
     try:
         dist.load_optimizer_state(model, optimizer, saved["optimizer"])
+    except UserError:  # a strategy that cannot load this state: said as it is
+        raise
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{saved['path']}: its optimizer state does not fit this run's optimizer "
                               f"({target}), so another optimizer saved it ({e}); resume with the optimizer "
@@ -760,6 +762,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         optimizer = dist.build_optimizer(make_optimizer,
                                          build_param_groups(raw_model, cfg.optimizer.weight_decay),
                                          ctx, cfg.distributed)
+    except UserError:  # a distributed setting the optimizer cannot run under: said as it is
+        raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"optimizer: {e}") from e
     if resume_from is not None:

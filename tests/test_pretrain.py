@@ -296,6 +296,12 @@ def test_init_from_a_checkpoint_of_another_vocabulary_is_refused(make_cfg, tmp_p
                        output_dir=tmp_path / "second"))
 
 
+def test_a_zero_stage_other_than_0_or_1_is_named_without_blaming_the_optimizer(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"^distributed.zero_stage must be 0 or 1, got 3 \(for ZeRO-3's "
+                                          r"sharded parameters use distributed.strategy=fsdp\)$"):
+        train(make_cfg(*TINY, "max_steps=1", "distributed.zero_stage=3", output_dir=tmp_path))
+
+
 def test_data_smaller_than_one_micro_batch_is_named(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"instances, fewer than one micro-batch on every rank "
                                           r"\(train_micro_batch_size_per_gpu=100000 x 1 ranks\)"):
