@@ -196,7 +196,7 @@ def optimizer_state_for_checkpoint(model: nn.Module, optimizer: torch.optim.Opti
 
         state = get_optimizer_state_dict(model, optimizer, options=_full_options())
         return {"format": "fqn", "state": state} if ctx.is_main else None
-    if _is_zero(optimizer):
+    if is_zero(optimizer):
         optimizer.consolidate_state_dict(to=0)
     return optimizer.state_dict() if ctx.is_main else None
 
@@ -206,7 +206,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
     if saved.get("format") == "fqn":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        if _is_zero(optimizer):
+        if is_zero(optimizer):
             raise ConfigError("an FSDP checkpoint's optimizer state cannot be loaded with "
                               "distributed.zero_stage=1; resume with zero_stage=0 or strategy=fsdp")
         set_optimizer_state_dict(model, optimizer, saved["state"],
@@ -220,7 +220,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
 
 def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer that holds this rank's state (LAMB's trust ratios live there)."""
-    return optimizer.optim if _is_zero(optimizer) else optimizer
+    return optimizer.optim if is_zero(optimizer) else optimizer
 
 
 def spread_stats(values: torch.Tensor | None, ctx: DistContext,
@@ -241,10 +241,6 @@ def spread_stats(values: torch.Tensor | None, ctx: DistContext,
 
 def is_zero(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` is ZeRO-1's (each rank steps its own shard of the parameters)."""
-    return _is_zero(optimizer)
-
-
-def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer).__name__ == "ZeroRedundancyOptimizer"
 
 

@@ -564,8 +564,8 @@ def data_identity(dataset) -> dict[str, Any]:
             "sample_sha256": digest.hexdigest()[:16]}
 
 
-def check_resumed_data(cfg: DictConfig, saved: dict[str, Any], dataset, state: TrainState, micro: int,
-                       world: int) -> None:
+def check_resumed_data(cfg: DictConfig, saved: dict[str, Any], now: dict[str, Any], state: TrainState,
+                       micro: int, world: int) -> None:
     """A resumed run continues the saved one's position in the data: the same data and seed (they
     fix the order), and a micro-batch x world size that divides the samples already consumed."""
     client = saved.get("client_state") or {}
@@ -573,7 +573,7 @@ def check_resumed_data(cfg: DictConfig, saved: dict[str, Any], dataset, state: T
         raise ConfigError(f"resume=true but the run was saved with seed={client['seed']} (now {cfg.seed}): "
                           "the seed fixes the order of the data, so a resumed run must keep it (give the "
                           "saved value)")
-    was, now = client.get("data") or {}, data_identity(dataset)
+    was = client.get("data") or {}  # ``now``: this run's data_identity
     differences = []
     if was.get("num_instances", now["num_instances"]) != now["num_instances"]:
         differences.append(f"{was['num_instances']} instances then, {now['num_instances']} now")
@@ -784,8 +784,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                         saved_total, total_steps, cfg.total_training_steps, cfg.max_steps, saved_total)
 
     micro = batch.train_micro_batch_size_per_gpu
+    identity = data_identity(dataset)  # saved with every checkpoint, compared on resume
     if resume_from is not None:
-        check_resumed_data(cfg, resume_from, dataset, state, micro, ctx.world_size)
+        check_resumed_data(cfg, resume_from, identity, state, micro, ctx.world_size)
     if len(dataset) < micro * ctx.world_size:
         raise ConfigError(f"the training data has {len(dataset)} instances, fewer than one micro-batch on "
                           f"every rank (train_micro_batch_size_per_gpu={micro} x {ctx.world_size} ranks): "
@@ -849,7 +850,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                 client_state={"epoch": state.epoch, "last_global_step": state.global_step,
                               "last_global_data_samples": state.last_global_data_samples,
                               "vocab_file": str(dataset.vocab_file), "seed": cfg.seed,
-                              "data": data_identity(dataset)},
+                              "data": identity},
                 config_yaml=resolved_config, keep_last=cfg.keep_last_checkpoints,
                 files={VOCAB_FILE: dataset.vocab_file},
             )
