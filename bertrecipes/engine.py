@@ -44,6 +44,7 @@ from bertrecipes.checkpoint import (
 from bertrecipes.config import PretrainConfig, refuse_unknown_keys, resolve_batch_sizes
 from bertrecipes.data import PretrainingLoader
 from bertrecipes.data.build import build_pretraining_dataset, build_run_eval_dataset
+from bertrecipes.data.dataset import CONTINUOUS, WHOLE_BATCHES
 from bertrecipes.data.tokenizer import read_vocab
 from bertrecipes.errors import ConfigError, UserError
 from bertrecipes.evaluation import eval_share, evaluate_pretraining
@@ -564,10 +565,17 @@ def data_identity(dataset) -> dict[str, Any]:
             "sample_sha256": digest.hexdigest()[:16]}
 
 
+def saved_data_order(saved: dict[str, Any]) -> str:
+    """The order of the data a checkpoint's run read: runs saved before the key existed cut every epoch
+    to whole global micro-batches (`whole_batches`), later ones read one continuous stream."""
+    return (saved.get("client_state") or {}).get("data_order", WHOLE_BATCHES)
+
+
 def check_resumed_data(cfg: DictConfig, saved: dict[str, Any], now: dict[str, Any], state: TrainState,
                        micro: int, world: int) -> None:
     """A resumed run continues the saved one's position in the data: the same data and seed (they
-    fix the order), and a micro-batch x world size that divides the samples already consumed."""
+    fix the order); in the `whole_batches` order of older runs, also a micro-batch x world size that
+    divides the samples already consumed."""
     client = saved.get("client_state") or {}
     if "seed" in client and client["seed"] != cfg.seed:
         raise ConfigError(f"resume=true but the run was saved with seed={client['seed']} (now {cfg.seed}): "
@@ -587,14 +595,15 @@ def check_resumed_data(cfg: DictConfig, saved: dict[str, Any], now: dict[str, An
                           "resume with the data overrides it was saved with (its config.yaml), or start a "
                           "new run with init_from")
     consumed = state.last_global_data_samples
-    if consumed % (micro * world):
+    if saved_data_order(saved) == WHOLE_BATCHES and consumed % (micro * world):
         fits = [m for m in range(1, 2 * micro + 1) if consumed % (m * world) == 0][-3:]
         advice = (f"resume with a micro-batch that divides it (such as {', '.join(map(str, fits))}, with "
                   "train_batch_size to match)" if fits else
                   "resume on as many ranks as the run was saved with")
         raise ConfigError(f"resume=true but the run has consumed {consumed} samples, not a multiple of "
-                          f"train_micro_batch_size_per_gpu={micro} x {world} ranks, so the next micro-batch "
-                          f"cannot start where it stopped: {advice}")
+                          f"train_micro_batch_size_per_gpu={micro} x {world} ranks, and was saved before "
+                          "the data became one continuous stream (its epochs are cut to whole micro-"
+                          f"batches), so the next micro-batch cannot start where it stopped: {advice}")
 
 
 def restore_optimizer_and_scaler(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -785,8 +794,13 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
 
     micro = batch.train_micro_batch_size_per_gpu
     identity = data_identity(dataset)  # saved with every checkpoint, compared on resume
+    data_order = CONTINUOUS
     if resume_from is not None:
         check_resumed_data(cfg, resume_from, identity, state, micro, ctx.world_size)
+        data_order = saved_data_order(resume_from)
+        if data_order != CONTINUOUS:
+            log.info("the run was saved reading its data with each epoch cut to whole micro-batches "
+                     "(micro-batch x world size %d); it goes on that way", micro * ctx.world_size)
     if len(dataset) < micro * ctx.world_size:
         raise ConfigError(f"the training data has {len(dataset)} instances, fewer than one micro-batch on "
                           f"every rank (train_micro_batch_size_per_gpu={micro} x {ctx.world_size} ranks): "
@@ -795,7 +809,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         dataset, batch.train_micro_batch_size_per_gpu, seed=cfg.seed, rank=ctx.rank,
         world_size=ctx.world_size, start_sample=state.last_global_data_samples,
         num_workers=cfg.data.num_workers,
-        pin_memory=cfg.data.pin_memory and device.type == "cuda",
+        pin_memory=cfg.data.pin_memory and device.type == "cuda", order=data_order,
     )
     batches = iter(loader)
     resolved_config = OmegaConf.to_yaml(cfg, resolve=True)
@@ -850,7 +864,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                 client_state={"epoch": state.epoch, "last_global_step": state.global_step,
                               "last_global_data_samples": state.last_global_data_samples,
                               "vocab_file": str(dataset.vocab_file), "seed": cfg.seed,
-                              "data": identity},
+                              "data": identity, "data_order": data_order},
                 config_yaml=resolved_config, keep_last=cfg.keep_last_checkpoints,
                 files={VOCAB_FILE: dataset.vocab_file},
             )

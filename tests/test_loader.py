@@ -2,7 +2,9 @@
 
 Each synthetic instance carries its own index in input_ids[1], so a batch's sample ids can be read back.
 The reference order is written out from the loader's documented definition: epoch e is
-torch.randperm(N) from a generator seeded with seed + e, cut to whole global micro-batches.
+torch.randperm(N) from a generator seeded with seed + e; the epochs follow one another as one stream,
+and global micro-step j takes the next micro x world samples of it, rank r the r-th micro of them (the
+`whole_batches` order of older runs instead cuts each epoch to whole global micro-batches).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 
 from bertrecipes.data.dataset import PretrainingDataset, PretrainingLoader
 from bertrecipes.data.instances import InstanceArrays
+from bertrecipes.data.masking import MaskingSpec
+from bertrecipes.data.tokenizer import SpecialTokens
 
 SEQ, PRED, ID_OFFSET = 16, 4, 5
 
@@ -50,11 +54,26 @@ def take(loader: PretrainingLoader, num_batches: int) -> list[list[int]]:
     return [sample_ids(b) for b in itertools.islice(iter(loader), num_batches)]
 
 
-def reference_stream(n: int, micro: int, world: int, rank: int, seed: int, epochs: int) -> list[list[int]]:
+def permutation(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def reference_stream(n: int, micro: int, world: int, rank: int, seed: int, steps: int,
+                     start: int = 0) -> list[list[int]]:
+    """The continuous order, from its definition: sample p of the stream is permutation(p // n)[p % n]."""
+    out = []
+    for step in range(steps):
+        first = start + step * micro * world + rank * micro
+        out.append([permutation(n, seed, p // n)[p % n] for p in range(first, first + micro)])
+    return out
+
+
+def whole_batches_reference(n: int, micro: int, world: int, rank: int, seed: int,
+                            epochs: int) -> list[list[int]]:
     per_epoch = n // (micro * world)
     out = []
     for epoch in range(epochs):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        perm = permutation(n, seed, epoch)
         for step in range(per_epoch):
             start = step * micro * world + rank * micro
             out.append(perm[start:start + micro])
@@ -96,10 +115,24 @@ def test_check_compatible_names_both_sides(dataset: PretrainingDataset) -> None:
 
 def test_order_matches_definition_across_epochs(dataset: PretrainingDataset) -> None:
     loader = PretrainingLoader(dataset, 4, seed=3)
-    assert loader.batches_per_epoch == 9
-    got = take(loader, 9 * 3 + 2)
-    assert got == reference_stream(37, 4, 1, 0, seed=3, epochs=4)[: 9 * 3 + 2]
-    assert loader.samples_consumed == (9 * 3 + 2) * 4 and loader.epoch == 3
+    got = take(loader, 29)  # 116 samples: three epochs of 37 and 5 of the fourth
+    assert got == reference_stream(37, 4, 1, 0, seed=3, steps=29)
+    assert sum(got, [])[:37] == permutation(37, 3, 0) and sum(got, [])[74:111] == permutation(37, 3, 2)
+    assert got[9] == permutation(37, 3, 0)[36:] + permutation(37, 3, 1)[:3]  # a batch across epochs
+    assert loader.samples_consumed == 29 * 4 and loader.epoch == 3
+
+
+@pytest.mark.parametrize(("micro", "world"), [(1, 1), (4, 1), (3, 2), (5, 2), (2, 4), (12, 3)])
+def test_every_micro_batch_and_world_size_reads_the_same_stream(dataset: PretrainingDataset, micro: int,
+                                                                  world: int) -> None:
+    """Where epochs end does not depend on micro x world: the samples of consecutive global
+    micro-steps, ranks in order, are the one stream of epoch permutations."""
+    steps = 100 // (micro * world) + 1
+    ranks = [take(PretrainingLoader(dataset, micro, seed=4, rank=r, world_size=world), steps)
+             for r in range(world)]
+    read = [i for step in zip(*ranks, strict=True) for batch in step for i in batch]
+    stream = permutation(37, 4, 0) + permutation(37, 4, 1) + permutation(37, 4, 2) + permutation(37, 4, 3)
+    assert read == stream[:len(read)] and len(read) >= 100
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -115,6 +148,52 @@ def test_resume_equals_uninterrupted_tail(dataset: PretrainingDataset, world: in
         assert take(resumed, total - resume_step) == full[resume_step:]
 
 
+@pytest.mark.parametrize("start", [0, 7, 36, 37, 41, 100])
+def test_resume_from_any_sample_count_with_another_micro_batch(dataset: PretrainingDataset,
+                                                               start: int) -> None:
+    """A run saved at `start` samples with one micro-batch x world size goes on with another one
+    where it stopped: the samples that follow are the stream's next ones."""
+    got = take(PretrainingLoader(dataset, 3, seed=6, world_size=2, rank=1, start_sample=start), 15)
+    assert got == reference_stream(37, 3, 2, 1, seed=6, steps=15, start=start)
+
+
+def test_whole_batches_order_of_older_runs(dataset: PretrainingDataset) -> None:
+    loader = PretrainingLoader(dataset, 4, seed=3, order="whole_batches")
+    got = take(loader, 9 * 3 + 2)
+    assert got == whole_batches_reference(37, 4, 1, 0, seed=3, epochs=4)[: 9 * 3 + 2]
+    assert loader.samples_consumed == (9 * 3 + 2) * 4 and loader.epoch == 3
+    resumed = PretrainingLoader(dataset, 4, seed=3, start_sample=40, order="whole_batches", num_workers=1)
+    assert take(resumed, 6) == got[10:16]
+    with pytest.raises(ValueError, match="multiple of micro_batch_size x world_size = 8 in the whole_batches "
+                                         "order, got 12"):
+        PretrainingLoader(dataset, 4, seed=0, world_size=2, start_sample=12, order="whole_batches")
+    with pytest.raises(ValueError, match="order must be one of continuous, whole_batches, got 'cut'"):
+        PretrainingLoader(dataset, 4, seed=0, order="cut")
+
+
+def test_dynamic_masks_follow_each_samples_own_epoch(tmp_path) -> None:
+    """With dynamic masking a micro-batch across an epoch boundary masks each row with its own epoch's
+    masks: the same rows as `get_batch` of that one sample in that epoch."""
+    arrays = make_dataset(37, tmp_path).instances
+    spec = MaskingSpec.for_vocab(vocab_size=52, special=SpecialTokens(0, 1, 2, 3, 4), masked_lm_prob=0.3,
+                                 max_predictions_per_seq=PRED)
+    dataset = PretrainingDataset(arrays, tmp_path / "vocab.txt", manifest={}, dynamic_masking=spec,
+                                 masking_seed=11)
+    for workers in (0, 1):
+        batches = list(itertools.islice(PretrainingLoader(dataset, 5, seed=2, num_workers=workers), 16))
+        rows = 0
+        for batch in batches:
+            for row in range(5):
+                epoch, index = divmod(rows, 37)
+                want = dataset.get_batch([permutation(37, 2, epoch)[index]], epoch=epoch)
+                for key, value in want.items():
+                    assert torch.equal(batch[key][row], value[0]), (rows, key)
+                rows += 1
+    # the masks do change with the epoch (else the check above would not tell epochs apart)
+    assert not torch.equal(dataset.get_batch(range(37), epoch=0)["input_ids"],
+                           dataset.get_batch(range(37), epoch=1)["input_ids"])
+
+
 def test_resume_after_partial_iteration(dataset: PretrainingDataset) -> None:
     loader = PretrainingLoader(dataset, 3, seed=5, world_size=2, rank=1)
     first = take(loader, 7)
@@ -125,16 +204,13 @@ def test_resume_after_partial_iteration(dataset: PretrainingDataset) -> None:
 
 
 def test_ranks_get_disjoint_equal_streams(dataset: PretrainingDataset) -> None:
-    micro, world = 5, 2  # 37 // 10 = 3 steps: 30 samples per epoch, 7 dropped
+    micro, world = 5, 2  # 37 samples: 3 steps and 7 samples of the fourth per epoch
     loaders = [PretrainingLoader(dataset, micro, seed=0, rank=r, world_size=world) for r in range(world)]
-    assert all(ld.batches_per_epoch == 3 for ld in loaders)
-    streams = [take(ld, 3 * 2) for ld in loaders]
-    for epoch in range(2):
-        per_rank = [sum(s[epoch * 3:(epoch + 1) * 3], []) for s in streams]
-        assert [len(r) for r in per_rank] == [15, 15]
-        assert not set(per_rank[0]) & set(per_rank[1])
-        assert len(set(per_rank[0]) | set(per_rank[1])) == 30
-        assert all(0 <= i < 37 for i in per_rank[0] + per_rank[1])
+    streams = [sum(take(ld, 37), []) for ld in loaders]  # 370 samples: ten epochs
+    assert [len(s) for s in streams] == [185, 185]
+    for epoch in range(10):  # each epoch's 37 samples are read once, by one rank or the other
+        read = [i for step in range(37) for r in range(2) for i in streams[r][5 * step:5 * step + 5]]
+        assert sorted(read[37 * epoch:37 * (epoch + 1)]) == list(range(37))
 
 
 def test_rank_batches_interleave_into_single_rank_batches(dataset: PretrainingDataset) -> None:
@@ -162,10 +238,9 @@ def test_workers_give_the_same_stream(dataset: PretrainingDataset) -> None:
     assert with_workers.samples_consumed == 16 + 12 * 8
 
 
-@pytest.mark.parametrize("start_sample", [3, -8, 10])
-def test_bad_start_sample_is_named(dataset: PretrainingDataset, start_sample: int) -> None:
-    with pytest.raises(ValueError, match=f"multiple of .* = 8 .* got {start_sample}"):
-        PretrainingLoader(dataset, 4, seed=0, world_size=2, start_sample=start_sample)
+def test_bad_start_sample_is_named(dataset: PretrainingDataset) -> None:
+    with pytest.raises(ValueError, match=r"start_sample must be a global sample count \(>= 0\), got -8"):
+        PretrainingLoader(dataset, 4, seed=0, world_size=2, start_sample=-8)
 
 
 def test_bad_sizes(dataset: PretrainingDataset) -> None:

@@ -11,12 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from torch._dynamo.utils import counters
 
 from bertrecipes.checkpoint import CheckpointError, load_checkpoint
+from bertrecipes.data.dataset import PretrainingDataset
 from bertrecipes.engine import train
 from bertrecipes.errors import ConfigError, UserError
 
@@ -271,21 +273,67 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(make_cfg, tmp_p
         train(make_cfg(*TINY, "total_training_steps=3", "max_steps=4", "resume=true", output_dir=out))
 
 
-def test_resume_refuses_another_seed_or_data_and_a_micro_batch_off_the_position(make_cfg, tmp_path):
+def test_resume_refuses_another_seed_or_data_and_goes_on_with_any_micro_batch(make_cfg, tmp_path):
     out = tmp_path / "run"
     train(make_cfg(*TINY, "max_steps=3", output_dir=out))  # 3 x 8 = 24 samples consumed
     with pytest.raises(ConfigError, match=r"saved with seed=\d+ \(now 7\): the seed fixes the order"):
         train(make_cfg(*TINY, "max_steps=4", "resume=true", "seed=7", output_dir=out))
     with pytest.raises(ConfigError, match=r"data is not the saved run's \(\d+ instances then, \d+ now\)"):
         train(make_cfg(*TINY, "max_steps=4", "resume=true", "data.dupe_factor=3", output_dir=out))
-    with pytest.raises(ConfigError, match=r"consumed 24 samples, not a multiple of "
-                                          r"train_micro_batch_size_per_gpu=5 x 1 ranks.*such as 4, 6, 8"):
-        train(make_cfg(*TINY, "max_steps=4", "resume=true", "train_batch_size=10",
-                       "train_micro_batch_size_per_gpu=5", output_dir=out))
-    # a micro-batch that divides the position continues the same samples
-    summary = train(make_cfg(*TINY, "max_steps=4", "resume=true", "train_micro_batch_size_per_gpu=2",
-                             output_dir=out))
-    assert summary["train_state"]["last_global_data_samples"] == 32
+    # the data is one stream, so a micro-batch that does not divide the position goes on from it
+    summary = train(make_cfg(*TINY, "max_steps=5", "resume=true", "train_batch_size=10",
+                             "train_micro_batch_size_per_gpu=5", output_dir=out))
+    assert summary["train_state"]["last_global_data_samples"] == 24 + 2 * 10
+    # a checkpoint saved before the stream was continuous keeps its order, cut to whole micro-batches:
+    # there a micro-batch off the position is refused, naming ones that fit
+    state_file = out / "checkpoints" / "global_step5" / "state.pt"
+    saved = torch.load(state_file, weights_only=False)
+    assert saved["client_state"].pop("data_order") == "continuous"
+    torch.save(saved, state_file)
+    with pytest.raises(ConfigError, match=r"consumed 44 samples, not a multiple of "
+                                          r"train_micro_batch_size_per_gpu=8 x 1 ranks, and was saved before "
+                                          r"the data became one continuous stream .*such as 2, 4, 11"):
+        train(make_cfg(*TINY, "max_steps=6", "resume=true", "train_batch_size=8",
+                       "train_micro_batch_size_per_gpu=8", output_dir=out))
+    summary = train(make_cfg(*TINY, "max_steps=6", "resume=true", "train_batch_size=4",
+                             "train_micro_batch_size_per_gpu=4", output_dir=out))
+    assert summary["train_state"]["last_global_data_samples"] == 48
+    again = torch.load(out / "checkpoints" / "global_step6" / "state.pt", weights_only=False)
+    assert again["client_state"]["data_order"] == "whole_batches"
+
+
+def test_the_samples_do_not_depend_on_the_micro_batch_across_epochs(make_cfg, tmp_path, monkeypatch):
+    """Runs that differ only in micro-batch (60 samples a step as 1 x 60, 3 x 20 or 5 x 12) read the
+    same samples, each with its own epoch, past the end of the first epoch (833 instances: step 14
+    holds the last 53 of epoch 0 and the first 7 of epoch 1): the shuffles of epochs 0 and 1, one
+    after the other."""
+    read: list[tuple[int, int]] = []
+    sizes: list[int] = []
+    get_batch = PretrainingDataset.get_batch
+
+    def recording(self, indices, epoch=0):
+        sizes.append(len(self))
+        if len(indices) in (60, 20, 12):  # the loader's micro-batches, not the data's identity check
+            epochs = np.broadcast_to(np.asarray(epoch), np.shape(indices))
+            read.extend(zip(epochs.tolist(), np.asarray(indices).tolist(), strict=True))
+        return get_batch(self, indices, epoch)
+
+    monkeypatch.setattr(PretrainingDataset, "get_batch", recording)
+    runs = {}
+    for micro in (60, 20, 12):
+        read.clear()
+        out = tmp_path / f"micro{micro}"
+        cfg = make_cfg(*TINY, "max_steps=16", "train_batch_size=60",
+                       f"train_micro_batch_size_per_gpu={micro}", output_dir=out)
+        train(cfg)
+        runs[micro] = list(read)
+        assert read_metrics(out)[-1]["epoch"] == 1
+    n = sizes[0]
+    assert n == 833
+    shuffles = [torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + e)).tolist()
+                for e in (0, 1)]
+    stream = [(0, i) for i in shuffles[0]] + [(1, i) for i in shuffles[1][:960 - n]]
+    assert runs[60] == runs[20] == runs[12] == stream
 
 
 def test_init_from_a_checkpoint_of_another_vocabulary_is_refused(make_cfg, tmp_path):

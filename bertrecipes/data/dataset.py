@@ -7,10 +7,11 @@
   store: `InstanceArrays` in memory (the demo) or `ShardedInstances`, memory-mapped shards made by
   `bertrecipes.data.prepare` (open them with `bertrecipes.data.build.open_prepared_dataset`). With
   dynamic masking it masks at load time, keyed by (seed, epoch, index).
-* `PretrainingLoader` yields micro-batches forever in a deterministic order that depends only on
-  (seed, epoch), splits each global micro-step across ranks, and resumes exactly from a global sample
-  count such as a checkpoint's `last_global_data_samples`; every rank gets the same number of batches
-  per epoch, whatever the dataset size, so no rank waits for another at an epoch's end.
+* `PretrainingLoader` yields micro-batches forever from one stream of samples, the epochs' shuffles
+  (each fixed by seed and epoch) one after another, whatever the micro-batch and world size; it
+  splits each global micro-step across ranks and resumes exactly from a global sample count such as a
+  checkpoint's `last_global_data_samples`. Every rank gets a batch at every step, so no rank waits
+  for another at an epoch's end.
 
 Usage::
 
@@ -51,7 +52,8 @@ from bertrecipes.data.tokenizer import (
     train_wordpiece,
 )
 
-__all__ = ["PretrainingDataset", "PretrainingLoader", "build_demo_dataset"]
+__all__ = ["CONTINUOUS", "DATA_ORDERS", "WHOLE_BATCHES", "PretrainingDataset", "PretrainingLoader",
+           "build_demo_dataset"]
 
 logger = logging.getLogger("bertrecipes.data")
 
@@ -267,10 +269,11 @@ class PretrainingDataset(torch.utils.data.Dataset):
         return {k: v[0] for k, v in batch.items()}
 
     def get_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor,
-                  epoch: int = 0) -> dict[str, torch.Tensor]:
+                  epoch: int | Sequence[int] | np.ndarray = 0) -> dict[str, torch.Tensor]:
         """Gather instances with one fancy-index per array (much faster than stacking __getitem__).
 
-        `epoch` matters only with dynamic masking (it selects that epoch's masks).
+        `epoch` (one for all rows, or one per row) matters only with dynamic masking: it selects that
+        epoch's masks.
         """
         if isinstance(indices, torch.Tensor):
             indices = indices.numpy()
@@ -278,7 +281,10 @@ class PretrainingDataset(torch.utils.data.Dataset):
         a = self.instances.gather(idx)
         lengths = a["lengths"].astype(np.int64)
         if self.dynamic_masking is not None:
-            keys = row_keys(self.masking_seed, _DYNAMIC_MASK_STREAM, epoch, idx)
+            epochs = np.asarray(epoch, dtype=np.int64).reshape(-1)
+            if epochs.size not in (1, idx.size):
+                raise ValueError(f"{epochs.size} epochs given for {idx.size} rows (give one, or one per row)")
+            keys = row_keys(self.masking_seed, _DYNAMIC_MASK_STREAM, epochs, idx)
             input_ids, positions, masked_ids, counts = mask_batch(a["input_ids"], lengths,
                                                                   self.dynamic_masking, keys=keys)
         else:
@@ -314,36 +320,72 @@ class PretrainingDataset(torch.utils.data.Dataset):
                              + "; ".join(mismatches))
 
 
-def _rank_index_stream(num_instances: int, micro_batch_size: int, world_size: int, rank: int, seed: int,
-                       start_sample: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(epoch, index batch) of one rank, forever, starting at global sample `start_sample`.
+CONTINUOUS, WHOLE_BATCHES = "continuous", "whole_batches"
+DATA_ORDERS = (CONTINUOUS, WHOLE_BATCHES)
 
-    Epoch e is `torch.randperm(N)` from a private generator seeded with `seed + e`, cut to a multiple
-    of the global micro-batch; global micro-step j covers [j*G, (j+1)*G) with G = micro*world, and rank
-    r takes the r-th `micro`-sized chunk of it. Every rank gets the same number of batches per epoch
-    (the remainder N mod G is left out of that epoch), so no rank waits at an epoch's end for another.
+
+def _rank_index_stream(num_instances: int, micro_batch_size: int, world_size: int, rank: int, seed: int,
+                       start_sample: int, order: str = CONTINUOUS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(epoch of each row, index of each row) of one rank's micro-batches, forever, from global sample
+    `start_sample`.
+
+    Epoch e is `torch.randperm(N)` from a private generator seeded with `seed + e`. With the
+    `continuous` order the epochs follow one another as one stream of samples: stream position p is
+    instance perm_{p // N}[p % N], global micro-step j covers positions [s + j*G, s + (j+1)*G) with
+    G = micro*world and s the start, and rank r takes the r-th `micro`-sized chunk of it. A micro-batch
+    can hold the last samples of one epoch and the first of the next; where the epochs end does not
+    depend on G, so runs with any micro-batch x world size read the same samples in the same order, and
+    a run resumes from any sample count.
+
+    `whole_batches` is the order of runs saved before the stream was continuous: each epoch is cut to a
+    multiple of G (the remainder N mod G is left out of that epoch), so G decides where epochs end.
+    Either way every rank gets a micro-batch at every global micro-step, so no rank waits for another.
     """
     global_batch = micro_batch_size * world_size
-    samples_per_epoch = (num_instances // global_batch) * global_batch
-    epoch, offset = divmod(start_sample, samples_per_epoch)
+    if order == WHOLE_BATCHES:
+        samples_per_epoch = (num_instances // global_batch) * global_batch
+        epoch, offset = divmod(start_sample, samples_per_epoch)
+        while True:
+            permutation = _permutation(num_instances, seed, epoch)
+            for step_start in range(offset, samples_per_epoch, global_batch):
+                begin = step_start + rank * micro_batch_size
+                yield (np.full(micro_batch_size, epoch, dtype=np.int64),
+                       permutation[begin:begin + micro_batch_size])
+            epoch, offset = epoch + 1, 0
+    if order != CONTINUOUS:
+        raise ValueError(f"order must be one of {', '.join(DATA_ORDERS)}, got {order!r}")
+    permutations: dict[int, np.ndarray] = {}
+    position = start_sample + rank * micro_batch_size
     while True:
-        permutation = torch.randperm(num_instances, generator=torch.Generator().manual_seed(seed + epoch))
-        for step_start in range(offset, samples_per_epoch, global_batch):
-            begin = step_start + rank * micro_batch_size
-            yield epoch, permutation[begin:begin + micro_batch_size]
-        epoch, offset = epoch + 1, 0
+        positions = np.arange(position, position + micro_batch_size, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, num_instances)
+        for epoch in range(int(epochs[0]), int(epochs[-1]) + 1):
+            if epoch not in permutations:
+                permutations[epoch] = _permutation(num_instances, seed, epoch)
+        for old in [e for e in permutations if e < epochs[0]]:
+            del permutations[old]
+        indices = np.empty(micro_batch_size, dtype=np.int64)
+        for epoch in range(int(epochs[0]), int(epochs[-1]) + 1):
+            rows = epochs == epoch
+            indices[rows] = permutations[epoch][offsets[rows]]
+        yield epochs, indices
+        position += global_batch
 
 
-class _RankBatchSampler(Sampler[tuple[int, list[int]]]):
-    """The same (epoch, indices) stream as the loader, for a DataLoader that fetches in worker processes."""
+def _permutation(num_instances: int, seed: int, epoch: int) -> np.ndarray:
+    return torch.randperm(num_instances, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+
+
+class _RankBatchSampler(Sampler[tuple[list[int], list[int]]]):
+    """The same (epochs, indices) stream as the loader, for a DataLoader that fetches in worker processes."""
 
     def __init__(self, num_instances: int, micro_batch_size: int, world_size: int, rank: int, seed: int,
-                 start_sample: int) -> None:
-        self.args = (num_instances, micro_batch_size, world_size, rank, seed, start_sample)
+                 start_sample: int, order: str) -> None:
+        self.args = (num_instances, micro_batch_size, world_size, rank, seed, start_sample, order)
 
-    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
-        for epoch, indices in _rank_index_stream(*self.args):
-            yield epoch, indices.tolist()
+    def __iter__(self) -> Iterator[tuple[list[int], list[int]]]:
+        for epochs, indices in _rank_index_stream(*self.args):
+            yield epochs.tolist(), indices.tolist()
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
@@ -356,7 +398,7 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 
 
 class _BatchFetcher(torch.utils.data.Dataset):
-    """Maps (epoch, indices) to a whole batch, so DataLoader workers gather with one fancy-index.
+    """Maps (epochs, indices) to a whole batch, so DataLoader workers gather with one fancy-index.
 
     The batch travels packed into one flat tensor: a worker hands each tensor to the main process
     through its own shared-memory segment, so one tensor instead of seven is several times cheaper;
@@ -366,9 +408,9 @@ class _BatchFetcher(torch.utils.data.Dataset):
     def __init__(self, dataset: PretrainingDataset) -> None:
         self.dataset = dataset
 
-    def __getitem__(self, request: tuple[int, list[int]]) -> tuple[torch.Tensor, tuple]:
-        epoch, indices = request
-        return _pack(self.dataset.get_batch(indices, epoch=epoch))
+    def __getitem__(self, request: tuple[list[int], list[int]]) -> tuple[torch.Tensor, tuple]:
+        epochs, indices = request
+        return _pack(self.dataset.get_batch(indices, epoch=epochs))
 
 
 def _pack(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple]:
@@ -390,13 +432,18 @@ class PretrainingLoader:
 
     Iterating yields dicts of stacked tensors (keys as `PretrainingDataset`). Each epoch is a fresh
     permutation from `torch.Generator().manual_seed(seed + epoch)`; torch's global RNG is never used.
-    Sample counts are global (all ranks): after k global micro-steps `samples_consumed == k*micro*world`.
-    Iterate one iterator at a time: each advances the shared `samples_consumed`.
+    With the default `continuous` order the epochs are one stream of samples (see `_rank_index_stream`),
+    so the order does not depend on the micro-batch or the world size, and `start_sample` may be any
+    global sample count; `whole_batches` is the order of runs saved before, where each epoch is cut to
+    whole global micro-batches and `start_sample` must be a multiple of one.
+    Sample counts are global (all ranks): after k global micro-steps
+    `samples_consumed == start_sample + k*micro*world`. Iterate one iterator at a time: each advances
+    the shared `samples_consumed`.
     """
 
     def __init__(self, dataset: PretrainingDataset, micro_batch_size: int, *, seed: int, rank: int = 0,
                  world_size: int = 1, start_sample: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, order: str = CONTINUOUS) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if world_size < 1:
@@ -405,14 +452,18 @@ class PretrainingLoader:
             raise ValueError(f"rank must be in [0, {world_size}) for world_size={world_size}, got {rank}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if order not in DATA_ORDERS:
+            raise ValueError(f"order must be one of {', '.join(DATA_ORDERS)}, got {order!r}")
         global_batch = micro_batch_size * world_size
         if len(dataset) < global_batch:
             raise ValueError(f"dataset has {len(dataset)} instances, fewer than one global micro-batch "
                              f"(micro_batch_size {micro_batch_size} x world_size {world_size} "
                              f"= {global_batch})")
-        if start_sample < 0 or start_sample % global_batch != 0:
-            raise ValueError(f"start_sample must be a non-negative multiple of micro_batch_size x world_size "
-                             f"= {global_batch} (a global sample count), got {start_sample}")
+        if start_sample < 0:
+            raise ValueError(f"start_sample must be a global sample count (>= 0), got {start_sample}")
+        if order == WHOLE_BATCHES and start_sample % global_batch != 0:
+            raise ValueError(f"start_sample must be a multiple of micro_batch_size x world_size "
+                             f"= {global_batch} in the {WHOLE_BATCHES} order, got {start_sample}")
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
         self.seed = seed
@@ -420,9 +471,11 @@ class PretrainingLoader:
         self.world_size = world_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.order = order
         self.global_batch_size = global_batch
-        self.batches_per_epoch = len(dataset) // global_batch
-        self.samples_per_epoch = self.batches_per_epoch * global_batch
+        # Samples read per epoch: all of them, or (whole_batches) those in whole global micro-batches.
+        self.samples_per_epoch = (len(dataset) if order == CONTINUOUS
+                                  else len(dataset) // global_batch * global_batch)
         self._samples_consumed = start_sample
 
     @property
@@ -432,16 +485,16 @@ class PretrainingLoader:
 
     @property
     def epoch(self) -> int:
-        """Epoch of the next batch."""
+        """Epoch of the next sample."""
         return self._samples_consumed // self.samples_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         stream_args = (len(self.dataset), self.micro_batch_size, self.world_size, self.rank, self.seed,
-                       self._samples_consumed)
+                       self._samples_consumed, self.order)
         if self.num_workers == 0:
             pin = self.pin_memory and torch.cuda.is_available()
-            for epoch, indices in _rank_index_stream(*stream_args):
-                batch = self.dataset.get_batch(indices, epoch=epoch)
+            for epochs, indices in _rank_index_stream(*stream_args):
+                batch = self.dataset.get_batch(indices, epoch=epochs)
                 if pin:  # one pinned allocation per batch, not one per field
                     flat, layout = _pack(batch)
                     batch = _unpack(flat.pin_memory(), layout)
