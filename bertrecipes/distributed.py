@@ -67,6 +67,9 @@ def init_distributed(cfg: DistributedConfig, device: torch.device) -> DistContex
     backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend not in ("nccl", "gloo"):
         raise ConfigError(f"distributed.backend must be nccl, gloo or null (auto), got {backend!r}")
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError(f"distributed.backend=nccl needs CUDA devices and this run is on {device.type}: "
+                          "use gloo or null (auto)")
     if not dist.is_initialized():
         # NCCL binds each process to its own GPU, which must be named with its index
         device_id = device_for_rank(device, ctx) if device.type == "cuda" else None

@@ -87,16 +87,32 @@ class TrainState:
 # --------------------------------------------------------------------------- set-up helpers
 
 
-def pick_device(name: str) -> torch.device:
+def device_problem(name: str) -> str | None:
+    """What is wrong with the device ``name`` on this machine, or None. The wording names no option:
+    each command line puts its own in front (``device=...`` or ``--device ...``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from e
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        return f"must be auto, cpu, cuda or cuda:N, got {name!r}"
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available on this machine (use device=auto or cpu)")
-    return device
+        return "CUDA is not available on this machine (use auto or cpu)"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        return f"this machine has {count} GPU{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})"
+    return None
+
+
+def pick_device(name: str) -> torch.device:
+    problem = device_problem(name)
+    if problem is not None:
+        raise ConfigError(f"device={name}: {problem}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:

@@ -193,11 +193,20 @@ def evaluate_checkpoint(
         cache_dir = os.environ.get("BERTRECIPES_CACHE") or Path.home() / ".cache" / "bertrecipes"
     lower_case = infer_lower_case(imported, vocab) if do_lower_case is None else do_lower_case
     log.info("held-out set: %s, lower_case=%s", settings, lower_case)
-    dataset = build_eval_dataset(eval_data, vocab, cache_dir=cache_dir, lower_case=lower_case,
-                                 progress=progress, **settings)
     torch_device = pick_device(device)
-    scores = evaluate_pretraining(model.to(torch_device), dataset, batch_size=batch_size, device=torch_device,
-                                  precision=precision, max_samples=max_samples, progress=progress)
+    joined = not torch.distributed.is_initialized()  # a caller's own process group is left to it
+    ctx = dist.init_distributed(dist.DistributedConfig(), torch_device)  # under torchrun: ranks share the set
+    torch_device = dist.device_for_rank(torch_device, ctx)
+    try:
+        with dist.main_rank_first(ctx, "heldout-data"):  # rank 0 builds the cache, the others load it
+            dataset = build_eval_dataset(eval_data, vocab, cache_dir=cache_dir, lower_case=lower_case,
+                                         progress=progress and ctx.is_main, **settings)
+        scores = evaluate_pretraining(model.to(torch_device), dataset, batch_size=batch_size,
+                                      device=torch_device, precision=precision, max_samples=max_samples,
+                                      ctx=ctx if ctx.enabled else None, progress=progress and ctx.is_main)
+    finally:
+        if joined:
+            dist.shutdown(ctx)
     if not has_nsp:
         log.warning("%s has no next-sentence head: NSP scores and eval_loss left out", imported.source)
         scores = {k: v for k, v in scores.items() if k not in _NSP_KEYS}
@@ -252,28 +261,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _device_option_problem(name: str) -> str | None:
-    """What is wrong with ``--device name``, in the command line's terms, or None."""
-    if name == "auto":
-        return None
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        return f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return f"--device {name}: CUDA is not available on this machine (use --device auto or --device cpu)"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.output and not Path(args.output).resolve().parent.is_dir():  # say so before the work, not after
         print(f"error: --output {args.output}: its directory does not exist", file=sys.stderr)
         return 2
-    problem = _device_option_problem(args.device)
+    from bertrecipes.engine import device_problem
+
+    problem = device_problem(args.device)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"error: --device {args.device}: {problem}", file=sys.stderr)
         return 2
     try:
         scores = evaluate_checkpoint(
@@ -287,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the scores; one reports them
+        return 0
     text = json.dumps(scores, indent=2)
     if args.output:
         from bertrecipes.atomic import write_text_atomic

@@ -345,16 +345,17 @@ def test_command_line_checks_the_output_directory_before_the_work(tmp_path, caps
     assert not (tmp_path / "cache").exists()  # nothing was prepared
 
 
-@pytest.mark.parametrize("device, message", [
-    ("cuda", "error: --device cuda: CUDA is not available on this machine (use --device auto or "
-             "--device cpu)"),
-    ("cuda:1", "error: --device cuda:1: CUDA is not available on this machine (use --device auto or "
-               "--device cpu)"),
-    ("gpu", "error: --device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+@pytest.mark.parametrize("device, gpus, message", [
+    ("cuda", 0, "error: --device cuda: CUDA is not available on this machine (use auto or cpu)"),
+    ("cuda:1", 0, "error: --device cuda:1: CUDA is not available on this machine (use auto or cpu)"),
+    ("cuda:5", 2, "error: --device cuda:5: this machine has 2 GPUs (cuda:0 to cuda:1)"),
+    ("gpu", 0, "error: --device gpu: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("mps", 0, "error: --device mps: must be auto, cpu, cuda or cuda:N, got 'mps'"),
 ])
 def test_command_line_names_a_bad_device_by_its_flag_before_the_work(tmp_path, capsys, monkeypatch, device,
-                                                                     message):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+                                                                     gpus, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     checkpoints = small_checkpoint(tmp_path)
     code = main([str(checkpoints), "--eval-data", str(tmp_path / "small.txt"), "--device", device,
                  "--cache-dir", str(tmp_path / "cache")])
@@ -410,3 +411,41 @@ def test_wikitext103_validation_split_as_a_heldout_set(make_cfg):
     assert float((batch["input_ids"][real] == 100).float().mean()) < 0.002
     masked = batch["masked_lm_labels"] != -100
     assert 0.12 < float(masked.sum()) / float(real.sum()) < 0.16
+
+
+def test_command_line_under_torchrun_splits_the_set_and_reports_once(tmp_path, capsys):
+    """Two ranks score half of the set each and all-reduce: the scores of one process, printed once
+    (the held-out cache built by rank 0 while rank 1 waits)."""
+    import os
+    import subprocess
+    import sys
+
+    checkpoints = small_checkpoint(tmp_path)
+    args = [str(checkpoints), "--eval-data", str(tmp_path / "small.txt"), "--max-seq-length", "16",
+            "--max-predictions-per-seq", "3", "--max-samples", "4", "--device", "cpu"]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache1")]) == 0
+    out = capsys.readouterr().out
+    alone = json.loads(out[out.index("{"):])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "bertrecipes.evaluation", *args, "--cache-dir", str(tmp_path / "cache2"),
+         "--output", str(tmp_path / "scores.json")],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count('"eval_samples"') == 1
+    both = json.loads((tmp_path / "scores.json").read_text())
+    assert both["eval_samples"] == alone["eval_samples"] == 4
+    assert both["eval_masked_tokens"] == alone["eval_masked_tokens"]
+    for key in alone:
+        assert both[key] == pytest.approx(alone[key], rel=1e-6), key
+
+
+def test_nccl_on_a_cpu_run_is_named(monkeypatch):
+    from bertrecipes.distributed import DistributedConfig, init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="distributed.backend=nccl needs CUDA devices and this run is on "
+                                          r"cpu: use gloo or null \(auto\)"):
+        init_distributed(DistributedConfig(backend="nccl"), torch.device("cpu"))
