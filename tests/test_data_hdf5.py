@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from bertrecipes.data import PretrainingLoader
 from bertrecipes.data.build import build_pretraining_dataset, open_prepared_dataset
@@ -123,7 +124,9 @@ def test_wrong_phase_and_bad_files_are_named(shards, tmp_path: Path) -> None:
     directory, vocab, arrays = shards
     cache = tmp_path / "cache"
     with pytest.raises(
-        PreparedDataMismatch, match=f"have max_seq_length {SEQ} .* this run has max_seq_length 128"
+        PreparedDataMismatch, match=f"have max_seq_length {SEQ} .* this run has max_seq_length 128.*no "
+                                    f"phase has these shapes: give max_seq_length={SEQ} "
+                                    f"max_predictions_per_seq={PRED}"
     ):
         convert_nvidia_hdf5(
             directory,
@@ -233,3 +236,14 @@ def test_nvidia_shards_as_a_held_out_set(make_cfg, shards, tmp_path: Path) -> No
     with pytest.raises(DataSourceError, match="mixes NVIDIA hdf5 shards with other files"):
         build_eval_dataset([str(directory), str(text)], vocab, max_seq_length=SEQ,
                            max_predictions_per_seq=PRED, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_a_shape_mismatch_names_the_phase_made_for_the_files() -> None:
+    """NVIDIA's phase-1 files (128, 20) and phase-2 files (512, 80) are the shapes of our phases."""
+    from bertrecipes.data.hdf5 import _shape_advice
+
+    for phase in ("seq128", "seq512"):
+        settings = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "phase" / f"{phase}.yaml")
+                                  .read_text())
+        advice = _shape_advice(settings["max_seq_length"], settings["max_predictions_per_seq"])
+        assert advice == f"use the phase the files were made for, +phase={phase}"

@@ -60,6 +60,17 @@ NVIDIA_KEYS = (
 )
 CONVERTER_VERSION = 1
 
+# The phases in conf/phase and the shapes NVIDIA's hdf5 files for them have.
+_PHASE_SHAPES = {(128, 20): "seq128", (512, 80): "seq512"}
+
+
+def _shape_advice(seq: int, predictions: int) -> str:
+    """How to run on files of these shapes: the phase made for them, or the two settings."""
+    phase = _PHASE_SHAPES.get((seq, predictions))
+    settings = f"max_seq_length={seq} max_predictions_per_seq={predictions}"
+    return (f"use the phase the files were made for, +phase={phase}" if phase else
+            f"no phase has these shapes: give {settings}")
+
 
 def _h5py() -> Any:
     try:
@@ -186,7 +197,7 @@ def convert_nvidia_hdf5(
         raise PreparedDataMismatch(
             f"NVIDIA shards in {input_dir} have max_seq_length {seq} and max_predictions_per_seq "
             f"{predictions}; this run has max_seq_length {max_seq_length} and max_predictions_per_seq "
-            f"{max_predictions_per_seq} (use the phase the files were made for, e.g. +phase=seq{seq})"
+            f"{max_predictions_per_seq} ({_shape_advice(seq, predictions)})"
         )
     key = {
         "converter_version": CONVERTER_VERSION,
