@@ -243,6 +243,10 @@ def bing_bert_overrides(config: dict, seq: int | None) -> tuple[list[str], list[
     return overrides, notes
 
 
+# The phases' checkpoint intervals (conf/phase/seq128.yaml, seq512.yaml; a test holds them equal).
+CHECKPOINT_STEPS = {128: 500, 512: 250}
+
+
 def command(ds_config: Path, bing_bert_config: Path | None = None, task: str = "pretrain",
             seq: int | None = None, lr_schedule: str = "EE", lr_offset: float | None = None,
             max_predictions_per_seq: int | None = None) -> tuple[list[str], list[str]]:
@@ -287,6 +291,10 @@ def command(ds_config: Path, bing_bert_config: Path | None = None, task: str = "
         overrides.append(f"max_predictions_per_seq={max_predictions_per_seq}")
     if lr_offset is not None:
         overrides.append(f"scheduler.lr_offset={_value(float(lr_offset))}")
+    # bing_bert saves at every epoch's end; a run without checkpoints would lose everything to a crash.
+    # The phase's interval where there is one for this length (conf/phase), else the seq128 phase's.
+    overrides.append(f"checkpoint_steps={CHECKPOINT_STEPS.get(seq, CHECKPOINT_STEPS[128])}")
+    overrides.append(f"job_name=bing_bert_seq{seq}" if seq is not None else "job_name=bing_bert")
     return ["python", "-m", "bertrecipes.pretrain", *overrides], notes
 
 

@@ -17,7 +17,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from bertrecipes.errors import UserError
-from bertrecipes.from_deepspeed import command
+from bertrecipes.from_deepspeed import CHECKPOINT_STEPS, command
 from bertrecipes.squad.config import register_squad_configs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ DS_SQUAD_PUBLISHED = {
 }
 
 RECIPE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "steps_per_print", "max_grad_norm",
-               "max_seq_length", "max_predictions_per_seq", "total_training_steps")
+               "max_seq_length", "max_predictions_per_seq", "total_training_steps", "checkpoint_steps")
 
 
 def write(tmp_path: Path, name: str, data: dict) -> Path:
@@ -102,6 +102,9 @@ def test_seq512_takes_its_own_training_entry(tmp_path):
     cfg = composed(words)
     got = (cfg.max_seq_length, cfg.optimizer.lr, cfg.scheduler.warmup_proportion, cfg.scheduler.decay_step)
     assert got == (512, 2e-3, 0.02, 150)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        phase = compose("pretrain", overrides=["+phase=seq512"])
+    assert cfg.checkpoint_steps == phase.checkpoint_steps > 0 and cfg.job_name == "bing_bert_seq512"
     with pytest.raises(UserError, match="trains at several lengths .128, 512.: give --seq"):
         command(write(tmp_path, "ds.json", ds), write(tmp_path, "bert.json", BING_BERT))
 
@@ -278,3 +281,9 @@ def test_deepspeeds_old_boolean_zero_optimization_is_stage_one(tmp_path):
 def test_a_seq_the_bing_bert_config_lacks_is_named(tmp_path):
     with pytest.raises(UserError, match=r"--seq 256 is not one of the bing_bert config's lengths \(128, 512"):
         command(write(tmp_path, "ds.json", DS_SEQ128), write(tmp_path, "bert.json", BING_BERT), seq=256)
+
+
+def test_the_checkpoint_intervals_are_the_phases():
+    for seq, steps in CHECKPOINT_STEPS.items():
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            assert compose("pretrain", overrides=[f"+phase=seq{seq}"]).checkpoint_steps == steps
