@@ -199,18 +199,45 @@ def load_model_weights(model: torch.nn.Module, checkpoint: dict, source: str) ->
     state = checkpoint["model"]
     ours = model.state_dict()
     for name in ("bert.embeddings.word_embeddings.weight",):
-        if name in state and state[name].shape != ours[name].shape:
+        if name in state and state[name].shape[0] != ours[name].shape[0]:
             raise CheckpointError(
                 f"{source}: vocabulary size {state[name].shape[0]} in the checkpoint, but the model "
                 f"is configured for {ours[name].shape[0]} (set model.vocab_size or use the matching "
                 f"tokenizer)"
             )
+    mismatched = [f"{name} {tuple(value.shape)} in the checkpoint, {tuple(ours[name].shape)} in the model"
+                  for name, value in state.items() if name in ours and value.shape != ours[name].shape]
+    if mismatched:
+        raise CheckpointError(f"{source} does not match the model: {'; '.join(mismatched[:4])}"
+                              + (f" (and {len(mismatched) - 4} more)" if len(mismatched) > 4 else ""))
     result = model.load_state_dict(state, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         raise CheckpointError(
             f"{source} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
+
+
+# What a resumed run must keep of the model: everything but dropout and the initialisation's spread.
+ARCHITECTURE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
+                     "pre_layer_norm")
+
+
+def check_resumed_architecture(saved: dict[str, Any], now: BertConfig) -> None:
+    """Refuse a resume whose model settings change the architecture the checkpoint was trained with
+    (another head count loads the same tensors and silently computes something else); a changed
+    dropout applies, with a warning."""
+    was = saved.get("model_config") or {}
+    changed = [f"model.{key}={was[key]} (now {getattr(now, key)})" for key in ARCHITECTURE_KEYS
+               if key in was and was[key] != getattr(now, key)]
+    if changed:
+        raise ConfigError(f"resume=true but the run was saved with {', '.join(changed)}: a resumed run keeps "
+                          "its architecture (give the saved values, or start a new run with init_from)")
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if key in was and was[key] != getattr(now, key):
+            log.warning("model.%s was %s when the run was saved and is %s now: it applies from here on",
+                        key, was[key], getattr(now, key))
 
 
 def unpad_options(kernel_cfg: DictConfig) -> tuple[bool, int]:
@@ -756,6 +783,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                           "its embedding rows would stand for other tokens; give data.vocab_file its "
                           "vocabulary")
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
+    if resume_from is not None:
+        check_resumed_architecture(resume_from, model_config)
     unpad, unpad_bucket = unpad_options(cfg.kernel)
     raw_model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel),
                                    unpad=unpad, unpad_bucket=unpad_bucket).to(device)

@@ -302,6 +302,38 @@ def test_resume_refuses_another_seed_or_data_and_goes_on_with_any_micro_batch(ma
     assert again["client_state"]["data_order"] == "whole_batches"
 
 
+def test_resume_keeps_the_architecture_and_applies_a_new_dropout(make_cfg, tmp_path, caplog):
+    out = tmp_path / "run"
+    train(make_cfg(*TINY, "max_steps=1", output_dir=out))
+    # another head count loads the same tensors: without the check it would silently train another model
+    with pytest.raises(ConfigError, match=r"saved with model.num_attention_heads=2 \(now 4\): a resumed run "
+                                          r"keeps its architecture"):
+        train(make_cfg(*TINY, "max_steps=2", "resume=true", "model.num_attention_heads=4", output_dir=out))
+    with pytest.raises(ConfigError, match=r"model.intermediate_size=64 \(now 128\), "
+                                          r"model.pre_layer_norm=False \(now True\)"):
+        train(make_cfg(*TINY, "max_steps=2", "resume=true", "model.intermediate_size=128",
+                       "model.pre_layer_norm=true", output_dir=out))
+    caplog.set_level(logging.WARNING, logger="bertrecipes.engine")
+    summary = train(make_cfg(*TINY, "max_steps=2", "resume=true", "model.hidden_dropout_prob=0.2",
+                             output_dir=out))
+    assert summary["global_step"] == 2
+    assert "model.hidden_dropout_prob was 0.1 when the run was saved and is 0.2 now" in caplog.text
+
+
+def test_a_checkpoint_of_other_shapes_names_the_tensors(tmp_path):
+    from bertrecipes.engine import load_model_weights
+    from bertrecipes.model import BertConfig, BertForPreTraining
+
+    small = BertForPreTraining(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=32))
+    wide = BertForPreTraining(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=48))
+    with pytest.raises(CheckpointError, match=r"x.pt does not match the model: bert.encoder.layer.0.*"
+                                              r"\(48, 16\) in the checkpoint, \(32, 16\) in the model"):
+        load_model_weights(small, {"model": wide.state_dict()}, "x.pt")
+    load_model_weights(small, {"model": small.state_dict()}, "x.pt")
+
+
 def test_the_samples_do_not_depend_on_the_micro_batch_across_epochs(make_cfg, tmp_path, monkeypatch):
     """Runs that differ only in micro-batch (60 samples a step as 1 x 60, 3 x 20 or 5 x 12) read the
     same samples, each with its own epoch, past the end of the first epoch (833 instances: step 14
