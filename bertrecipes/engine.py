@@ -701,14 +701,17 @@ def check_run_settings(cfg: DictConfig, output_dir: Path, starting_over: bool = 
     when ``starting_over`` a failed attempt of this one, see :func:`elastic_restart`)."""
     refuse_unknown_keys(cfg, PretrainConfig)
     for key, low, note in (("steps_per_print", 1, ""), ("checkpoint_steps", 0, " (0 = off)"),
+                           ("max_predictions_per_seq", 1, ""),
+                           ("max_seq_length", 5, " ([CLS] A [SEP] B [SEP] with one token each)"),
                            ("keep_last_checkpoints", 0, " (0 = keep all)"),
                            ("max_grad_norm", 0, " (0 = off)"),
                            ("eval_steps", 0, " (0 = evaluate after the last step only)")):
         if not cfg[key] >= low:
             raise ConfigError(f"{key} must be >= {low}, got {cfg[key]}{note}")
-    for key in ("eval_batch_size", "max_eval_samples"):
+    for key, note in (("eval_batch_size", ""), ("max_eval_samples", ""),
+                      ("total_training_steps", " (null = max_steps)")):
         if cfg[key] is not None and cfg[key] < 1:
-            raise ConfigError(f"{key} must be a positive integer or null, got {cfg[key]}")
+            raise ConfigError(f"{key} must be a positive integer or null{note}, got {cfg[key]}")
     if cfg.init_from_required and not cfg.init_from and not cfg.resume:
         raise ConfigError(f"job {cfg.job_name} continues an earlier phase: give init_from=<its checkpoint "
                           "directory or file> (+phase=seq512: the seq128 run's checkpoints/), or "

@@ -24,7 +24,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def autocast_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"precision.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        raise ConfigError(f"precision.dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 

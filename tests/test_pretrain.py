@@ -441,6 +441,11 @@ def test_bad_batch_sizes_fail_before_any_work(make_cfg, tmp_path):
     ("checkpoint_steps=-5", "checkpoint_steps must be >= 0, got -5 (0 = off)"),
     ("keep_last_checkpoints=-1", "keep_last_checkpoints must be >= 0, got -1 (0 = keep all)"),
     ("max_grad_norm=-1", "max_grad_norm must be >= 0, got -1.0 (0 = off)"),
+    ("max_predictions_per_seq=0", "max_predictions_per_seq must be >= 1, got 0"),
+    ("max_seq_length=4", "max_seq_length must be >= 5, got 4 ([CLS] A [SEP] B [SEP] with one token each)"),
+    ("total_training_steps=0", "total_training_steps must be a positive integer or null (null = max_steps), "
+                               "got 0"),
+    ("precision.dtype=fp8", "precision.dtype must be one of fp32, fp16, bf16, got 'fp8'"),
     ("optimizer.min_coeff=0.5", "optimizer: need 0 <= min_coeff <= max_coeff, got min_coeff=0.5"),
     ("scheduler.lr_offset=-1", "lr_offset must be a finite float >= 0"),
     ("precision=fp16 precision.loss_scale=-4",
