@@ -221,6 +221,10 @@ class PretrainConfig:
     ckpt_type: str = "DS"
     origin_bert_config_file: str | None = None  # bert_config.json / config.json for HF and TF imports
     rewarmup: bool = True  # with init_from: restart the LR schedule (warmup) at step 0
+    # with init_from: also take its optimizer state (LAMB moments, step counts) and loss scale, as
+    # DeepSpeed's load_checkpoint does for bing_bert's phase 2. true: required (a bertrecipes checkpoint
+    # of this architecture and optimizer); null: when init_from has them, else a fresh optimizer
+    load_optimizer_states: bool | None = False
     peak_tflops: float | None = None  # for MFU; null = measured with a large matmul on GPU
     compile: bool = False  # torch.compile the model (speed only; results equal within rounding)
     # torch.compile's mode: default | reduce-overhead (CUDA graphs: fixed shapes, so kernel.unpad=false

@@ -240,6 +240,40 @@ def check_resumed_architecture(saved: dict[str, Any], now: BertConfig) -> None:
                         key, was[key], getattr(now, key))
 
 
+def optimizer_state_to_continue(cfg: DictConfig, init_from: Any, model_config: BertConfig) -> dict | None:
+    """The optimizer and loss-scaler state of ``init_from`` that this run continues
+    (``load_optimizer_states``), or None for a fresh optimizer. It continues only on the same
+    architecture and vocabulary rows, one tensor of moments per parameter; true asks for it and makes
+    its absence an error, null takes it when there is one."""
+    wanted = cfg.load_optimizer_states
+    if init_from is None:
+        if wanted and not cfg.resume:
+            log.warning("load_optimizer_states=true does nothing without init_from")
+        return None
+    if wanted is False:
+        return None
+    saved = init_from.training_state
+    problem = None
+    if saved is None or not saved.get("optimizer"):
+        problem = (f"{init_from.source} is not a bertrecipes checkpoint with an optimizer state (its weights "
+                   "load; DeepSpeed's, NVIDIA's, Hugging Face and TensorFlow optimizer states do not)")
+    else:
+        was = saved.get("model_config") or {}
+        changed = [f"{key} {was[key]} there, {getattr(model_config, key)} here"
+                   for key in ("vocab_size", *ARCHITECTURE_KEYS)
+                   if key in was and was[key] != getattr(model_config, key)]
+        if changed:
+            problem = (f"{init_from.source} has another architecture ({', '.join(changed)}), so its "
+                       "optimizer moments do not fit this model")
+    if problem is None:
+        return saved
+    if wanted:
+        raise ConfigError(f"load_optimizer_states=true but {problem}: give load_optimizer_states=false "
+                          "to start with a fresh optimizer")
+    log.info("init_from's optimizer state is not continued (%s): a fresh optimizer", problem)
+    return None
+
+
 def unpad_options(kernel_cfg: DictConfig) -> tuple[bool, int]:
     """``(kernel.unpad, kernel.unpad_bucket)``, checked: the model-level options of the kernel group
     (a config made by hand may leave them out: no unpadding, no bucket)."""
@@ -650,11 +684,15 @@ def check_resumed_data(cfg: DictConfig, saved: dict[str, Any], now: dict[str, An
 
 
 def restore_optimizer_and_scaler(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                                 scaler: LossScaler, saved: dict[str, Any], target: str) -> None:
+                                 scaler: LossScaler, saved: dict[str, Any], target: str,
+                                 occasion: str = "resume") -> None:
     """Load a checkpoint's optimizer and loss-scaler state, keeping this run's settings: a
     hyperparameter (weight decay, betas, eps, LAMB's min/max_coeff, bias correction) or a precision
     setting changed on resume takes effect, with a warning naming it. ``target`` names this run's
-    optimizer in the error when the saved state is another optimizer's."""
+    optimizer in the error when the saved state is another optimizer's; ``occasion`` (resume or
+    init_from) says why the state is loaded."""
+    remedy = ("resume with the optimizer the run was saved with" if occasion == "resume" else
+              "use the optimizer that run used, or load_optimizer_states=false for a fresh one")
     configured = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
                   for group in optimizer.param_groups]
     saved_optimizer = saved["optimizer"] or {}
@@ -666,15 +704,14 @@ def restore_optimizer_and_scaler(model: torch.nn.Module, optimizer: torch.optim.
     if missing:  # torch would load it, and the first step would fail on the missing settings
         raise CheckpointError(f"{saved['path']}: its optimizer state does not fit this run's optimizer "
                               f"({target}): it has no {', '.join(missing)}, so another optimizer saved it; "
-                              "resume with the optimizer the run was saved with")
+                              f"{remedy}")
     try:
         dist.load_optimizer_state(model, optimizer, saved["optimizer"])
     except UserError:  # a strategy that cannot load this state: said as it is
         raise
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{saved['path']}: its optimizer state does not fit this run's optimizer "
-                              f"({target}), so another optimizer saved it ({e}); resume with the optimizer "
-                              "the run was saved with") from e
+                              f"({target}), so another optimizer saved it ({e}); {remedy}") from e
     saved["optimizer"] = None  # loaded: let the copy go (gigabytes for BERT-large)
     changed: dict[str, tuple[Any, Any]] = {}
     for group, settings in zip(optimizer.param_groups, configured, strict=True):
@@ -683,7 +720,8 @@ def restore_optimizer_and_scaler(model: torch.nn.Module, optimizer: torch.optim.
                 changed.setdefault(key, (group[key], value))
             group[key] = value
     if changed:
-        log.warning("resuming with optimizer settings other than the saved ones, which now apply: %s",
+        log.warning("%s with optimizer settings other than the saved ones, which now apply: %s",
+                    "resuming" if occasion == "resume" else "continuing init_from's optimizer state",
                     ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
     if not scaler.load_state_dict(saved["scaler"]):
         def described(dynamic: bool, scale: float) -> str:
@@ -771,7 +809,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
             raise CheckpointError(f"resume=true but {e}") from e
     init_from = None
     if cfg.init_from and resume_from is None:
-        init_from = load_model_state(cfg.init_from, cfg.ckpt_type, cfg.origin_bert_config_file)
+        init_from = load_model_state(cfg.init_from, cfg.ckpt_type, cfg.origin_bert_config_file,
+                                     keep_training_state=cfg.load_optimizer_states is not False)
 
     seed_everything(cfg.seed)
     with dist.main_rank_first(ctx, "data"):  # rank 0 builds (or finds) the data cache; the others read it
@@ -788,6 +827,7 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
     if resume_from is not None:
         check_resumed_architecture(resume_from, model_config)
+    init_optimizer = optimizer_state_to_continue(cfg, init_from, model_config)
     unpad, unpad_bucket = unpad_options(cfg.kernel)
     raw_model = BertForPreTraining(model_config, layer_factory=build_layer_factory(cfg.kernel),
                                    unpad=unpad, unpad_bucket=unpad_bucket).to(device)
@@ -805,8 +845,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
             state.schedule_step = init_from.global_step  # continue where the previous phase left off
         if init_from.global_step is not None and normalize_ckpt_type(cfg.ckpt_type) == "DS":
             state.pld_step_offset = init_from.global_step  # as DeepSpeed restores its global step
-        log.info("initialised model weights from %s (%s; fresh optimizer, schedule step %d)",
-                 init_from.source, cfg.ckpt_type, state.schedule_step)
+        log.info("initialised model weights from %s (%s; %s, schedule step %d)", init_from.source,
+                 cfg.ckpt_type, "its optimizer state" if init_optimizer else "fresh optimizer",
+                 state.schedule_step)
     if resume_from is not None:
         load_model_weights(raw_model, resume_from, resume_from["path"])
 
@@ -823,6 +864,15 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"optimizer: {e}") from e
+    if init_optimizer is not None:
+        try:
+            restore_optimizer_and_scaler(raw_model, optimizer, scaler, init_optimizer, cfg.optimizer._target_,
+                                         occasion="init_from")
+        except CheckpointError as e:  # another optimizer's state: required, or a fresh one
+            if cfg.load_optimizer_states:
+                raise
+            log.info("init_from's optimizer state is not continued (%s): a fresh optimizer", e)
+        init_from.training_state = init_optimizer = None  # loaded (or not): let the copy go
     if resume_from is not None:
         restore_optimizer_and_scaler(raw_model, optimizer, scaler, resume_from, cfg.optimizer._target_)
         warn_if_saved_before_rescale_after_warmup(resume_from["path"], cfg)

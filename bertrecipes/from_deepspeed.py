@@ -287,6 +287,7 @@ def command(ds_config: Path, bing_bert_config: Path | None = None, task: str = "
             first = f"the seq{min(shorter)} phase" if shorter else "phase 1"
             notes.append(f"phase 2 (seq{seq}) continues {first}: add init_from=<phase-1 run>/checkpoints "
                          "(bing_bert's --load_training_checkpoint), or it pre-trains from random weights")
+            overrides.append("load_optimizer_states=null")  # that flag's DeepSpeed load continues them
     if max_predictions_per_seq is not None:
         overrides.append(f"max_predictions_per_seq={max_predictions_per_seq}")
     if lr_offset is not None:

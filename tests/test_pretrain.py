@@ -334,6 +334,53 @@ def test_a_checkpoint_of_other_shapes_names_the_tensors(tmp_path):
     load_model_weights(small, {"model": small.state_dict()}, "x.pt")
 
 
+def test_phase_two_continues_the_optimizer_state_of_phase_one(make_cfg, tmp_path, caplog):
+    """load_optimizer_states (bing_bert's --load_training_checkpoint restores the optimizer): phase 2's
+    first LAMB step updates phase 1's moments. With the same weights, data and seed the gradient g of
+    that step is the fresh-optimizer run's too, so m = beta1 m_1 + (1 - beta1) g is beta1 m_1 plus the
+    fresh run's m, v likewise with beta2, and the step counts continue."""
+    phase1 = tmp_path / "p1"
+    train(make_cfg(*TINY, "max_steps=3", output_dir=phase1))
+    saved = {}
+    for load in ("true", "false", "null"):
+        out = tmp_path / f"p2_{load}"
+        train(make_cfg(*TINY, "max_steps=1", f"init_from={phase1 / 'checkpoints'}",
+                       f"load_optimizer_states={load}", output_dir=out))
+        saved[load] = torch.load(out / "checkpoints" / "global_step1" / "state.pt", weights_only=False)
+    first = torch.load(phase1 / "checkpoints" / "global_step3" / "state.pt", weights_only=False)["optimizer"]
+    beta1, beta2 = make_cfg(*TINY).optimizer.betas
+    loaded, fresh = saved["true"]["optimizer"]["state"], saved["false"]["optimizer"]["state"]
+    assert len(loaded) == len(fresh) == len(first["state"]) > 10
+    for index, state in loaded.items():
+        old, new = first["state"][index], fresh[index]
+        assert (int(state["step"]), int(new["step"])) == (int(old["step"]) + 1, 1)
+        torch.testing.assert_close(state["exp_avg"], beta1 * old["exp_avg"] + new["exp_avg"],
+                                   rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(state["exp_avg_sq"], beta2 * old["exp_avg_sq"] + new["exp_avg_sq"],
+                                   rtol=1e-5, atol=1e-12)
+    for index, state in saved["null"]["optimizer"]["state"].items():  # null: continued when it can be
+        torch.testing.assert_close(state["exp_avg"], loaded[index]["exp_avg"], rtol=0, atol=0)
+    # weights only from a Hugging Face checkpoint: required is an error, null a fresh optimizer
+    from bertrecipes.interop import export_hf
+
+    export_hf(phase1 / "checkpoints", tmp_path / "hf", architecture="pretraining")
+    with pytest.raises(ConfigError, match="load_optimizer_states=true but .* is not a bertrecipes checkpoint "
+                                          "with an optimizer state"):
+        train(make_cfg(*TINY, "max_steps=1", f"init_from={tmp_path / 'hf'}", "ckpt_type=HF",
+                       "load_optimizer_states=true", output_dir=tmp_path / "hf_true"))
+    caplog.set_level(logging.INFO, logger="bertrecipes.engine")
+    train(make_cfg(*TINY, "max_steps=1", f"init_from={tmp_path / 'hf'}", "ckpt_type=HF",
+                   "load_optimizer_states=null", output_dir=tmp_path / "hf_null"))
+    assert "init_from's optimizer state is not continued" in caplog.text
+    # another optimizer's state: required is an error naming it, null a fresh optimizer
+    with pytest.raises(CheckpointError, match="use the optimizer that run used, or "
+                                              "load_optimizer_states=false"):
+        train(make_cfg(*TINY, "max_steps=1", f"init_from={phase1 / 'checkpoints'}", "optimizer=adam",
+                       "load_optimizer_states=true", output_dir=tmp_path / "adam_true"))
+    train(make_cfg(*TINY, "max_steps=1", f"init_from={phase1 / 'checkpoints'}", "optimizer=adam",
+                   "load_optimizer_states=null", output_dir=tmp_path / "adam_null"))
+
+
 def test_the_samples_do_not_depend_on_the_micro_batch_across_epochs(make_cfg, tmp_path, monkeypatch):
     """Runs that differ only in micro-batch (60 samples a step as 1 x 60, 3 x 20 or 5 x 12) read the
     same samples, each with its own epoch, past the end of the first epoch (833 instances: step 14

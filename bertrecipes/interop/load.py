@@ -27,6 +27,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,6 +81,9 @@ class ImportedCheckpoint:
     vocab_file: Path | None
     source: str
     global_step: int | None = None
+    # A bertrecipes checkpoint's optimizer, scaler, model_config and path, when the caller asked to
+    # keep them (``load_model_state(..., keep_training_state=True)``); else None.
+    training_state: dict[str, Any] | None = None
 
 
 @dataclass
@@ -243,7 +247,8 @@ def check_config_matches(state: dict[str, torch.Tensor], config: BertConfig, sou
 # ------------------------------------------------------------------------------------- DS
 
 
-def _load_ds(path: Path, config_file: Path | None, verify_crc: bool) -> tuple[ImportedCheckpoint, str]:
+def _load_ds(path: Path, config_file: Path | None, verify_crc: bool,
+             keep_training_state: bool = False) -> tuple[ImportedCheckpoint, str]:
     foreign = None
     if path.is_dir() and not any((path / name).is_file() for name in (STATE_FILE, LATEST_FILE)):
         newest = newest_nvidia_checkpoint(path)  # an NVIDIA DeepLearningExamples results directory
@@ -278,7 +283,9 @@ def _load_ds(path: Path, config_file: Path | None, verify_crc: bool) -> tuple[Im
     step = (payload.get("train_state") or {}).get("global_step", client_state.get("last_global_step"))
     if config_file is not None:
         config = read_bert_config(config_file)
-    return ImportedCheckpoint(state, config, vocab_file, source, step), str(config_file or source)
+    training = ({key: payload.get(key) for key in ("optimizer", "scaler", "model_config", "path")}
+                if keep_training_state else None)
+    return ImportedCheckpoint(state, config, vocab_file, source, step, training), str(config_file or source)
 
 
 # ------------------------------------------------------------------------------------- HF
@@ -450,8 +457,11 @@ def load_model_state(
     ckpt_type: str = "DS",
     origin_bert_config_file: str | Path | None = None,
     verify_crc: bool = True,
+    keep_training_state: bool = False,
 ) -> ImportedCheckpoint:
     """Read a DS, HF or TF checkpoint into our layout, with its config and vocab file when found.
+    With ``keep_training_state`` a bertrecipes checkpoint also brings its optimizer and loss-scaler
+    state (``training_state``), for a next phase that continues them.
 
     ``origin_bert_config_file`` overrides the config found with the checkpoint (HF ``config.json``, TF
     ``bert_config.json``, DS's saved model config). ``verify_crc`` checks TF tensors' CRC32C.
@@ -462,8 +472,10 @@ def load_model_state(
     path = Path(model_file)
     refuse_other_type(path, kind)
     config_file = Path(origin_bert_config_file) if origin_bert_config_file else None
-    loader = {"DS": _load_ds, "HF": _load_hf, "TF": _load_tf}[kind]
-    imported, config_source = loader(path, config_file, verify_crc)
+    if kind == "DS":
+        imported, config_source = _load_ds(path, config_file, verify_crc, keep_training_state)
+    else:
+        imported, config_source = {"HF": _load_hf, "TF": _load_tf}[kind](path, config_file, verify_crc)
     imported.state_dict = tie_mlm_head(imported.state_dict, imported.source)
     if not any(k.startswith(BACKBONE_PREFIXES) for k in imported.state_dict):
         raise CheckpointError(f"{imported.source} has no BERT encoder weights (bert.embeddings.*, "
