@@ -388,9 +388,54 @@ def find_override_problem(config_name: str, argv: list[str]) -> str | None:
     return None
 
 
+# Names DeepSpeed's configs, bing_bert's and NVIDIA's flags, and Hugging Face's arguments give a setting
+# that has another name (or is a config group choice) here: what a missing key of theirs points to.
+FOREIGN_NAMES = {
+    "gradient_clipping": ("max_grad_norm",),
+    "learning_rate": ("optimizer.lr",),
+    "fp16": ("precision=fp16",),
+    "bf16": ("precision=bf16",),
+    "init_checkpoint": ("init_from", "model_file"),
+    "load_training_checkpoint": ("init_from",),
+    "model_name_or_path": ("init_from", "model_file"),
+    "num_steps_per_checkpoint": ("checkpoint_steps",),
+    "save_steps": ("checkpoint_steps",),
+    "lr_schedule": ("scheduler",),
+    "deepspeed_transformer_kernel": ("kernel=triton",),
+    "per_device_train_batch_size": ("train_micro_batch_size_per_gpu",),
+    "train_batch_size_per_gpu": ("train_micro_batch_size_per_gpu",),
+}
+
+
+def _named_here(cfg: Any, target: str) -> bool:
+    """Whether ``target`` (a dotted key, or group=option) is something ``cfg`` has."""
+    key = target.split("=", 1)[0]
+    node = cfg
+    for part in key.split("."):
+        if not OmegaConf.is_dict(node) or part not in node:
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def _paths_ending_with(cfg: Any, name: str, path: str = "") -> list[str]:
+    """Dotted paths of ``cfg`` (not through lists or interpolations) whose last part is ``name``."""
+    found = []
+    for key in cfg.keys():
+        if not isinstance(key, str) or (not path and key == "hydra"):
+            continue
+        if key == name:
+            found.append(path + key)
+        if not OmegaConf.is_interpolation(cfg, key) and OmegaConf.is_dict(cfg._get_node(key)):
+            found += _paths_ending_with(cfg._get_node(key), name, f"{path}{key}.")
+    return found
+
+
 def _missing_key(cfg: Any, key: str) -> str | None:
     """Why ``key`` (a dotted path) is not a key of ``cfg``, or None if it is, or if a list or an
-    interpolation on its path leaves the answer to Hydra."""
+    interpolation on its path leaves the answer to Hydra. The hint names, in order: the key under
+    another group (``warmup_proportion`` -> ``scheduler.warmup_proportion``), the name of a DeepSpeed,
+    NVIDIA or Hugging Face setting here (``gradient_clipping`` -> ``max_grad_norm``), close spellings."""
     node, path = cfg, ""
     for part in key.split("."):
         if OmegaConf.is_list(node):
@@ -399,10 +444,13 @@ def _missing_key(cfg: Any, key: str) -> str | None:
             return f"{path[:-1]} is a value, not a group of keys"
         valid = [k for k in node.keys() if isinstance(k, str) and (path or k != "hydra")]
         if part not in valid:
+            elsewhere = [p for p in _paths_ending_with(cfg, part) if p != path + part]
+            elsewhere += [name for name in FOREIGN_NAMES.get(part, ()) if _named_here(cfg, name)][:1]
             close = [path + k for k in difflib.get_close_matches(part, valid)]
             where = f"of {path[:-1]}" if path else "at the top level"
-            if close:
-                return f"no key {path + part}; did you mean {', '.join(close)}?"
+            hints = list(dict.fromkeys(elsewhere + close))
+            if hints:
+                return f"no key {path + part}; did you mean {', '.join(hints)}?"
             return f"no key {path + part}; valid keys {where}: {', '.join(sorted(valid))}"
         if OmegaConf.is_interpolation(node, part):
             return None

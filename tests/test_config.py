@@ -110,6 +110,22 @@ def test_misspelled_override_on_the_command_line(module, override, expected):
                                        "pretrain.yaml; select it with +phase=seq128"),
         ("squad", ["doc_strid=64"], "doc_strid=64: no key doc_strid; did you mean doc_stride, do_train, "
                                     "distributed?"),
+        # a key of another group, and the names DeepSpeed, bing_bert, NVIDIA and Hugging Face users type
+        ("pretrain", ["warmup_proportion=0.1"], "warmup_proportion=0.1: no key warmup_proportion; did you "
+                                                "mean scheduler.warmup_proportion?"),
+        ("pretrain", ["optimizer.lr_offset=0"], "optimizer.lr_offset=0: no key optimizer.lr_offset; did you "
+                                                "mean scheduler.lr_offset?"),
+        ("pretrain", ["loss_scale=0"], "loss_scale=0: no key loss_scale; did you mean precision.loss_scale?"),
+        ("pretrain", ["gradient_clipping=1"], "gradient_clipping=1: no key gradient_clipping; did you mean "
+                                              "max_grad_norm?"),
+        ("pretrain", ["fp16=true"], "fp16=true: no key fp16; did you mean precision=fp16?"),
+        ("pretrain", ["init_checkpoint=x"], "init_checkpoint=x: no key init_checkpoint; did you mean "
+                                            "init_from, keep_last_checkpoints, checkpoint_steps, "
+                                            "checkpoint_at_end?"),
+        ("squad", ["init_checkpoint=x"], "init_checkpoint=x: no key init_checkpoint; did you mean "
+                                         "model_file, keep_last_checkpoints, checkpoint_steps?"),
+        ("squad", ["learning_rate=3e-5"], "learning_rate=3e-5: no key learning_rate; did you mean "
+                                          "optimizer.lr?"),
     ],
 )
 def test_override_problem_names_the_key_and_its_closest_valid_names(config, argv, expected):
