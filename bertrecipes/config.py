@@ -117,6 +117,14 @@ class WarmupLinearConfig:
 
 
 @dataclass
+class WarmupPolyConfig:
+    _target_: str = "bertrecipes.optim.WarmupPoly"
+    warmup_proportion: float = 0.2843  # NVIDIA's phase 1 (phase 2: 0.128)
+    degree: float = 0.5
+    lr_offset: float = 0.0
+
+
+@dataclass
 class ConstantConfig:
     _target_: str = "bertrecipes.optim.ConstantLR"
     lr_offset: float = 0.0
@@ -485,6 +493,7 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="adam_schema", node=AdamConfig)
     cs.store(group="scheduler", name="warmup_exp_decay_exp_schema", node=WarmupExpDecayExpConfig)
     cs.store(group="scheduler", name="warmup_linear_schema", node=WarmupLinearConfig)
+    cs.store(group="scheduler", name="warmup_poly_schema", node=WarmupPolyConfig)
     cs.store(group="scheduler", name="constant_schema", node=ConstantConfig)
     cs.store(group="precision", name="precision_schema", node=PrecisionConfig)
     cs.store(group="kernel", name="kernel_schema", node=KernelConfig)

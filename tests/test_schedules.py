@@ -11,6 +11,7 @@ from bertrecipes.optim import (
     ConstantLR,
     WarmupExpDecayExp,
     WarmupLinear,
+    WarmupPoly,
     build_param_groups,
     warmup_exp_decay_exp,
     warmup_linear,
@@ -179,3 +180,29 @@ def test_build_param_groups_drops_empty_groups_and_validates() -> None:
     assert [group["name"] for group in groups] == ["decay"]
     with pytest.raises(ValueError, match="weight_decay must be >= 0, got -0.1"):
         build_param_groups(torch.nn.Linear(3, 3), weight_decay=-0.1)
+
+
+class TestWarmupPoly:
+    """NVIDIA's PolyWarmUpScheduler, from its definition: before optimizer step k (1 for the first) it
+    sets lr = base * p / warmup while p = k / total < warmup, else base * (1 - p) ** degree."""
+
+    @staticmethod
+    def nvidia(k: int, base: float, total: int, warmup: float, degree: float) -> float:
+        progress = torch.tensor(k, dtype=torch.float64) / total
+        rate = torch.where(progress < warmup, base * progress / warmup, base * (1.0 - progress) ** degree)
+        return float(rate)
+
+    @pytest.mark.parametrize(("total", "warmup"), [(7038, 0.2843), (1563, 0.128), (10, 0.5)])
+    def test_every_step_equals_nvidias_schedule(self, total: int, warmup: float) -> None:
+        schedule = WarmupPoly(base_lr=6e-3, total_steps=total, warmup_proportion=warmup)
+        for step in range(total):  # our step: optimizer steps completed; NVIDIA's k = step + 1
+            assert schedule(step) == pytest.approx(self.nvidia(step + 1, 6e-3, total, warmup, 0.5),
+                                                   rel=1e-12, abs=1e-15), step
+        assert schedule(total) == 0.0 and schedule(total + 5) == 0.0  # past the horizon: 0, not NaN
+
+    def test_degree_and_offset(self) -> None:
+        schedule = WarmupPoly(base_lr=1e-3, total_steps=100, warmup_proportion=0.1, degree=2.0,
+                              lr_offset=1e-6)
+        assert schedule(49) == pytest.approx(1e-3 * 0.5 ** 2 + 1e-6)
+        with pytest.raises(ValueError, match="degree must be a finite float > 0"):
+            WarmupPoly(base_lr=1e-3, total_steps=100, degree=0.0)

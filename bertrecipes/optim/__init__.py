@@ -7,8 +7,10 @@ from bertrecipes.optim.schedules import (
     ConstantLR,
     WarmupExpDecayExp,
     WarmupLinear,
+    WarmupPoly,
     warmup_exp_decay_exp,
     warmup_linear,
+    warmup_poly,
 )
 
 __all__ = [
@@ -17,7 +19,9 @@ __all__ = [
     "Lamb",
     "WarmupExpDecayExp",
     "WarmupLinear",
+    "WarmupPoly",
     "build_param_groups",
     "warmup_exp_decay_exp",
     "warmup_linear",
+    "warmup_poly",
 ]

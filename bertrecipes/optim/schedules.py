@@ -49,9 +49,7 @@ def warmup_exp_decay_exp(
     """
     _check_total_steps(total_steps)
     _check_warmup(warmup, "warmup")
-    if not (math.isfinite(degree) and degree > 0.0):
-        raise ValueError(f"degree must be a finite float > 0 (the warmup is (x/warmup)**degree), "
-                         f"got {degree}")
+    _check_degree(degree, "the warmup is (x/warmup)**degree")
     if not decay_rate > 0.0:
         raise ValueError(f"decay_rate must be > 0, got {decay_rate}")
     if not decay_steps > 0:
@@ -87,6 +85,30 @@ def warmup_linear(global_step: int, total_steps: int, warmup: float = 0.002,
     return max((1.0 - x) / (1.0 - warmup) if rescale_after_warmup else 1.0 - x, 0.0)
 
 
+def warmup_poly(global_step: int, total_steps: int, warmup: float = 0.2843, degree: float = 0.5) -> float:
+    """NVIDIA DeepLearningExamples' ``PolyWarmUpScheduler`` factor (its BERT pre-training schedule):
+    linear warmup, then polynomial decay to 0 at ``total_steps``.
+
+    NVIDIA's step count is the step being taken (1 for the first), so with
+    ``x = (global_step + 1) / total_steps``::
+
+        x < warmup  ->  x / warmup
+        otherwise   ->  max(1 - x, 0) ** degree
+    """
+    _check_total_steps(total_steps)
+    _check_warmup(warmup, "warmup")
+    _check_degree(degree, "the decay is (1 - x)**degree")
+    x = (global_step + 1) / total_steps
+    if x < warmup:
+        return x / warmup
+    return max(1.0 - x, 0.0) ** degree
+
+
+def _check_degree(degree: float, what: str) -> None:
+    if not (math.isfinite(degree) and degree > 0.0):
+        raise ValueError(f"degree must be a finite float > 0 ({what}), got {degree}")
+
+
 def _check_base_lr(base_lr: float, lr_offset: float) -> None:
     if not base_lr >= 0.0:
         raise ValueError(f"base_lr must be >= 0, got {base_lr}")
@@ -116,9 +138,7 @@ class WarmupExpDecayExp:
             raise ValueError(f"decay_rate must be > 0, got {self.decay_rate}")
         if not self.decay_step > 0:
             raise ValueError(f"decay_step must be > 0, got {self.decay_step}")
-        if not (math.isfinite(self.degree) and self.degree > 0.0):
-            raise ValueError(f"degree must be a finite float > 0 (the warmup is (x/warmup)**degree), "
-                             f"got {self.degree}")
+        _check_degree(self.degree, "the warmup is (x/warmup)**degree")
 
     def __call__(self, step: int) -> float:
         _check_step(step)
@@ -148,6 +168,29 @@ class WarmupLinear:
         _check_step(step)
         return self.base_lr * warmup_linear(step, self.total_steps, self.warmup_proportion,
                                             self.rescale_after_warmup) + self.lr_offset
+
+
+@dataclass(frozen=True)
+class WarmupPoly:
+    """``lr = base_lr * warmup_poly(step, total_steps, warmup_proportion, degree) + lr_offset`` (NVIDIA's
+    ``PolyWarmUpScheduler``; its phase 1 uses warmup 0.2843 of 7038 steps, phase 2 0.128 of 1563)."""
+
+    base_lr: float
+    total_steps: int
+    warmup_proportion: float = 0.2843
+    degree: float = 0.5
+    lr_offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_base_lr(self.base_lr, self.lr_offset)
+        _check_total_steps(self.total_steps)
+        _check_warmup(self.warmup_proportion, "warmup_proportion")
+        _check_degree(self.degree, "the decay is (1 - x)**degree")
+
+    def __call__(self, step: int) -> float:
+        _check_step(step)
+        return self.base_lr * warmup_poly(step, self.total_steps, self.warmup_proportion,
+                                          self.degree) + self.lr_offset
 
 
 @dataclass(frozen=True)
