@@ -405,6 +405,7 @@ class OptimizerStep:
         self.takes_grad_scale = self.takes_flag and "grad_scale" in accepted
         self._pending: tuple[torch.Tensor, Any, int] | None = None
         self._host: torch.Tensor | None = None
+        self.last_skipped = False  # whether the last resolved step was skipped (an overflow)
 
     @property
     def loss_scale(self) -> torch.Tensor | float:
@@ -468,6 +469,7 @@ class OptimizerStep:
         if done is not None:
             done.synchronize()
         overflow, scale, at_min_scale = host.tolist()  # the host copy: no device read
+        self.last_skipped = bool(overflow)
         if not overflow:
             self.state.schedule_step += 1
             return
@@ -1086,7 +1088,9 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                             model_config, cfg.max_seq_length, cfg.max_predictions_per_seq, layers=mean_layers)
                     layers_run, forwards = 0, 0
                     coeffs = getattr(dist.local_optimizer(optimizer), "last_coeffs", None)
-                    if dist.is_zero(optimizer) and hasattr(dist.local_optimizer(optimizer), "last_coeffs"):
+                    if coeffs is not None and step_optimizer.last_skipped:  # no trust ratios: no update
+                        record.update(lamb_coeff_min=None, lamb_coeff_max=None, lamb_coeff_mean=None)
+                    elif dist.is_zero(optimizer) and hasattr(dist.local_optimizer(optimizer), "last_coeffs"):
                         stats = dist.spread_stats(coeffs, ctx, device)  # each rank has its shard's
                         if stats is not None:
                             record.update(lamb_coeff_min=stats[0], lamb_coeff_max=stats[1],

@@ -159,6 +159,9 @@ def test_fp16_overflows_mid_run_hold_the_schedule_and_move_the_scale(make_cfg, t
                 scale *= 2
         assert record["loss_scale"] == scale, record["step"]
         assert record["skipped_steps"] == record["step"] - advanced
+        # a skipped step computed no trust ratios: none logged (not the last step's again)
+        coeffs = [record[f"lamb_coeff_{k}"] for k in ("min", "max", "mean")]
+        assert coeffs == [None] * 3 if overflow else all(isinstance(c, float) for c in coeffs), record
     final = load_checkpoint(tmp_path / "checkpoints")
     assert final["train_state"]["schedule_step"] == advanced
     assert final["scaler"]["scale"] == scale and final["scaler"]["overflows"] == overflowed.count(True)
