@@ -211,13 +211,13 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
 
         if is_zero(optimizer):
             raise ConfigError("an FSDP checkpoint's optimizer state cannot be loaded with "
-                              "distributed.zero_stage=1; resume with zero_stage=0 or strategy=fsdp")
+                              "distributed.zero_stage=1: run with zero_stage=0 or strategy=fsdp")
         set_optimizer_state_dict(model, optimizer, saved["state"],
                                  options=StateDictOptions(full_state_dict=True))
         return
     if is_fsdp(model):
-        raise ConfigError("resuming with strategy=fsdp needs a checkpoint written with strategy=fsdp "
-                          "(this one holds a DDP/single-process optimizer state); resume with strategy=ddp")
+        raise ConfigError("strategy=fsdp loads only an optimizer state written with strategy=fsdp (this "
+                          "checkpoint holds a DDP/single-process one): run with strategy=ddp")
     optimizer.load_state_dict(saved)
 
 

@@ -847,9 +847,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
             state.schedule_step = init_from.global_step  # continue where the previous phase left off
         if init_from.global_step is not None and normalize_ckpt_type(cfg.ckpt_type) == "DS":
             state.pld_step_offset = init_from.global_step  # as DeepSpeed restores its global step
-        log.info("initialised model weights from %s (%s; %s, schedule step %d)", init_from.source,
-                 cfg.ckpt_type, "its optimizer state" if init_optimizer else "fresh optimizer",
-                 state.schedule_step)
+        log.info("initialised model weights from %s (%s; schedule step %d)", init_from.source,
+                 cfg.ckpt_type, state.schedule_step)
     if resume_from is not None:
         load_model_weights(raw_model, resume_from, resume_from["path"])
 
@@ -870,7 +869,8 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         try:
             restore_optimizer_and_scaler(raw_model, optimizer, scaler, init_optimizer, cfg.optimizer._target_,
                                          occasion="init_from")
-        except CheckpointError as e:  # another optimizer's state: required, or a fresh one
+            log.info("continuing the optimizer state of %s", init_from.source)
+        except UserError as e:  # another optimizer's, or a strategy that cannot load it: required, or fresh
             if cfg.load_optimizer_states:
                 raise
             log.info("init_from's optimizer state is not continued (%s): a fresh optimizer", e)
@@ -1087,10 +1087,13 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
                         window_flops = training_flops_per_sample(
                             model_config, cfg.max_seq_length, cfg.max_predictions_per_seq, layers=mean_layers)
                     layers_run, forwards = 0, 0
+                    has_coeffs = hasattr(dist.local_optimizer(optimizer), "last_coeffs")  # LAMB's
                     coeffs = getattr(dist.local_optimizer(optimizer), "last_coeffs", None)
-                    if coeffs is not None and step_optimizer.last_skipped:  # no trust ratios: no update
+                    # the same decision on every rank (the skip comes from the full gradient norm), so
+                    # ZeRO's collective below runs on all of them or none
+                    if has_coeffs and step_optimizer.last_skipped:  # no trust ratios: no update
                         record.update(lamb_coeff_min=None, lamb_coeff_max=None, lamb_coeff_mean=None)
-                    elif dist.is_zero(optimizer) and hasattr(dist.local_optimizer(optimizer), "last_coeffs"):
+                    elif dist.is_zero(optimizer) and has_coeffs:
                         stats = dist.spread_stats(coeffs, ctx, device)  # each rank has its shard's
                         if stats is not None:
                             record.update(lamb_coeff_min=stats[0], lamb_coeff_max=stats[1],

@@ -56,16 +56,20 @@ def _batch_sums(mlm_logits: torch.Tensor, nsp_logits: torch.Tensor, labels: torc
     ]).double()
 
 
-def eval_share(num_instances: int, max_samples: int | None, world_size: int) -> int:
+def eval_share(num_instances: int, max_samples: int | None, world_size: int,
+               names: tuple[str, str] = ("eval_data", "max_eval_samples")) -> int:
     """Instances each of ``world_size`` ranks scores: an equal share of the first ``max_samples``
-    (all when None); an error, before any work, when that leaves a rank nothing."""
+    (all when None); an error, before any work, when that leaves a rank nothing. ``names``: what the
+    caller calls the held-out text and the sample limit (config keys, or command-line flags)."""
+    data_name, limit_name = names
     if max_samples is not None and max_samples < 1:
-        raise ConfigError(f"max_eval_samples must be a positive integer or null, got {max_samples}")
+        raise ConfigError(f"{limit_name} must be a positive integer or null, got {max_samples}")
     share = min(num_instances, max_samples or num_instances) // world_size
     if share < 1:
+        limit = f" ({limit_name}={max_samples})" if max_samples is not None else ""
         raise ConfigError(
-            f"the held-out set has {num_instances} instances (max_eval_samples={max_samples}): too few for "
-            f"{world_size} process(es); give eval_data more text or raise max_eval_samples"
+            f"the held-out set has {num_instances} instances{limit}: too few for {world_size} process(es); "
+            f"give {data_name} more text" + (f" or raise {limit_name}" if max_samples is not None else "")
         )
     return share
 
@@ -201,6 +205,7 @@ def evaluate_checkpoint(
         with dist.main_rank_first(ctx, "heldout-data"):  # rank 0 builds the cache, the others load it
             dataset = build_eval_dataset(eval_data, vocab, cache_dir=cache_dir, lower_case=lower_case,
                                          progress=progress and ctx.is_main, **settings)
+        eval_share(len(dataset), max_samples, ctx.world_size, names=("--eval-data", "--max-samples"))
         scores = evaluate_pretraining(model.to(torch_device), dataset, batch_size=batch_size,
                                       device=torch_device, precision=precision, max_samples=max_samples,
                                       ctx=ctx if ctx.enabled else None, progress=progress and ctx.is_main)
@@ -283,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             masked_lm_prob=args.masked_lm_prob, short_seq_prob=args.short_seq_prob,
             whole_word_mask=args.whole_word_mask)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank meets it: one says it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the scores; one reports them
         return 0

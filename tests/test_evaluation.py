@@ -439,6 +439,16 @@ def test_command_line_under_torchrun_splits_the_set_and_reports_once(tmp_path, c
     assert both["eval_masked_tokens"] == alone["eval_masked_tokens"]
     for key in alone:
         assert both[key] == pytest.approx(alone[key], rel=1e-6), key
+    # a set too small for the ranks: one line, once, in the command line's own terms
+    few = [*args[:-4], "--max-samples", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "cache2")]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "bertrecipes.evaluation", *few],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("error: the held-out set has") == 1, result.stderr[-3000:]
+    assert "(--max-samples=1): too few for 2 process(es); give --eval-data more text or raise --max-samples" \
+        in result.stderr
 
 
 def test_nccl_on_a_cpu_run_is_named(monkeypatch):

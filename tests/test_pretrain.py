@@ -101,6 +101,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(make_cfg, tmp_path):
     assert after["scaler"]["scale"] == 2.0**39
     record = read_metrics(second)[-1]
     assert record["loss_scale"] == 2.0**39 and record["grad_norm"] is None
+    assert record["lamb_coeff_min"] is None and record["lamb_coeff_mean"] is None  # present, null
 
 
 def test_fp16_overflow_at_the_minimum_scale_stops_the_run(make_cfg, tmp_path):
@@ -382,6 +383,31 @@ def test_phase_two_continues_the_optimizer_state_of_phase_one(make_cfg, tmp_path
                        "load_optimizer_states=true", output_dir=tmp_path / "adam_true"))
     train(make_cfg(*TINY, "max_steps=1", f"init_from={phase1 / 'checkpoints'}", "optimizer=adam",
                    "load_optimizer_states=null", output_dir=tmp_path / "adam_null"))
+
+
+def test_an_optimizer_state_the_strategy_cannot_load_is_left_when_not_required(make_cfg, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """load_optimizer_states=null falls back to a fresh optimizer when the run's strategy cannot load
+    the state (phase 2 under FSDP from a DDP phase 1, say: the strategy's own error), true says it."""
+    from bertrecipes import distributed
+
+    phase1 = tmp_path / "p1"
+    train(make_cfg(*TINY, "max_steps=1", output_dir=phase1))
+
+    def cannot(model, optimizer, saved):
+        raise ConfigError("strategy=fsdp loads only an optimizer state written with strategy=fsdp")
+
+    monkeypatch.setattr(distributed, "load_optimizer_state", cannot)
+    with pytest.raises(ConfigError, match="strategy=fsdp loads only"):
+        train(make_cfg(*TINY, "max_steps=1", f"init_from={phase1 / 'checkpoints'}",
+                       "load_optimizer_states=true", output_dir=tmp_path / "required"))
+    caplog.set_level(logging.INFO, logger="bertrecipes.engine")
+    train(make_cfg(*TINY, "max_steps=1", f"init_from={phase1 / 'checkpoints'}", "load_optimizer_states=null",
+                   output_dir=tmp_path / "when_possible"))
+    assert "optimizer state is not continued (strategy=fsdp loads only" in caplog.text
+    state = torch.load(tmp_path / "when_possible" / "checkpoints" / "global_step1" / "state.pt",
+                       weights_only=False)["optimizer"]["state"]
+    assert {int(s["step"]) for s in state.values()} == {1}  # a fresh optimizer's first step
 
 
 def test_the_samples_do_not_depend_on_the_micro_batch_across_epochs(make_cfg, tmp_path, monkeypatch):
