@@ -824,8 +824,10 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
             and read_vocab(init_from.vocab_file) != read_vocab(dataset.vocab_file):
         raise ConfigError(f"init_from={cfg.init_from} was trained with the vocabulary "
                           f"{init_from.vocab_file}, and this run's data uses another ({dataset.vocab_file}): "
-                          "its embedding rows would stand for other tokens; give data.vocab_file its "
-                          "vocabulary")
+                          "its embedding rows would stand for other tokens; give "
+                          + ("data.vocab_file its vocabulary" if "vocab_file" in cfg.data else
+                             f"data from text with its vocabulary (data=text_files data.paths=[...] "
+                             f"data.vocab_file={init_from.vocab_file})"))
     model_config = build_model_config(cfg.model, dataset.vocab_size, cfg.max_seq_length)
     if resume_from is not None:
         check_resumed_architecture(resume_from, model_config)

@@ -447,7 +447,10 @@ def test_the_samples_do_not_depend_on_the_micro_batch_across_epochs(make_cfg, tm
 def test_init_from_a_checkpoint_of_another_vocabulary_is_refused(make_cfg, tmp_path):
     first = tmp_path / "first"
     train(make_cfg(*TINY, "max_steps=1", output_dir=first))
-    with pytest.raises(ConfigError, match="trained with the vocabulary .*, and this run's data uses another"):
+    # the demo data has no vocab_file to give: the advice names data that does
+    with pytest.raises(ConfigError, match="trained with the vocabulary .*, and this run's data uses another.*"
+                                          r"give data from text with its vocabulary \(data=text_files "
+                                          r"data.paths=\[...\] data.vocab_file=.*vocab.txt\)"):
         train(make_cfg(*TINY, "max_steps=1", "data.vocab_size=380", f"init_from={first / 'checkpoints'}",
                        output_dir=tmp_path / "second"))
 
