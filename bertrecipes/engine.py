@@ -533,11 +533,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits.
+
+    A stop signal often comes more than once: Slurm signals every process of the job step while
+    torchrun forwards its own SIGTERM to its workers, and a wrapper such as ``timeout`` in the process
+    group passes it on again. Repeats change nothing, so the checkpoint is still saved; only a second
+    Ctrl-C (SIGINT after a SIGINT) means "stop now, without saving"."""
 
     def __init__(self) -> None:
         self.requested = False
         self.signal: int | None = None  # the first one received
+        self.interrupts = 0  # SIGINTs received
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -549,14 +555,20 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # second signal: stop now
-            raise KeyboardInterrupt
-        log.warning("signal %s: will save a checkpoint and stop at the end of this step", signum)
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:  # Ctrl-C again: the user will not wait for the save
+                raise KeyboardInterrupt
+        if self.requested:  # the same stop asked again (by the scheduler, torchrun, a wrapper)
+            return
+        log.warning("signal %s: will save a checkpoint and stop at the end of this step (a second Ctrl-C "
+                    "stops at once, without it)", signum)
         self.requested, self.signal = True, signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # stopping on SIGTERM: a late repeat of it must not kill the exit that reports the stop
+            signal.signal(sig, signal.SIG_IGN if self.requested and sig == signal.SIGTERM else handler)
 
 
 # --------------------------------------------------------------------------- training

@@ -23,3 +23,16 @@ class CrashAtStep(StopAtStep):
     def log(self, metrics, step):
         if step == self.stop_at and "loss" in metrics:
             raise RuntimeError(f"crash at step {step}")
+
+
+class StopTwiceAtStep(StopAtStep):
+    """At step ``STOP_AT_STEP`` sends two SIGTERMs, each handled before the next (Slurm's and the one
+    torchrun forwards), in the middle of the step's logging."""
+
+    def log(self, metrics, step):
+        if step == self.stop_at and "loss" in metrics:
+            import time
+
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler runs here

@@ -735,6 +735,23 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, data_cache, t
     assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 3))
 
 
+def test_a_repeated_sigterm_still_saves_the_checkpoint(tmp_path, data_cache):
+    """Under Slurm a worker gets SIGTERM twice (the scheduler's, and the one torchrun forwards), the
+    second while the first is pending: the stop still saves its checkpoint and exits 143."""
+    import signal
+
+    env = {**os.environ, "BERTRECIPES_CACHE": str(data_cache), "STOP_AT_STEP": "3",
+           "PYTHONPATH": str(ROOT / "tests")}
+    out = tmp_path / "twice"
+    done = subprocess.run(
+        [sys.executable, "-m", "bertrecipes.pretrain", *TINY, "max_steps=50", f"output_dir={out}",
+         "progress_bar=false", "logger._target_=stop_logger.StopTwiceAtStep"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert "KeyboardInterrupt" not in done.stderr
+    assert load_checkpoint(out / "checkpoints")["train_state"]["global_step"] == 3
+
+
 def test_a_crash_with_loader_workers_exits_instead_of_waiting_for_them(tmp_path, data_cache):
     """The workers ignore SIGTERM (a stop signal is the trainer's), so the run stops them itself: a crash
     must not leave the interpreter's exit waiting on them (HYDRA_FULL_ERROR keeps the traceback, and
