@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from bertrecipes import distributed as dist
+from bertrecipes.atomic import write_text_atomic
 from bertrecipes.checkpoint import (
     LATEST_FILE,
     STATE_FILE,
@@ -826,6 +827,11 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         init_from = load_model_state(cfg.init_from, cfg.ckpt_type, cfg.origin_bert_config_file,
                                      keep_training_state=cfg.load_optimizer_states is not False)
 
+    resolved_config = OmegaConf.to_yaml(cfg, resolve=True)
+    if ctx.is_main and resume_from is None:  # before the data build, which can take hours: a run stopped
+        # in it is then known as one that stopped before its first checkpoint (resume=true starts it over)
+        write_text_atomic(output_dir / "config.yaml", resolved_config)
+
     seed_everything(cfg.seed)
     with dist.main_rank_first(ctx, "data"):  # rank 0 builds (or finds) the data cache; the others read it
         dataset = build_pretraining_dataset(cfg)
@@ -926,7 +932,6 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         pin_memory=cfg.data.pin_memory and device.type == "cuda", order=data_order,
     )
     batches = iter(loader)
-    resolved_config = OmegaConf.to_yaml(cfg, resolve=True)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     # Rank 0 alone writes metrics, config and dashboards.
     if ctx.is_main:
@@ -935,8 +940,6 @@ def _train(cfg: DictConfig, output_dir: Path, checkpoint_dir: Path, device: torc
         metrics_file = MetricsFile(output_dir / "metrics.jsonl",
                                    truncate_after_step=state.global_step if resume_from else
                                    0 if starting_over else None)
-        if resume_from is None:
-            (output_dir / "config.yaml").write_text(resolved_config)
     else:
         logger, metrics_file = NullLogger(), None
 

@@ -260,6 +260,28 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_by_starting_over(make_
         train(make_cfg(*TINY, "max_steps=2", "resume=true", "init_from_required=true", output_dir=phase2))
 
 
+def test_a_run_stopped_in_its_data_build_starts_over_on_resume(make_cfg, tmp_path, monkeypatch, caplog):
+    """A job preempted while it builds its data cache (hours on a real corpus) has written nothing but
+    its config: a requeued resume=true starts it over instead of failing for want of checkpoints."""
+    import bertrecipes.engine as engine
+
+    build = engine.build_pretraining_dataset
+
+    def preempted(cfg):
+        raise RuntimeError("preempted while building the data")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(engine, "build_pretraining_dataset", preempted)
+    with pytest.raises(RuntimeError, match="preempted"):
+        train(make_cfg(*TINY, "max_steps=2", output_dir=out))
+    assert (out / "config.yaml").is_file() and not (out / "checkpoints").exists()
+    monkeypatch.setattr(engine, "build_pretraining_dataset", build)
+    caplog.set_level(logging.WARNING, logger="bertrecipes.engine")
+    summary = train(make_cfg(*TINY, "max_steps=2", "resume=true", output_dir=out))
+    assert summary["global_step"] == 2
+    assert "stopped before it saved a checkpoint: starting it over" in caplog.text
+
+
 def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(make_cfg, tmp_path, caplog):
     out = tmp_path / "run"
     train(make_cfg(*TINY, "total_training_steps=3", "max_steps=2", output_dir=out))
