@@ -97,6 +97,17 @@ def checkpoint_vocab(payload: dict[str, Any]) -> Path | None:
     return None
 
 
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError ``error`` is, or was raised while handling (or from), if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def save_checkpoint(
     save_dir: str | Path,
     tag: str,
@@ -148,10 +159,24 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # a full disk, a file-size limit, a lost mount: said in one line, with what is still there
+        # (torch.save can report a failed write as its stream writer's RuntimeError, raised while
+        # handling the OSError)
+        cause = _os_error(e)
+        if cause is not None:
+            last = list_checkpoints(save_dir)
+            raise CheckpointError(
+                f"cannot write checkpoint {final}: {cause.strerror or cause}; the last complete one is "
+                f"{save_dir / last[-1] if last else 'none (no checkpoint was saved before)'}"
+            ) from e
         raise
-    write_text_atomic(save_dir / LATEST_FILE, tag + "\n")
+    try:
+        write_text_atomic(save_dir / LATEST_FILE, tag + "\n")
+    except OSError as e:
+        raise CheckpointError(f"wrote checkpoint {final} but not {save_dir / LATEST_FILE}, which names the "
+                              f"newest checkpoint: {e.strerror or e}") from e
     # what a save killed midway (kill -9, a lost node) left: one writer per directory, so none is live
     for leftover in [*save_dir.glob(".*.tmp"), *save_dir.glob(".*.old")]:
         if leftover.is_dir():

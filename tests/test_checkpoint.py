@@ -49,13 +49,39 @@ def test_crash_while_saving_leaves_previous_checkpoint_intact(tmp_path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", exploding_save)
-    with pytest.raises(OSError, match="disk full"):
+    last = f"the last complete one is {tmp_path / 'global_step1'}"
+    with pytest.raises(CheckpointError, match=f"cannot write checkpoint {tmp_path / 'global_step2'}: "
+                                              f"disk full; {last}"):
         save_checkpoint(tmp_path, "global_step2", state(2))
-    with pytest.raises(OSError, match="disk full"):  # re-saving an existing tag
+    with pytest.raises(CheckpointError, match=f"disk full; {last}"):  # re-saving an existing tag
         save_checkpoint(tmp_path, "global_step1", state(9))
     monkeypatch.undo()
     assert (tmp_path / "latest").read_text().strip() == "global_step1"
     assert load_checkpoint(tmp_path)["model"]["w"][0] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step1", "latest"]
+
+
+def test_a_real_write_failure_is_one_error_and_keeps_the_last_checkpoint(tmp_path):
+    """A file-size limit (as a full disk would) makes the write itself fail, for real, in a child
+    process: one CheckpointError naming the checkpoint and the last complete one, nothing left over."""
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, torch
+from bertrecipes.checkpoint import CheckpointError, save_checkpoint
+save_checkpoint({str(tmp_path)!r}, "global_step1", {{"model": {{"w": torch.zeros(10)}}}})
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # Python ignores SIGXFSZ: writes fail
+try:
+    save_checkpoint({str(tmp_path)!r}, "global_step2", {{"model": {{"w": torch.zeros(1_000_000)}}}})
+except CheckpointError as e:
+    print("ERROR", e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"ERROR cannot write checkpoint {tmp_path / 'global_step2'}: " in out.stdout
+    assert f"the last complete one is {tmp_path / 'global_step1'}" in out.stdout
+    assert (tmp_path / "latest").read_text().strip() == "global_step1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step1", "latest"]
 
 
