@@ -46,6 +46,10 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # torchrun --max-restarts: which attempt this is, agreed by every rank. torchelastic counts
+    # restarts per node (a node whose workers did not fail relaunches them with its count unchanged),
+    # so each rank's TORCHELASTIC_RESTART_COUNT alone can disagree; this is their maximum.
+    attempt: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -59,8 +63,9 @@ class DistContext:
 def init_distributed(cfg: DistributedConfig, device: torch.device) -> DistContext:
     """Join the process group torchrun describes in the environment (a no-op for one process)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
     if world_size == 1:
-        return DistContext()
+        return DistContext(attempt=restarts)
     ctx = DistContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if not ctx.is_main:  # rank 0 tells the story; the others speak only to warn (N ranks, not N copies)
         logging.getLogger("bertrecipes").setLevel(logging.WARNING)
@@ -75,7 +80,29 @@ def init_distributed(cfg: DistributedConfig, device: torch.device) -> DistContex
         device_id = device_for_rank(device, ctx) if device.type == "cuda" else None
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
                                 device_id=device_id)
+    ctx.attempt = _largest_over_ranks(restarts, device_for_rank(device, ctx) if backend == "nccl" else None)
     return ctx
+
+
+def _largest_over_ranks(value: int, device: torch.device | None) -> int:
+    """The largest of every rank's ``value`` (a collective: every rank calls it), on ``device`` (NCCL's
+    GPU) or the CPU."""
+    count = torch.tensor([value], dtype=torch.int64, device=device or "cpu")
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
+def same_on_every_rank(value: str, what: str, advice: str, ctx: DistContext) -> None:
+    """Refuse, on every rank alike, a ``value`` (a path, a setting) that the ranks resolved
+    differently; ``what`` names it and ``advice`` says how to make them agree."""
+    if not ctx.enabled:
+        return
+    values: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    other = next((rank for rank, v in enumerate(values) if v != values[0]), None)
+    if other is not None:
+        raise ConfigError(f"the ranks resolved different {what} (rank 0: {values[0]}, rank {other}: "
+                          f"{values[other]}): {advice}")
 
 
 def device_for_rank(device: torch.device, ctx: DistContext | None = None) -> torch.device:
@@ -321,7 +348,7 @@ def main_rank_first(ctx: DistContext, name: str, hours: float = 48.0):
     would, but with the others waiting on the rendezvous store instead of a collective: work that can
     take longer than ``distributed.timeout_minutes`` (building the data cache from a raw corpus) does
     not fail the run. If rank 0 fails instead, torchrun stops the others."""
-    key = f"bertrecipes/{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    key = f"bertrecipes/{name}/{ctx.attempt}"
     store = dist.distributed_c10d._get_default_store() if ctx.enabled else None
     if store is not None and not ctx.is_main:
         store.wait([key], datetime.timedelta(hours=hours))

@@ -575,12 +575,17 @@ class StopRequest:
 # --------------------------------------------------------------------------- training
 
 
-def elastic_restart(cfg: DictConfig, checkpoint_dir: Path) -> bool:
-    """Under ``torchrun --max-restarts``, a restarted worker group (``TORCHELASTIC_RESTART_COUNT`` >
-    0) continues the run: from its latest checkpoint, as ``resume=true`` does (``cfg.resume`` is set),
-    or, when the failed attempt wrote none, from the start, over that attempt's files. Returns
-    whether this is such a fresh start over a failed attempt."""
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+def elastic_restart(cfg: DictConfig, checkpoint_dir: Path, ctx: dist.DistContext) -> bool:
+    """Under ``torchrun --max-restarts``, a restarted worker group (``ctx.attempt`` > 0, agreed by
+    every rank, on every node) continues the run: from its latest checkpoint, as ``resume=true`` does
+    (``cfg.resume`` is set), or, when the failed attempt wrote none, from the start, over that
+    attempt's files. Returns whether this is such a fresh start over a failed attempt."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0 and ctx.is_main and \
+            os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
+        log.warning("torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the launcher's "
+                    "environment: restarted workers may meet the failed attempt's stale rendezvous keys and "
+                    "hang or fail to connect (see README, Many GPUs)")
+    restarts = ctx.attempt
     if restarts <= 0 or cfg.resume:
         return False
     if (checkpoint_dir / LATEST_FILE).is_file():
@@ -600,8 +605,11 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     device = pick_device(cfg.device)
     ctx = dist.init_distributed(cfg.distributed, device)
     try:
+        dist.same_on_every_rank(str(output_dir.resolve()), "output_dirs",
+                                "on several nodes give output_dir=<a directory every node shares> (the "
+                                "default is time-stamped by each node's launcher)", ctx)
         return _train(cfg, output_dir, checkpoint_dir, dist.device_for_rank(device, ctx), ctx,
-                      starting_over=elastic_restart(cfg, checkpoint_dir))
+                      starting_over=elastic_restart(cfg, checkpoint_dir, ctx))
     finally:
         dist.shutdown(ctx)
 

@@ -238,6 +238,7 @@ def test_each_process_binds_its_own_indexed_gpu(monkeypatch):
     import torch
     import torch.distributed
 
+    from bertrecipes import distributed
     from bertrecipes.distributed import DistContext, DistributedConfig, device_for_rank, init_distributed
 
     current, calls = [0], {}
@@ -245,6 +246,7 @@ def test_each_process_binds_its_own_indexed_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **kw: calls.update(kw))
+    monkeypatch.setattr(distributed, "_largest_over_ranks", lambda value, device: value)  # no collective
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -257,3 +259,19 @@ def test_each_process_binds_its_own_indexed_gpu(monkeypatch):
     assert current[0] == 2  # made current
     assert device_for_rank(torch.device("cuda"), DistContext()) == torch.device("cuda", 2)
     assert device_for_rank(torch.device("cpu"), DistContext()) == torch.device("cpu")
+
+
+def test_ranks_agree_on_the_restart_and_refuse_different_output_dirs(tmp_path):
+    """torchelastic counts restarts per node: the ranks take the largest count, so a node whose
+    workers did not fail also continues the run; output_dirs the ranks resolved differently (two
+    nodes' time-stamped defaults) are refused on every rank, in one line."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "rank_agreement.py")]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "rank 0 attempt 1" in out and "rank 1 attempt 1" in out
+    for rank in (0, 1):
+        assert (f"rank {rank} refused: the ranks resolved different output_dirs (rank 0: /runs/node0, "
+                f"rank 1: /runs/node1): give one") in out

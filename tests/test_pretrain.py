@@ -525,7 +525,8 @@ def test_previous_checkpoint_survives_a_failed_later_save(make_cfg, tmp_path, mo
         raise OSError("No space left on device")
 
     monkeypatch.setattr(ckpt.torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*global_step3: No space left on "
+                                              "device; the last complete one is .*global_step2"):
         train(make_cfg(*TINY, "max_steps=3", "resume=true", output_dir=tmp_path))
     monkeypatch.undo()
     assert (tmp_path / "checkpoints" / "global_step2" / "state.pt").read_bytes() == good
