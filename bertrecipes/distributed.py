@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -94,15 +95,15 @@ def _largest_over_ranks(value: int, device: torch.device | None) -> int:
 
 def same_on_every_rank(value: str, what: str, advice: str, ctx: DistContext) -> None:
     """Refuse, on every rank alike, a ``value`` (a path, a setting) that the ranks resolved
-    differently; ``what`` names it and ``advice`` says how to make them agree."""
+    differently; ``what`` names it and ``advice`` says how to make them agree. (One all-reduce of a
+    digest; each rank names its own value.)"""
     if not ctx.enabled:
         return
-    values: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(values, value)
-    other = next((rank for rank, v in enumerate(values) if v != values[0]), None)
-    if other is not None:
-        raise ConfigError(f"the ranks resolved different {what} (rank 0: {values[0]}, rank {other}: "
-                          f"{values[other]}): {advice}")
+    digest = int.from_bytes(hashlib.sha256(value.encode()).digest()[:7], "big")
+    span = torch.tensor([digest, -digest], dtype=torch.int64)
+    dist.all_reduce(span, op=dist.ReduceOp.MAX)
+    if span[0].item() != -span[1].item():  # the largest digest is not the smallest: they differ
+        raise ConfigError(f"the ranks resolved different {what} (rank {ctx.rank}: {value}): {advice}")
 
 
 def device_for_rank(device: torch.device, ctx: DistContext | None = None) -> torch.device:

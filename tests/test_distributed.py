@@ -273,5 +273,5 @@ def test_ranks_agree_on_the_restart_and_refuse_different_output_dirs(tmp_path):
     out = result.stdout
     assert "rank 0 attempt 1" in out and "rank 1 attempt 1" in out
     for rank in (0, 1):
-        assert (f"rank {rank} refused: the ranks resolved different output_dirs (rank 0: /runs/node0, "
-                f"rank 1: /runs/node1): give one") in out
+        assert (f"rank {rank} refused: the ranks resolved different output_dirs (rank {rank}: "
+                f"/runs/node{rank}): give one") in out
