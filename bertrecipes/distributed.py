@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,6 +84,13 @@ def init_distributed(cfg: DistributedConfig, device: torch.device) -> DistContex
                                 device_id=device_id)
     ctx.attempt = _largest_over_ranks(restarts, device_for_rank(device, ctx) if backend == "nccl" else None)
     return ctx
+
+
+def same_output_dir(output_dir: Path, ctx: DistContext) -> None:
+    """Refuse ranks that resolved different run directories (several nodes' time-stamped defaults)."""
+    same_on_every_rank(str(output_dir.resolve()), "output_dirs",
+                       "on several nodes give output_dir=<a directory every node shares> (the default is "
+                       "time-stamped by each node's launcher)", ctx)
 
 
 def _largest_over_ranks(value: int, device: torch.device | None) -> int:

@@ -605,9 +605,7 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, An
     device = pick_device(cfg.device)
     ctx = dist.init_distributed(cfg.distributed, device)
     try:
-        dist.same_on_every_rank(str(output_dir.resolve()), "output_dirs",
-                                "on several nodes give output_dir=<a directory every node shares> (the "
-                                "default is time-stamped by each node's launcher)", ctx)
+        dist.same_output_dir(output_dir, ctx)
         return _train(cfg, output_dir, checkpoint_dir, dist.device_for_rank(device, ctx), ctx,
                       starting_over=elastic_restart(cfg, checkpoint_dir, ctx))
     finally:

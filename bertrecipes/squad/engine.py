@@ -283,9 +283,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 def _run(cfg: DictConfig, output_dir: str | Path | None, device: torch.device,
          ctx: dist.DistContext) -> dict[str, Any]:
     output_dir = prepare_output_dir(output_dir or cfg.output_dir)
-    dist.same_on_every_rank(str(output_dir.resolve()), "output_dirs",
-                            "on several nodes give output_dir=<a directory every node shares> (the "
-                            "default is time-stamped by each node's launcher)", ctx)
+    dist.same_output_dir(output_dir, ctx)
     # torchrun --max-restarts: a restarted group continues from the checkpoint, or starts over
     starting_over = elastic_restart(cfg, output_dir / CHECKPOINT_SUBDIR, ctx) if cfg.do_train else False
     resume_from = load_resume_checkpoint(cfg, output_dir / CHECKPOINT_SUBDIR) if cfg.resume else None
